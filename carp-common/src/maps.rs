@@ -1,0 +1,121 @@
+//! Keys and values of the maps between the daemon and the XDP data plane.
+
+use core::mem::size_of;
+
+/// Name of the VIP map: [`VipKey`] -> [`VipEntry`], one entry per IPv4 virtual IP.
+pub const VIP_MAP: &str = "CARP_VIPS";
+/// Name of the virtual-MAC map: [`VmacKey`] -> [`VmacEntry`], one entry per (interface, vhid).
+pub const VMAC_MAP: &str = "CARP_VMACS";
+/// Name of the one-slot array holding the daemon's [`Heartbeat`].
+pub const HEARTBEAT_MAP: &str = "CARP_HEARTBEAT";
+/// Name of the per-CPU counter array indexed by the `STAT_*` constants.
+pub const STATS_MAP: &str = "CARP_STATS";
+/// Name of the XDP program in the object file.
+pub const XDP_PROGRAM: &str = "carp_xdp";
+
+/// Most virtual IPs one node can hold (CARP_MAXVHID per interface, a few interfaces).
+pub const MAX_VIPS: u32 = 1024;
+
+/// `VipEntry::role` / `VmacEntry::role`: this node is not master for the vhid.
+pub const ROLE_BACKUP: u8 = 0;
+/// `VipEntry::role` / `VmacEntry::role`: this node is master for the vhid.
+pub const ROLE_MASTER: u8 = 1;
+
+/// ARP requests for a VIP answered by XDP (XDP_TX).
+pub const STAT_ARP_REPLIED: u32 = 0;
+/// ARP requests for a VIP dropped because this node is backup.
+pub const STAT_ARP_DROPPED_BACKUP: u32 = 1;
+/// ARP requests for a VIP dropped because the daemon's heartbeat is stale.
+pub const STAT_ARP_DROPPED_STALE: u32 = 2;
+/// Frames to a virtual MAC handed to the stack with the interface's own MAC.
+pub const STAT_VMAC_ACCEPTED: u32 = 3;
+/// Frames to a virtual MAC left alone (backup or stale heartbeat).
+pub const STAT_VMAC_IGNORED: u32 = 4;
+/// Frames too short or malformed to classify, passed untouched.
+pub const STAT_MALFORMED: u32 = 5;
+/// Number of slots in the stats map.
+pub const STAT_SLOTS: u32 = 8;
+
+/// Key of the VIP map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct VipKey {
+    /// Interface the VIP lives on (the XDP `ingress_ifindex`).
+    pub ifindex: u32,
+    /// The IPv4 VIP, network byte order (the bytes as on the wire).
+    pub addr: [u8; 4],
+}
+const _: () = assert!(size_of::<VipKey>() == 8);
+
+/// Value of the VIP map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VipEntry {
+    /// MAC put in ARP replies for the VIP: the virtual MAC or the interface's own.
+    pub mac: [u8; 6],
+    /// [`ROLE_MASTER`] or [`ROLE_BACKUP`].
+    pub role: u8,
+    /// The vhid the VIP belongs to (for bpftool readers).
+    pub vhid: u8,
+}
+const _: () = assert!(size_of::<VipEntry>() == 8);
+
+/// Key of the virtual-MAC map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct VmacKey {
+    /// Interface the vhid runs on.
+    pub ifindex: u32,
+    /// The vhid: the last byte of `00:00:5e:00:01:<vhid>`.
+    pub vhid: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<VmacKey>() == 8);
+
+/// Value of the virtual-MAC map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VmacEntry {
+    /// The interface's own MAC: frames to the virtual MAC are rewritten to it so the stack
+    /// takes them as its own.
+    pub if_mac: [u8; 6],
+    /// [`ROLE_MASTER`] or [`ROLE_BACKUP`].
+    pub role: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<VmacEntry>() == 8);
+
+/// The daemon's liveness, written by the daemon, read by XDP on every VIP decision.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Heartbeat {
+    /// CLOCK_MONOTONIC nanoseconds (`bpf_ktime_get_ns`) of the daemon's last refresh.
+    pub refreshed_ns: u64,
+    /// How long a refresh stays valid: the master-down interval. Past it, XDP answers nothing.
+    pub lifetime_ns: u64,
+}
+const _: () = assert!(size_of::<Heartbeat>() == 16);
+
+impl Heartbeat {
+    /// Whether the daemon counts as alive at `now_ns` (same clock as `refreshed_ns`).
+    #[inline(always)]
+    pub fn is_fresh(&self, now_ns: u64) -> bool {
+        self.refreshed_ns != 0 && now_ns.wrapping_sub(self.refreshed_ns) <= self.lifetime_ns
+    }
+}
+
+/// The virtual MAC of a vhid, `00:00:5e:00:01:<vhid>` (FreeBSD/pfSense, RFC 5798's range).
+#[inline(always)]
+pub const fn virtual_mac(vhid: u8) -> [u8; 6] {
+    [0x00, 0x00, 0x5e, 0x00, 0x01, vhid]
+}
+
+/// The vhid of a virtual MAC, or `None` when `mac` is not one.
+#[inline(always)]
+pub fn vhid_of_virtual_mac(mac: &[u8; 6]) -> Option<u8> {
+    if mac[0] == 0 && mac[1] == 0 && mac[2] == 0x5e && mac[3] == 0 && mac[4] == 1 {
+        Some(mac[5])
+    } else {
+        None
+    }
+}

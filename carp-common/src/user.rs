@@ -1,0 +1,11 @@
+//! User-space only: lets aya read and write the shared types as map keys and values.
+
+use crate::maps::{Heartbeat, VipEntry, VipKey, VmacEntry, VmacKey};
+
+// SAFETY: all of these are `#[repr(C)]`, `Copy`, made only of integers and byte arrays, with
+// explicit padding, so every bit pattern is valid.
+unsafe impl aya::Pod for VipKey {}
+unsafe impl aya::Pod for VipEntry {}
+unsafe impl aya::Pod for VmacKey {}
+unsafe impl aya::Pod for VmacEntry {}
+unsafe impl aya::Pod for Heartbeat {}

@@ -1,0 +1,26 @@
+//! Builds carp-ebpf for the BPF target (nightly + bpf-linker) so the daemon can embed it.
+use anyhow::{Context as _, anyhow};
+use aya_build::{Package, Toolchain};
+
+fn main() -> anyhow::Result<()> {
+    let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()
+        .no_deps()
+        .exec()
+        .context("MetadataCommand::exec")?;
+    let ebpf = packages
+        .into_iter()
+        .find(|package| package.name.as_str() == "carp-ebpf")
+        .ok_or_else(|| anyhow!("carp-ebpf package not found"))?;
+    let root_dir = ebpf
+        .manifest_path
+        .parent()
+        .ok_or_else(|| anyhow!("carp-ebpf manifest has no parent"))?;
+    aya_build::build_ebpf(
+        [Package {
+            name: ebpf.name.as_str(),
+            root_dir: root_dir.as_str(),
+            ..Default::default()
+        }],
+        Toolchain::default(),
+    )
+}
