@@ -1,0 +1,562 @@
+//! The CARP state machine of one vhid, after FreeBSD `ip_carp.c` (`carp_input_c`,
+//! `carp_master_down`, `carp_setrun`) and carp(4), with ucarp's tie-break. Sans-IO in the
+//! style of quinn-proto: inputs through `handle_*`, outputs through [`Vhid::poll_action`] and
+//! [`Vhid::poll_timeout`], time passed in. Every transition goes through [`Vhid::transition`],
+//! which logs old -> new and why.
+
+use super::packet::CARP_MAXSKEW;
+use std::{
+    collections::VecDeque,
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
+use tracing::info;
+
+/// advbase of the bow-out advert a node sends when it leaves (OpenBSD, carp(4)).
+pub const BOW_OUT_ADVBASE: u8 = 255;
+/// advskew of the bow-out advert.
+pub const BOW_OUT_ADVSKEW: u8 = 255;
+/// Demotion added for a downed interface, send errors, maintenance (FreeBSD's factors).
+pub const DEMOTION_STEP: u32 = 240;
+
+/// The states of carp(4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum State {
+    Init,
+    Backup,
+    Master,
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            State::Init => "INIT",
+            State::Backup => "BACKUP",
+            State::Master => "MASTER",
+        })
+    }
+}
+
+/// A vhid's configured timing and policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Params {
+    pub advbase: u8,
+    pub advskew: u8,
+    pub preempt: bool,
+}
+
+/// What the machine learns from an authenticated advert for its vhid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerAdvert {
+    pub advbase: u8,
+    pub advskew: u8,
+    /// The advert's IPv4 source, for ucarp's tie-break.
+    pub source: Ipv4Addr,
+}
+
+/// What the I/O layer must do, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Send an advert with these values.
+    SendAdvert { advbase: u8, advskew: u8 },
+    /// Add the VIPs and let the data plane answer for them.
+    TakeVips,
+    /// Remove the VIPs and stop the data plane answering for them.
+    ReleaseVips,
+    /// Send gratuitous ARP for the VIPs.
+    Announce,
+}
+
+/// The advert interval of `advbase` seconds plus `advskew`/256 s (FreeBSD's `tv_usec`).
+pub fn advert_interval(advbase: u8, advskew: u8) -> Duration {
+    Duration::from_secs(advbase.into()) + skew_part(advskew)
+}
+
+fn skew_part(advskew: u8) -> Duration {
+    Duration::from_micros(u64::from(advskew) * 1_000_000 / 256)
+}
+
+/// One vhid's machine.
+#[derive(Debug)]
+pub struct Vhid {
+    vhid: u8,
+    params: Params,
+    source: Ipv4Addr,
+    state: State,
+    since: Instant,
+    demotion: u32,
+    timer: Option<Instant>,
+    /// Last reassertion against a worse master; rate-limits those announcements.
+    last_reassert: Option<Instant>,
+    actions: VecDeque<Action>,
+}
+
+impl Vhid {
+    /// A vhid in INIT; it moves to BACKUP once [`Vhid::handle_link`] says the link is up.
+    /// `source` is this node's own address on the vhid's interface.
+    pub fn new(vhid: u8, params: Params, source: Ipv4Addr, now: Instant) -> Self {
+        Self {
+            vhid,
+            params,
+            source,
+            state: State::Init,
+            since: now,
+            demotion: 0,
+            timer: None,
+            last_reassert: None,
+            actions: VecDeque::new(),
+        }
+    }
+
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    /// When the current state was entered.
+    pub fn since(&self) -> Instant {
+        self.since
+    }
+
+    pub fn params(&self) -> Params {
+        self.params
+    }
+
+    pub fn demotion(&self) -> u32 {
+        self.demotion
+    }
+
+    /// The advskew put on the wire: configured skew plus demotion, capped at 240.
+    pub fn effective_advskew(&self) -> u8 {
+        let skew = u32::from(self.params.advskew) + self.demotion;
+        skew.min(u32::from(CARP_MAXSKEW)) as u8
+    }
+
+    /// The interval this node advertises at.
+    pub fn own_interval(&self) -> Duration {
+        advert_interval(self.params.advbase, self.effective_advskew())
+    }
+
+    /// How long a backup waits without adverts: 3 x advbase + skew/256.
+    pub fn master_down_interval(&self) -> Duration {
+        Duration::from_secs(3 * u64::from(self.params.advbase)) + skew_part(self.effective_advskew())
+    }
+
+    /// The next instant [`Vhid::handle_timeout`] wants to run.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timer
+    }
+
+    /// The next thing the I/O layer must do.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// The interface's link went up or down. Down: INIT (VIPs released). Up: BACKUP, never
+    /// straight to MASTER.
+    pub fn handle_link(&mut self, up: bool, now: Instant) {
+        match (up, self.state) {
+            (false, State::Backup | State::Master) => {
+                self.transition(State::Init, "interface down", now)
+            }
+            (true, State::Init) => self.transition(State::Backup, "interface up", now),
+            _ => {}
+        }
+    }
+
+    /// The timer from [`Vhid::poll_timeout`] may have expired.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.timer.is_none_or(|deadline| deadline > now) {
+            return;
+        }
+        match self.state {
+            State::Init => self.timer = None,
+            State::Backup => self.transition(State::Master, "master down timer expired", now),
+            State::Master => {
+                self.push_advert();
+                self.timer = Some(now + self.own_interval());
+            }
+        }
+    }
+
+    /// An authenticated advert for this vhid from another node.
+    pub fn handle_advert(&mut self, peer: PeerAdvert, now: Instant) {
+        let ours = self.own_interval();
+        let theirs = advert_interval(peer.advbase, peer.advskew);
+        match self.state {
+            State::Init => {}
+            State::Master => {
+                // FreeBSD yields on a tie; ucarp breaks it by address. The ucarp rule keeps
+                // exactly one master against either.
+                if theirs < ours {
+                    self.transition(State::Backup, "more frequent advertisement received", now);
+                } else if theirs == ours && peer.source < self.source {
+                    self.transition(State::Backup, "equal advertisement from a lower address", now);
+                } else {
+                    // A worse master is out there (split brain healing): reassert the VIPs.
+                    self.announce_at_most_once_per_interval(now);
+                }
+            }
+            State::Backup => {
+                let master_down = self.master_down_interval();
+                if self.params.preempt && ours < theirs {
+                    self.transition(State::Master, "preempting a slower master", now);
+                } else if theirs > master_down {
+                    self.transition(State::Master, "master will time out (bow-out)", now);
+                } else {
+                    self.timer = Some(now + master_down);
+                }
+            }
+        }
+    }
+
+    /// The node-wide demotion changed (link loss elsewhere, send errors, maintenance). A
+    /// master advertises the new skew at once so that a preempting peer can act now.
+    pub fn handle_demotion(&mut self, demotion: u32, now: Instant) {
+        if demotion == self.demotion {
+            return;
+        }
+        info!(vhid = self.vhid, old = self.demotion, new = demotion, "demotion changed");
+        self.demotion = demotion;
+        if self.state == State::Master {
+            self.push_advert();
+            self.timer = Some(now + self.own_interval());
+        }
+    }
+
+    /// Clean shutdown: a master bows out (advbase 255, advskew 255) so the peer takes over at
+    /// once, then the VIPs are released.
+    pub fn handle_shutdown(&mut self, now: Instant) {
+        if self.state == State::Master {
+            self.actions.push_back(Action::SendAdvert {
+                advbase: BOW_OUT_ADVBASE,
+                advskew: BOW_OUT_ADVSKEW,
+            });
+        }
+        if self.state != State::Init {
+            self.transition(State::Init, "shutting down", now);
+        }
+    }
+
+    fn transition(&mut self, new: State, reason: &'static str, now: Instant) {
+        let old = self.state;
+        info!(vhid = self.vhid, %old, %new, reason, "state change");
+        self.state = new;
+        self.since = now;
+        if old == State::Master {
+            self.actions.push_back(Action::ReleaseVips);
+        }
+        self.timer = match new {
+            State::Init => None,
+            State::Backup => Some(now + self.master_down_interval()),
+            State::Master => {
+                // carp_master_down: advertise at once, claim the VIPs, announce them.
+                self.push_advert();
+                self.actions.push_back(Action::TakeVips);
+                self.actions.push_back(Action::Announce);
+                Some(now + self.own_interval())
+            }
+        };
+    }
+
+    fn push_advert(&mut self) {
+        self.actions.push_back(Action::SendAdvert {
+            advbase: self.params.advbase,
+            advskew: self.effective_advskew(),
+        });
+    }
+
+    fn announce_at_most_once_per_interval(&mut self, now: Instant) {
+        let due = self
+            .last_reassert
+            .is_none_or(|last| now.duration_since(last) >= self.own_interval());
+        if due {
+            self.actions.push_back(Action::Announce);
+            self.last_reassert = Some(now);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ME: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
+    const LOWER: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+    const HIGHER: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 3);
+
+    fn params(advskew: u8, preempt: bool) -> Params {
+        Params {
+            advbase: 1,
+            advskew,
+            preempt,
+        }
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn drain(v: &mut Vhid) -> Vec<Action> {
+        std::iter::from_fn(|| v.poll_action()).collect()
+    }
+
+    /// A vhid that went INIT -> BACKUP at `t0`.
+    fn backup(advskew: u8, preempt: bool, t0: Instant) -> Vhid {
+        let mut v = Vhid::new(1, params(advskew, preempt), ME, t0);
+        v.handle_link(true, t0);
+        assert_eq!(v.state(), State::Backup);
+        assert!(drain(&mut v).is_empty());
+        v
+    }
+
+    /// A vhid that became master through its master-down timer; returns when that was.
+    fn master(advskew: u8, preempt: bool, t0: Instant) -> (Vhid, Instant) {
+        let mut v = backup(advskew, preempt, t0);
+        let at = v.poll_timeout().unwrap();
+        v.handle_timeout(at);
+        assert_eq!(v.state(), State::Master);
+        drain(&mut v);
+        (v, at)
+    }
+
+    fn advert(advskew: u8, source: Ipv4Addr) -> PeerAdvert {
+        PeerAdvert {
+            advbase: 1,
+            advskew,
+            source,
+        }
+    }
+
+    #[test]
+    fn init_waits_for_link_and_never_goes_straight_to_master() {
+        let t0 = Instant::now();
+        let mut v = Vhid::new(1, params(0, true), ME, t0);
+        assert_eq!(v.poll_timeout(), None);
+        v.handle_advert(advert(200, LOWER), t0);
+        v.handle_timeout(t0 + ms(10_000));
+        assert_eq!(v.state(), State::Init);
+        v.handle_link(true, t0);
+        assert_eq!(v.state(), State::Backup);
+    }
+
+    #[test]
+    fn master_down_timer_is_three_advbase_plus_skew() {
+        let t0 = Instant::now();
+        let mut v = backup(100, false, t0);
+        // 3 s + 100/256 s = 3.390625 s
+        assert_eq!(v.poll_timeout(), Some(t0 + Duration::from_micros(3_390_625)));
+        v.handle_timeout(t0 + ms(3_390));
+        assert_eq!(v.state(), State::Backup, "not yet");
+        v.handle_timeout(t0 + Duration::from_micros(3_390_625));
+        assert_eq!(v.state(), State::Master);
+        assert_eq!(
+            drain(&mut v),
+            vec![
+                Action::SendAdvert {
+                    advbase: 1,
+                    advskew: 100
+                },
+                Action::TakeVips,
+                Action::Announce
+            ]
+        );
+    }
+
+    #[test]
+    fn adverts_from_a_faster_master_keep_a_backup_waiting() {
+        let t0 = Instant::now();
+        let mut v = backup(100, true, t0);
+        for i in 1..10 {
+            v.handle_advert(advert(0, LOWER), t0 + ms(i * 1000));
+            v.handle_timeout(t0 + ms(i * 1000 + 500));
+        }
+        assert_eq!(v.state(), State::Backup);
+        assert_eq!(v.poll_timeout(), Some(t0 + ms(9000) + v.master_down_interval()));
+    }
+
+    #[test]
+    fn master_advertises_every_interval() {
+        let t0 = Instant::now();
+        let (mut v, at) = master(64, false, t0);
+        let interval = advert_interval(1, 64);
+        assert_eq!(v.poll_timeout(), Some(at + interval));
+        v.handle_timeout(at + interval);
+        assert_eq!(
+            drain(&mut v),
+            vec![Action::SendAdvert {
+                advbase: 1,
+                advskew: 64
+            }]
+        );
+        assert_eq!(v.poll_timeout(), Some(at + interval * 2));
+    }
+
+    #[test]
+    fn master_yields_to_more_frequent_advert() {
+        let t0 = Instant::now();
+        let (mut v, at) = master(100, false, t0);
+        v.handle_advert(advert(0, HIGHER), at + ms(5));
+        assert_eq!(v.state(), State::Backup);
+        assert_eq!(drain(&mut v), vec![Action::ReleaseVips]);
+    }
+
+    #[test]
+    fn tie_is_broken_by_lower_source_address() {
+        let t0 = Instant::now();
+        let (mut v, at) = master(0, false, t0);
+        v.handle_advert(advert(0, HIGHER), at + ms(5));
+        assert_eq!(v.state(), State::Master, "we have the lower address");
+        assert_eq!(drain(&mut v), vec![Action::Announce], "winner reasserts");
+        v.handle_advert(advert(0, LOWER), at + ms(10));
+        assert_eq!(v.state(), State::Backup);
+    }
+
+    #[test]
+    fn winner_announces_at_most_once_per_interval() {
+        let t0 = Instant::now();
+        let (mut v, at) = master(0, false, t0);
+        v.handle_advert(advert(50, HIGHER), at + ms(1500));
+        v.handle_advert(advert(50, HIGHER), at + ms(1600));
+        assert_eq!(drain(&mut v), vec![Action::Announce]);
+        v.handle_advert(advert(50, HIGHER), at + ms(2600));
+        assert_eq!(drain(&mut v), vec![Action::Announce]);
+    }
+
+    #[test]
+    fn split_brain_heals_to_exactly_one_master() {
+        let t0 = Instant::now();
+        let (mut a, at) = master(0, true, t0);
+        let mut b = Vhid::new(1, params(0, true), HIGHER, t0);
+        b.handle_link(true, t0);
+        b.handle_timeout(b.poll_timeout().unwrap());
+        drain(&mut b);
+        assert_eq!((a.state(), b.state()), (State::Master, State::Master));
+        // They hear each other again.
+        let now = at + ms(100);
+        a.handle_advert(advert(0, HIGHER), now);
+        b.handle_advert(advert(0, ME), now);
+        assert_eq!((a.state(), b.state()), (State::Master, State::Backup));
+        assert_eq!(drain(&mut a), vec![Action::Announce]);
+        assert_eq!(drain(&mut b), vec![Action::ReleaseVips]);
+    }
+
+    #[test]
+    fn preempting_backup_takes_over_a_slower_master() {
+        let t0 = Instant::now();
+        let mut v = backup(0, true, t0);
+        v.handle_advert(advert(100, HIGHER), t0 + ms(100));
+        assert_eq!(v.state(), State::Master);
+    }
+
+    #[test]
+    fn backup_without_preempt_leaves_a_slower_master_alone() {
+        let t0 = Instant::now();
+        let mut v = backup(0, false, t0);
+        v.handle_advert(advert(100, HIGHER), t0 + ms(100));
+        assert_eq!(v.state(), State::Backup);
+    }
+
+    #[test]
+    fn equal_skew_does_not_preempt() {
+        let t0 = Instant::now();
+        let mut v = backup(0, true, t0);
+        v.handle_advert(advert(0, HIGHER), t0 + ms(100));
+        assert_eq!(v.state(), State::Backup);
+    }
+
+    #[test]
+    fn bow_out_advert_makes_backup_take_over_at_once_even_without_preempt() {
+        let t0 = Instant::now();
+        let mut v = backup(100, false, t0);
+        let bow_out = PeerAdvert {
+            advbase: BOW_OUT_ADVBASE,
+            advskew: BOW_OUT_ADVSKEW,
+            source: LOWER,
+        };
+        v.handle_advert(bow_out, t0 + ms(100));
+        assert_eq!(v.state(), State::Master);
+        assert_eq!(v.since(), t0 + ms(100));
+    }
+
+    #[test]
+    fn shutdown_of_master_bows_out_then_releases() {
+        let t0 = Instant::now();
+        let (mut v, at) = master(0, false, t0);
+        v.handle_shutdown(at + ms(1));
+        assert_eq!(v.state(), State::Init);
+        assert_eq!(
+            drain(&mut v),
+            vec![
+                Action::SendAdvert {
+                    advbase: 255,
+                    advskew: 255
+                },
+                Action::ReleaseVips
+            ]
+        );
+        assert_eq!(v.poll_timeout(), None);
+    }
+
+    #[test]
+    fn shutdown_of_backup_sends_nothing() {
+        let t0 = Instant::now();
+        let mut v = backup(0, false, t0);
+        v.handle_shutdown(t0);
+        assert!(drain(&mut v).is_empty());
+    }
+
+    #[test]
+    fn demotion_is_added_to_skew_capped_and_advertised_at_once() {
+        let t0 = Instant::now();
+        let (mut v, at) = master(10, false, t0);
+        v.handle_demotion(DEMOTION_STEP, at + ms(200));
+        assert_eq!(v.effective_advskew(), 240);
+        assert_eq!(
+            drain(&mut v),
+            vec![Action::SendAdvert {
+                advbase: 1,
+                advskew: 240
+            }]
+        );
+        // A preempting peer with skew 100 now takes over; we yield to its advert.
+        v.handle_advert(advert(100, HIGHER), at + ms(210));
+        assert_eq!(v.state(), State::Backup);
+        v.handle_demotion(0, at + ms(300));
+        assert_eq!(v.effective_advskew(), 10);
+    }
+
+    #[test]
+    fn demoted_backup_waits_longer_and_preempts_no_one() {
+        let t0 = Instant::now();
+        let mut v = backup(0, true, t0);
+        v.handle_demotion(DEMOTION_STEP, t0);
+        v.handle_advert(advert(100, HIGHER), t0 + ms(10));
+        assert_eq!(v.state(), State::Backup);
+        assert_eq!(
+            v.poll_timeout(),
+            Some(t0 + ms(10) + Duration::from_secs(3) + skew_part(240))
+        );
+    }
+
+    #[test]
+    fn link_down_releases_and_link_up_returns_to_backup() {
+        let t0 = Instant::now();
+        let (mut v, at) = master(0, false, t0);
+        v.handle_link(false, at + ms(1));
+        assert_eq!(v.state(), State::Init);
+        assert_eq!(drain(&mut v), vec![Action::ReleaseVips]);
+        assert_eq!(v.poll_timeout(), None);
+        v.handle_link(true, at + ms(2));
+        assert_eq!(v.state(), State::Backup);
+        assert!(drain(&mut v).is_empty());
+    }
+
+    #[test]
+    fn early_timeout_call_is_ignored() {
+        let t0 = Instant::now();
+        let mut v = backup(0, false, t0);
+        v.handle_timeout(t0 + ms(1));
+        assert_eq!(v.state(), State::Backup);
+    }
+}
