@@ -1,6 +1,8 @@
 //! carp: CARP virtual IPs and connection-state sync for Linux gateways.
 
 pub mod carp;
+pub mod config;
+pub mod interfaces;
 
 /// The compiled XDP object, embedded so the daemon is one binary.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/carp"));

@@ -1,0 +1,526 @@
+//! The TOML configuration: parsed strictly (unknown keys are errors), then validated against
+//! the host's interfaces. Every problem is reported, one line each, naming its field.
+
+use crate::{
+    carp::packet::{AuthKey, MAX_PASSPHRASE_LEN},
+    interfaces::{Interface, Ipv4Net},
+};
+use serde::Deserialize;
+use std::{
+    collections::HashSet,
+    fmt,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+/// One thing wrong with a configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The field, as a TOML path: `carp.advbase`, `vip[2].address`.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// Why a configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Invalid { problems: Vec<Problem> },
+}
+
+/// Which MAC answers for the VIPs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MacMode {
+    /// `00:00:5e:00:01:<vhid>`, as FreeBSD/pfSense.
+    #[default]
+    Virtual,
+    /// The interface's own MAC, for networks that forbid MAC changes (ucarp's way).
+    Interface,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub node: Node,
+    pub carp: Carp,
+    pub vips: Vec<Vip>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub name: String,
+    pub control_socket: PathBuf,
+    pub state_dir: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Carp {
+    pub advbase: u8,
+    pub advskew: u8,
+    pub preempt: bool,
+    pub key: AuthKey,
+    pub mac: MacMode,
+    /// Unicast peer for adverts, for networks that block multicast.
+    pub peer: Option<Ipv4Addr>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Vip {
+    pub interface: String,
+    pub vhid: u8,
+    pub address: Ipv4Net,
+    pub advskew: u8,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    node: RawNode,
+    carp: RawCarp,
+    #[serde(default)]
+    vip: Vec<RawVip>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    name: String,
+    control_socket: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCarp {
+    #[serde(default = "default_advbase")]
+    advbase: i64,
+    #[serde(default)]
+    advskew: i64,
+    #[serde(default = "default_preempt")]
+    preempt: bool,
+    passphrase: Option<String>,
+    passphrase_file: Option<PathBuf>,
+    #[serde(default)]
+    mac: MacMode,
+    peer: Option<Ipv4Addr>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVip {
+    interface: String,
+    vhid: i64,
+    address: String,
+    advskew: Option<i64>,
+}
+
+fn default_advbase() -> i64 {
+    1
+}
+
+/// pfSense turns preemption on (FreeBSD's default is off): operators expect the primary to
+/// take its VIPs back.
+fn default_preempt() -> bool {
+    true
+}
+
+impl Config {
+    /// Reads and validates `path` against the host's current interfaces.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let interfaces = crate::interfaces::list().map_err(|e| ConfigError::Read {
+            path: "getifaddrs".into(),
+            source: e.into(),
+        })?;
+        Self::parse(&text, &interfaces)
+    }
+
+    /// Parses and validates `text`; `interfaces` is what the host has.
+    pub fn parse(text: &str, interfaces: &[Interface]) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Invalid {
+            problems: vec![toml_problem(text, &e)],
+        })?;
+        let mut problems = Vec::new();
+        let config = validate(raw, interfaces, &mut problems);
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid { problems })
+        }
+    }
+
+    /// The default control socket of a node.
+    pub fn default_socket(name: &str) -> PathBuf {
+        PathBuf::from(format!("/run/carp/{name}.sock"))
+    }
+}
+
+/// A TOML syntax or shape error as one line: `line L: message`, with the key serde names.
+fn toml_problem(text: &str, error: &toml::de::Error) -> Problem {
+    let line = error
+        .span()
+        .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+    let message = error.message().replace('\n', " ");
+    Problem {
+        field: line.map_or_else(|| "config".to_owned(), |l| format!("line {l}")),
+        message,
+    }
+}
+
+fn validate(raw: RawConfig, interfaces: &[Interface], problems: &mut Vec<Problem>) -> Config {
+    let mut problem = |field: String, message: String| problems.push(Problem { field, message });
+
+    let name = raw.node.name;
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        || name.starts_with('.')
+    {
+        problem(
+            "node.name".into(),
+            format!("`{name}` must be 1-64 characters of A-Z a-z 0-9 - _ . (it names a directory)"),
+        );
+    }
+
+    let advbase = in_range(raw.carp.advbase, 1, 255, "carp.advbase", &mut problem);
+    let advskew = in_range(raw.carp.advskew, 0, 254, "carp.advskew", &mut problem);
+    let passphrase = match (raw.carp.passphrase, raw.carp.passphrase_file) {
+        (Some(p), None) => Some(p.into_bytes()),
+        (None, Some(path)) => match std::fs::read(&path) {
+            Ok(mut bytes) => {
+                while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                    bytes.pop();
+                }
+                Some(bytes)
+            }
+            Err(e) => {
+                problem(
+                    "carp.passphrase_file".into(),
+                    format!("cannot read {}: {e}", path.display()),
+                );
+                None
+            }
+        },
+        (Some(_), Some(_)) => {
+            problem(
+                "carp.passphrase".into(),
+                "set either passphrase or passphrase_file, not both".into(),
+            );
+            None
+        }
+        (None, None) => {
+            problem(
+                "carp.passphrase".into(),
+                "missing: set passphrase or passphrase_file".into(),
+            );
+            None
+        }
+    };
+    let key = passphrase.and_then(|p| {
+        let key = AuthKey::new(&p);
+        if key.is_none() {
+            problem(
+                "carp.passphrase".into(),
+                format!(
+                    "{} bytes, at most {MAX_PASSPHRASE_LEN} (the CARP key is 20 bytes, NUL-terminated)",
+                    p.len()
+                ),
+            );
+        }
+        key
+    });
+
+    let mut vips = Vec::new();
+    let mut seen_vhids = HashSet::new();
+    let mut seen_addrs = HashSet::new();
+    for (i, v) in raw.vip.iter().enumerate() {
+        let field = |name: &str| format!("vip[{i}].{name}");
+        let vhid = in_range(v.vhid, 1, 255, &field("vhid"), &mut problem);
+        let vip_skew = v
+            .advskew
+            .map_or(advskew, |s| in_range(s, 0, 254, &field("advskew"), &mut problem));
+        if !seen_vhids.insert((v.interface.as_str(), v.vhid)) {
+            problem(
+                field("vhid"),
+                format!("vhid {} is used twice on interface `{}`", v.vhid, v.interface),
+            );
+        }
+        let address = match v.address.parse::<Ipv4Net>() {
+            Ok(a) => Some(a),
+            Err(e) => {
+                problem(field("address"), e);
+                None
+            }
+        };
+        if let Some(address) = address
+            && !seen_addrs.insert(address.addr)
+        {
+            problem(field("address"), format!("{} is configured twice", address.addr));
+        }
+        match interfaces.iter().find(|iface| iface.name == v.interface) {
+            None => problem(
+                field("interface"),
+                format!("no interface `{}` on this host", v.interface),
+            ),
+            Some(iface) => {
+                if let Some(address) = address {
+                    // The VIP itself may be on the interface already (a restart after a crash).
+                    let configured: Vec<Ipv4Addr> = raw
+                        .vip
+                        .iter()
+                        .filter_map(|v| v.address.parse::<Ipv4Net>().ok().map(|n| n.addr))
+                        .collect();
+                    let inside = iface
+                        .addrs
+                        .iter()
+                        .filter(|real| !configured.contains(&real.addr))
+                        .any(|real| real.contains(address.addr));
+                    if !inside {
+                        problem(
+                            field("address"),
+                            format!(
+                                "{} is not inside the subnet of a real address on `{}`",
+                                address.addr, v.interface
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        vips.push(Vip {
+            interface: v.interface.clone(),
+            vhid,
+            address: address.unwrap_or(Ipv4Net {
+                addr: Ipv4Addr::UNSPECIFIED,
+                prefix_len: 0,
+            }),
+            advskew: vip_skew,
+        });
+    }
+    if raw.vip.is_empty() {
+        problem("vip".into(), "no [[vip]] configured".into());
+    }
+
+    Config {
+        node: Node {
+            control_socket: raw
+                .node
+                .control_socket
+                .unwrap_or_else(|| Config::default_socket(&name)),
+            state_dir: raw
+                .node
+                .state_dir
+                .unwrap_or_else(|| PathBuf::from(format!("/var/lib/carp/{name}"))),
+            name,
+        },
+        carp: Carp {
+            advbase,
+            advskew,
+            preempt: raw.carp.preempt,
+            key: key.unwrap_or_else(|| AuthKey::new(b"").expect("empty key fits")),
+            mac: raw.carp.mac,
+            peer: raw.carp.peer,
+        },
+        vips,
+    }
+}
+
+/// `value` as a u8 when within `lo..=hi`, else a problem naming `field` (and 0).
+fn in_range(
+    value: i64,
+    lo: u8,
+    hi: u8,
+    field: &str,
+    problem: &mut impl FnMut(String, String),
+) -> u8 {
+    if (i64::from(lo)..=i64::from(hi)).contains(&value) {
+        value as u8
+    } else {
+        problem(field.to_owned(), format!("{value} is outside {lo}..={hi}"));
+        0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host() -> Vec<Interface> {
+        vec![Interface {
+            name: "lan".into(),
+            index: 2,
+            mac: [2, 0, 0, 0, 0, 1],
+            link_up: true,
+            addrs: vec!["198.18.1.2/24".parse().unwrap()],
+        }]
+    }
+
+    const GOOD: &str = r#"
+[node]
+name = "gw1"
+
+[carp]
+advbase = 1
+advskew = 0
+passphrase = "secret"
+
+[[vip]]
+interface = "lan"
+vhid = 1
+address = "198.18.1.1/24"
+"#;
+
+    fn problems(text: &str) -> Vec<String> {
+        match Config::parse(text, &host()) {
+            Ok(_) => vec![],
+            Err(ConfigError::Invalid { problems }) => {
+                problems.iter().map(ToString::to_string).collect()
+            }
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+
+    #[test]
+    fn good_config_has_defaults() {
+        let c = Config::parse(GOOD, &host()).unwrap();
+        assert_eq!(c.node.control_socket, PathBuf::from("/run/carp/gw1.sock"));
+        assert_eq!(c.node.state_dir, PathBuf::from("/var/lib/carp/gw1"));
+        assert!(c.carp.preempt);
+        assert_eq!(c.carp.mac, MacMode::Virtual);
+        assert_eq!(c.vips[0].vhid, 1);
+        assert_eq!(c.vips[0].address.to_string(), "198.18.1.1/24");
+    }
+
+    #[test]
+    fn each_problem_names_its_field() {
+        let text = r#"
+[node]
+name = "gw/1"
+[carp]
+advbase = 0
+advskew = 255
+passphrase = "this passphrase is too long"
+[[vip]]
+interface = "lan"
+vhid = 0
+address = "198.18.9.1/24"
+[[vip]]
+interface = "lan"
+vhid = 0
+address = "198.18.1.5/24"
+advskew = 300
+[[vip]]
+interface = "wan"
+vhid = 256
+address = "198.18.1.5"
+"#;
+        let got = problems(text);
+        let expect = [
+            "node.name: `gw/1` must be",
+            "carp.advbase: 0 is outside 1..=255",
+            "carp.advskew: 255 is outside 0..=254",
+            "carp.passphrase: 27 bytes, at most 19",
+            "vip[0].vhid: 0 is outside 1..=255",
+            "vip[0].address: 198.18.9.1 is not inside the subnet of a real address on `lan`",
+            "vip[1].vhid: 0 is outside 1..=255",
+            "vip[1].advskew: 300 is outside 0..=254",
+            "vip[1].vhid: vhid 0 is used twice on interface `lan`",
+            "vip[2].vhid: 256 is outside 1..=255",
+            "vip[2].address: `198.18.1.5` is not ADDRESS/PREFIX",
+            "vip[2].interface: no interface `wan` on this host",
+        ];
+        for e in expect {
+            assert!(got.iter().any(|g| g.starts_with(e)), "missing `{e}` in {got:#?}");
+        }
+        assert_eq!(got.len(), expect.len(), "{got:#?}");
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let got = problems(&GOOD.replace("advskew = 0", "advskw = 0"));
+        assert_eq!(got.len(), 1);
+        assert!(got[0].starts_with("line 7: unknown field `advskw`"), "{got:?}");
+    }
+
+    #[test]
+    fn unknown_section_is_refused() {
+        let got = problems(&format!("{GOOD}\n[bogus]\nx = 1\n"));
+        assert!(got[0].contains("unknown field `bogus`"), "{got:?}");
+    }
+
+    #[test]
+    fn bad_mac_mode_and_peer_are_refused() {
+        let got = problems(&GOOD.replace("advskew = 0", "mac = \"random\""));
+        assert!(got[0].contains("unknown variant `random`"), "{got:?}");
+        let got = problems(&GOOD.replace("advskew = 0", "peer = \"gw2\""));
+        assert!(got[0].contains("line 7"), "{got:?}");
+    }
+
+    #[test]
+    fn passphrase_file_is_read_and_trimmed() {
+        let dir = std::env::temp_dir().join(format!("carp-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("pass");
+        std::fs::write(&file, "secret\n").unwrap();
+        let text = GOOD.replace(
+            "passphrase = \"secret\"",
+            &format!("passphrase_file = {:?}", file.display().to_string()),
+        );
+        let c = Config::parse(&text, &host()).unwrap();
+        let from_literal = Config::parse(GOOD, &host()).unwrap();
+        assert_eq!(
+            c.carp.key.digest(1, &[], 1),
+            from_literal.carp.key.digest(1, &[], 1)
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+        assert!(problems(&text)[0].starts_with("carp.passphrase_file: cannot read"));
+    }
+
+    #[test]
+    fn missing_or_double_passphrase_is_refused() {
+        let got = problems(&GOOD.replace("passphrase = \"secret\"", ""));
+        assert_eq!(got, ["carp.passphrase: missing: set passphrase or passphrase_file"]);
+        let got = problems(&GOOD.replace(
+            "passphrase = \"secret\"",
+            "passphrase = \"a\"\npassphrase_file = \"/x\"",
+        ));
+        assert!(got[0].contains("not both"));
+    }
+
+    #[test]
+    fn vip_already_on_the_interface_does_not_count_as_real() {
+        let mut h = host();
+        h[0].addrs = vec!["198.18.1.1/24".parse().unwrap()];
+        let got = Config::parse(GOOD, &h).unwrap_err().to_string();
+        assert!(got.contains("not inside the subnet of a real address"), "{got}");
+    }
+
+    #[test]
+    fn duplicate_address_is_refused() {
+        let text = format!(
+            "{GOOD}\n[[vip]]\ninterface = \"lan\"\nvhid = 2\naddress = \"198.18.1.1/24\"\n"
+        );
+        assert_eq!(
+            problems(&text),
+            ["vip[1].address: 198.18.1.1 is configured twice"]
+        );
+    }
+}
