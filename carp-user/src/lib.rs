@@ -2,7 +2,9 @@
 
 pub mod carp;
 pub mod config;
+pub mod dataplane;
 pub mod interfaces;
+pub mod pins;
 
 /// The compiled XDP object, embedded so the daemon is one binary.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/carp"));

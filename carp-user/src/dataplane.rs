@@ -1,0 +1,309 @@
+//! The XDP data plane as the daemon sees it: load (reusing pinned maps), attach to the CARP
+//! interfaces through pinned bpf_links, and the map writes that tell XDP which VIPs to answer.
+
+use crate::pins;
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
+    pin::PinError,
+    programs::{
+        ProgramError, Xdp, XdpMode,
+        links::{FdLink, LinkError, PinnedLink},
+        xdp::XdpLink,
+    },
+};
+use carp_common::maps::{
+    HEARTBEAT_MAP, Heartbeat, ROLE_BACKUP, ROLE_MASTER, STAT_SLOTS, STATS_MAP, VIP_MAP, VMAC_MAP,
+    VipEntry, VipKey, VmacEntry, VmacKey, XDP_PROGRAM,
+};
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+use tracing::{info, warn};
+
+/// Why the data plane could not be set up or updated.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("cannot prepare pin directory {path}: {source}")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("bpffs is not mounted at {}: mount it with `mount -t bpf bpf {}`", pins::BPFFS, pins::BPFFS)]
+    NoBpffs,
+    #[error("loading the XDP object failed")]
+    Load(#[from] aya::EbpfError),
+    #[error("XDP program {XDP_PROGRAM}: {source}")]
+    Program {
+        #[from]
+        source: ProgramError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("the XDP object has no {name}")]
+    Missing { name: &'static str },
+    #[error("pinning {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: PinError,
+    },
+    #[error("reusing pinned link {path}: {source}")]
+    PinnedLink {
+        path: PathBuf,
+        #[source]
+        source: LinkError,
+    },
+}
+
+/// Role of a VIP or vhid in the maps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Backup,
+    Master,
+}
+
+impl Role {
+    fn as_u8(self) -> u8 {
+        match self {
+            Role::Backup => ROLE_BACKUP,
+            Role::Master => ROLE_MASTER,
+        }
+    }
+}
+
+/// The loaded program and its maps.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    links: Vec<(String, PinnedLink)>,
+    vips: HashMap<MapData, VipKey, VipEntry>,
+    vmacs: HashMap<MapData, VmacKey, VmacEntry>,
+    heartbeat: Array<MapData, Heartbeat>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+impl Dataplane {
+    /// Loads the embedded XDP object with its maps pinned in `pin_dir`. Maps already pinned
+    /// there (a daemon restarting after a crash) are reused, so XDP keeps its state.
+    pub fn load(pin_dir: &Path) -> Result<Self, DataplaneError> {
+        ensure_bpffs()?;
+        std::fs::create_dir_all(pin_dir).map_err(|source| DataplaneError::PinDir {
+            path: pin_dir.to_owned(),
+            source,
+        })?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(crate::EBPF_OBJECT)?;
+        let program: &mut Xdp = program_mut(&mut ebpf)?;
+        program.load()?;
+        let vips = take_map(&mut ebpf, VIP_MAP, HashMap::try_from)?;
+        let vmacs = take_map(&mut ebpf, VMAC_MAP, HashMap::try_from)?;
+        let heartbeat = take_map(&mut ebpf, HEARTBEAT_MAP, Array::try_from)?;
+        let stats = take_map(&mut ebpf, STATS_MAP, PerCpuArray::try_from)?;
+        Ok(Self {
+            ebpf,
+            pin_dir: pin_dir.to_owned(),
+            links: Vec::new(),
+            vips,
+            vmacs,
+            heartbeat,
+            stats,
+        })
+    }
+
+    /// The loaded XDP program (for BPF_PROG_TEST_RUN).
+    pub fn program(&mut self) -> Result<&mut Xdp, DataplaneError> {
+        program_mut(&mut self.ebpf)
+    }
+
+    /// Attaches to `ifname` through a pinned bpf_link. A link pinned by an earlier run is
+    /// taken over atomically (bpf_link_update), so there is no moment without XDP.
+    pub fn attach(&mut self, ifname: &str) -> Result<(), DataplaneError> {
+        let path = pins::link(&self.pin_dir, ifname);
+        let program = program_mut(&mut self.ebpf)?;
+        let link_id = match PinnedLink::from_pin(&path) {
+            Ok(pinned) => {
+                let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|source| {
+                    DataplaneError::PinnedLink {
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
+                info!(ifname, "taking over the pinned XDP link");
+                program.attach_to_link(link)?
+            }
+            Err(_) => program.attach(ifname, XdpMode::default())?,
+        };
+        let link = program.take_link(link_id)?;
+        let fd_link = FdLink::try_from(link).map_err(|source| DataplaneError::PinnedLink {
+            path: path.clone(),
+            source,
+        })?;
+        let _ = std::fs::remove_file(&path);
+        let pinned = fd_link
+            .pin(&path)
+            .map_err(|source| DataplaneError::Pin { path, source })?;
+        self.links.push((ifname.to_owned(), pinned));
+        let program_path = pins::program(&self.pin_dir);
+        let _ = std::fs::remove_file(&program_path);
+        program_mut(&mut self.ebpf)?
+            .pin(&program_path)
+            .map_err(|source| DataplaneError::Pin {
+                path: program_path,
+                source,
+            })
+    }
+
+    /// Tells XDP whether to answer ARP for `addr` on `ifindex`, and with which MAC.
+    pub fn set_vip(
+        &mut self,
+        ifindex: u32,
+        addr: Ipv4Addr,
+        vhid: u8,
+        mac: [u8; 6],
+        role: Role,
+    ) -> Result<(), DataplaneError> {
+        let key = VipKey {
+            ifindex,
+            addr: addr.octets(),
+        };
+        let entry = VipEntry {
+            mac,
+            role: role.as_u8(),
+            vhid,
+        };
+        self.vips.insert(key, entry, 0).map_err(map_error(VIP_MAP))
+    }
+
+    /// Tells XDP whether frames to vhid's virtual MAC on `ifindex` are ours.
+    pub fn set_vmac(
+        &mut self,
+        ifindex: u32,
+        vhid: u8,
+        if_mac: [u8; 6],
+        role: Role,
+    ) -> Result<(), DataplaneError> {
+        let key = VmacKey {
+            ifindex,
+            vhid,
+            _pad: [0; 3],
+        };
+        let entry = VmacEntry {
+            if_mac,
+            role: role.as_u8(),
+            _pad: 0,
+        };
+        self.vmacs.insert(key, entry, 0).map_err(map_error(VMAC_MAP))
+    }
+
+    /// Marks the daemon alive for `lifetime` from now (CLOCK_MONOTONIC, XDP's clock).
+    pub fn refresh_heartbeat(&mut self, lifetime: Duration) -> Result<(), DataplaneError> {
+        let heartbeat = Heartbeat {
+            refreshed_ns: monotonic_ns(),
+            lifetime_ns: lifetime.as_nanos() as u64,
+        };
+        self.heartbeat
+            .set(0, heartbeat, 0)
+            .map_err(map_error(HEARTBEAT_MAP))
+    }
+
+    /// Marks the daemon dead at once: XDP stops answering for every VIP.
+    pub fn clear_heartbeat(&mut self) -> Result<(), DataplaneError> {
+        self.heartbeat
+            .set(0, Heartbeat::default(), 0)
+            .map_err(map_error(HEARTBEAT_MAP))
+    }
+
+    /// The XDP counters summed over CPUs, indexed by `carp_common::maps::STAT_*`.
+    pub fn stats(&self) -> Result<[u64; STAT_SLOTS as usize], DataplaneError> {
+        let mut out = [0u64; STAT_SLOTS as usize];
+        for (slot, total) in out.iter_mut().enumerate() {
+            let per_cpu = self
+                .stats
+                .get(&(slot as u32), 0)
+                .map_err(map_error(STATS_MAP))?;
+            *total = per_cpu.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// Clean shutdown: detaches from every interface and removes the pins, leaving nothing
+    /// behind in bpffs.
+    pub fn detach_and_unpin(mut self) {
+        for (ifname, pinned) in self.links.drain(..) {
+            match pinned.unpin() {
+                Ok(link) => drop(link),
+                Err(e) => warn!(ifname, error = %e, "cannot unpin XDP link"),
+            }
+        }
+        remove_pin_dir(&self.pin_dir);
+    }
+}
+
+/// Removes a node's pin directory and everything pinned in it.
+pub fn remove_pin_dir(dir: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(dir)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        warn!(path = %dir.display(), error = %e, "cannot remove pin directory");
+    }
+}
+
+fn program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, DataplaneError> {
+    let program = ebpf
+        .program_mut(XDP_PROGRAM)
+        .ok_or(DataplaneError::Missing { name: XDP_PROGRAM })?;
+    Ok(program.try_into()?)
+}
+
+fn take_map<T>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    convert: impl FnOnce(aya::maps::Map) -> Result<T, MapError>,
+) -> Result<T, DataplaneError> {
+    let map = ebpf.take_map(name).ok_or(DataplaneError::Missing { name })?;
+    convert(map).map_err(map_error(name))
+}
+
+fn map_error(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { name, source }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.
+pub fn monotonic_ns() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always available");
+    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+}
+
+/// Mounts bpffs at /sys/fs/bpf when it is missing (as iproute2 does); pins need it.
+fn ensure_bpffs() -> Result<(), DataplaneError> {
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    let is_bpffs = |p: &str| {
+        nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+    };
+    if is_bpffs(pins::BPFFS) {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some("bpf"),
+        pins::BPFFS,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|_| DataplaneError::NoBpffs)?;
+    if is_bpffs(pins::BPFFS) {
+        Ok(())
+    } else {
+        Err(DataplaneError::NoBpffs)
+    }
+}
