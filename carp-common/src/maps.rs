@@ -12,6 +12,10 @@ pub const HEARTBEAT_MAP: &str = "CARP_HEARTBEAT";
 pub const STATS_MAP: &str = "CARP_STATS";
 /// Name of the XDP program in the object file.
 pub const XDP_PROGRAM: &str = "carp_xdp";
+/// Name of the pass-everything XDP program (benchmark baseline, lab veth peers).
+pub const XDP_PASS_PROGRAM: &str = "xdp_pass";
+/// Every map of the object, each pinned under its own name in the node's pin directory.
+pub const ALL_MAPS: [&str; 4] = [VIP_MAP, VMAC_MAP, HEARTBEAT_MAP, STATS_MAP];
 
 /// Most virtual IPs one node can hold (CARP_MAXVHID per interface, a few interfaces).
 pub const MAX_VIPS: u32 = 1024;

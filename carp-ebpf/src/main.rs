@@ -7,8 +7,8 @@
 use aya_ebpf::{
     bindings::xdp_action,
     helpers::bpf_ktime_get_ns,
-    macros::{map, xdp},
-    maps::{Array, HashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, PerCpuArray},
+    macros::{btf_map, xdp},
     programs::XdpContext,
 };
 use carp_common::maps::{
@@ -22,22 +22,30 @@ use network_types::{
     eth::{EthHdr, EtherType},
 };
 
-#[map]
-static CARP_VIPS: HashMap<VipKey, VipEntry> = HashMap::pinned(MAX_VIPS, 0);
+// BTF map definitions, so `bpftool map dump` shows the field names of keys and values.
+#[btf_map]
+static CARP_VIPS: HashMap<VipKey, VipEntry, { MAX_VIPS as usize }> = HashMap::new();
 
-#[map]
-static CARP_VMACS: HashMap<VmacKey, VmacEntry> = HashMap::pinned(MAX_VIPS, 0);
+#[btf_map]
+static CARP_VMACS: HashMap<VmacKey, VmacEntry, { MAX_VIPS as usize }> = HashMap::new();
 
-#[map]
-static CARP_HEARTBEAT: Array<Heartbeat> = Array::pinned(1, 0);
+#[btf_map]
+static CARP_HEARTBEAT: Array<Heartbeat, 1> = Array::new();
 
-#[map]
-static CARP_STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_SLOTS, 0);
+#[btf_map]
+static CARP_STATS: PerCpuArray<u64, { STAT_SLOTS as usize }> = PerCpuArray::new();
 
 const ARP_HTYPE_ETHERNET: [u8; 2] = [0, 1];
 const ARP_PTYPE_IPV4: [u8; 2] = [0x08, 0x00];
 const ARP_OP_REQUEST: [u8; 2] = [0, 1];
 const ARP_OP_REPLY: [u8; 2] = [0, 2];
+
+/// Passes every frame: the bare baseline the benchmarks compare against, and what the lab
+/// attaches to veth peers (native XDP_TX on veth is delivered only to a peer running XDP).
+#[xdp]
+pub fn xdp_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
 
 #[xdp]
 pub fn carp_xdp(ctx: XdpContext) -> u32 {

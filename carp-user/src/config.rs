@@ -51,6 +51,18 @@ pub enum MacMode {
     Interface,
 }
 
+/// How XDP attaches to the CARP interfaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpModeChoice {
+    /// Native (driver) mode, except generic on veth: veth's native path leaves a frame whose
+    /// destination XDP rewrote marked OTHERHOST, and its XDP_TX needs XDP on the peer.
+    #[default]
+    Auto,
+    Native,
+    Generic,
+}
+
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -64,6 +76,7 @@ pub struct Node {
     pub name: String,
     pub control_socket: PathBuf,
     pub state_dir: PathBuf,
+    pub xdp_mode: XdpModeChoice,
 }
 
 #[derive(Debug, Clone)]
@@ -100,6 +113,8 @@ struct RawNode {
     name: String,
     control_socket: Option<PathBuf>,
     state_dir: Option<PathBuf>,
+    #[serde(default)]
+    xdp_mode: XdpModeChoice,
 }
 
 #[derive(Deserialize)]
@@ -329,6 +344,7 @@ fn validate(raw: RawConfig, interfaces: &[Interface], problems: &mut Vec<Problem
                 .node
                 .state_dir
                 .unwrap_or_else(|| PathBuf::from(format!("/var/lib/carp/{name}"))),
+            xdp_mode: raw.node.xdp_mode,
             name,
         },
         carp: Carp {

@@ -13,7 +13,7 @@ use aya::{
     },
 };
 use carp_common::maps::{
-    HEARTBEAT_MAP, Heartbeat, ROLE_BACKUP, ROLE_MASTER, STAT_SLOTS, STATS_MAP, VIP_MAP, VMAC_MAP,
+    ALL_MAPS, HEARTBEAT_MAP, Heartbeat, ROLE_BACKUP, ROLE_MASTER, STAT_SLOTS, STATS_MAP, VIP_MAP, VMAC_MAP,
     VipEntry, VipKey, VmacEntry, VmacKey, XDP_PROGRAM,
 };
 use std::{
@@ -99,9 +99,13 @@ impl Dataplane {
             path: pin_dir.to_owned(),
             source,
         })?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(pin_dir)
-            .load(crate::EBPF_OBJECT)?;
+        let pin_paths: Vec<(&str, PathBuf)> =
+            ALL_MAPS.iter().map(|name| (*name, pin_dir.join(name))).collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &pin_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(crate::EBPF_OBJECT)?;
         let program: &mut Xdp = program_mut(&mut ebpf)?;
         program.load()?;
         let vips = take_map(&mut ebpf, VIP_MAP, HashMap::try_from)?;
@@ -126,7 +130,7 @@ impl Dataplane {
 
     /// Attaches to `ifname` through a pinned bpf_link. A link pinned by an earlier run is
     /// taken over atomically (bpf_link_update), so there is no moment without XDP.
-    pub fn attach(&mut self, ifname: &str) -> Result<(), DataplaneError> {
+    pub fn attach(&mut self, ifname: &str, mode: XdpMode) -> Result<(), DataplaneError> {
         let path = pins::link(&self.pin_dir, ifname);
         let program = program_mut(&mut self.ebpf)?;
         let link_id = match PinnedLink::from_pin(&path) {
@@ -140,7 +144,7 @@ impl Dataplane {
                 info!(ifname, "taking over the pinned XDP link");
                 program.attach_to_link(link)?
             }
-            Err(_) => program.attach(ifname, XdpMode::default())?,
+            Err(_) => program.attach(ifname, mode)?,
         };
         let link = program.take_link(link_id)?;
         let fd_link = FdLink::try_from(link).map_err(|source| DataplaneError::PinnedLink {

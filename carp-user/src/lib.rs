@@ -1,10 +1,15 @@
 //! carp: CARP virtual IPs and connection-state sync for Linux gateways.
 
 pub mod carp;
+pub mod cli;
 pub mod config;
+pub mod control;
+pub mod daemon;
 pub mod dataplane;
 pub mod interfaces;
+pub mod netlink;
 pub mod pins;
+pub mod sockets;
 
 /// The compiled XDP object, embedded so the daemon is one binary.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/carp"));

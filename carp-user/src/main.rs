@@ -1,1 +1,52 @@
-fn main() {}
+//! The `carp` binary: daemon and CLI.
+
+use carp::{
+    cli::{self, Cli, Command, OnOff},
+    config::{Config, ConfigError},
+    control::Request,
+};
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config } => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            let config = match Config::load(&config) {
+                Ok(config) => config,
+                Err(ConfigError::Invalid { problems }) => {
+                    for problem in problems {
+                        eprintln!("{}: {problem}", config.display());
+                    }
+                    std::process::exit(cli::EXIT_INVALID_CONFIG);
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(carp::daemon::run(config))?;
+        }
+        Command::Check { config } => std::process::exit(cli::check(&config)),
+        Command::Status { json, target } => {
+            let status = cli::request_status(&target, &Request::Status)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", cli::format_status(&status));
+            }
+        }
+        Command::Maintenance { mode, target } => {
+            let enable = matches!(mode, OnOff::On);
+            let status = cli::request_status(&target, &Request::Maintenance { enable })?;
+            print!("{}", cli::format_status(&status));
+        }
+    }
+    Ok(())
+}

@@ -113,6 +113,20 @@ impl Vhid {
         self.state
     }
 
+    pub fn vhid(&self) -> u8 {
+        self.vhid
+    }
+
+    /// This node's address on the vhid's interface (the advert source).
+    pub fn source(&self) -> Ipv4Addr {
+        self.source
+    }
+
+    /// Whether every action has been polled.
+    pub fn has_no_actions(&self) -> bool {
+        self.actions.is_empty()
+    }
+
     /// When the current state was entered.
     pub fn since(&self) -> Instant {
         self.since

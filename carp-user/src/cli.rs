@@ -1,0 +1,256 @@
+//! The `carp` command line: `run`, `check`, `status`, `maintenance`.
+
+use crate::{
+    config::{Config, ConfigError},
+    control::{self, Request, Response, Status},
+};
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::{Path, PathBuf};
+
+/// Where the CLI looks for a daemon when it is given neither --socket nor -c.
+const SOCKET_DIR: &str = "/run/carp";
+
+#[derive(Debug, Parser)]
+#[command(name = "carp", version, about = "CARP virtual IPs for Linux gateways")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon in the foreground (logs to stderr; RUST_LOG sets the level).
+    Run {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Validate a configuration: exit 0, or 2 with one line per problem.
+    Check {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Show every VIP's state, like pfSense's Status > CARP.
+    Status {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Demote this node by 240 (kept across restarts) so the peer takes the VIPs, or undo it.
+    Maintenance {
+        mode: OnOff,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+/// Which daemon to talk to.
+#[derive(Debug, clap::Args)]
+pub struct Target {
+    /// The daemon's control socket.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Take the control socket from this configuration.
+    #[arg(short, long)]
+    config: Option<PathBuf>,
+}
+
+/// Exit code for an invalid configuration.
+pub const EXIT_INVALID_CONFIG: i32 = 2;
+
+impl Target {
+    /// --socket, else the config's control_socket, else the only socket in /run/carp.
+    pub fn socket(&self) -> anyhow::Result<PathBuf> {
+        if let Some(socket) = &self.socket {
+            return Ok(socket.clone());
+        }
+        if let Some(config) = &self.config {
+            return socket_of_config(config);
+        }
+        let sockets: Vec<PathBuf> = std::fs::read_dir(SOCKET_DIR)
+            .map(|dir| {
+                dir.filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|e| e == "sock"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        match sockets.as_slice() {
+            [one] => Ok(one.clone()),
+            [] => anyhow::bail!("no daemon socket in {SOCKET_DIR}: is `carp run` running? (or pass --socket / -c)"),
+            many => anyhow::bail!(
+                "several daemons in {SOCKET_DIR} ({}): pick one with --socket or -c",
+                many.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+            ),
+        }
+    }
+}
+
+/// The control socket a config names, read leniently (only `[node]`), so the CLI works
+/// from any namespace.
+fn socket_of_config(path: &Path) -> anyhow::Result<PathBuf> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    let value: toml::Table = toml::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
+    let node = value.get("node").and_then(|n| n.as_table());
+    if let Some(socket) = node.and_then(|n| n.get("control_socket")).and_then(|s| s.as_str()) {
+        return Ok(PathBuf::from(socket));
+    }
+    let name = node
+        .and_then(|n| n.get("name"))
+        .and_then(|s| s.as_str())
+        .ok_or_else(|| anyhow::anyhow!("{}: node.name is missing", path.display()))?;
+    Ok(Config::default_socket(name))
+}
+
+/// `carp check`: the process exit code.
+pub fn check(path: &Path) -> i32 {
+    match Config::load(path) {
+        Ok(config) => {
+            println!(
+                "{}: OK (node {}, {} VIPs)",
+                path.display(),
+                config.node.name,
+                config.vips.len()
+            );
+            0
+        }
+        Err(ConfigError::Invalid { problems }) => {
+            for problem in problems {
+                eprintln!("{}: {problem}", path.display());
+            }
+            EXIT_INVALID_CONFIG
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            EXIT_INVALID_CONFIG
+        }
+    }
+}
+
+/// Sends `request` and returns the status it answers with.
+pub fn request_status(target: &Target, request: &Request) -> anyhow::Result<Status> {
+    let socket = target.socket()?;
+    match control::call(&socket, request)? {
+        Response {
+            ok: true,
+            status: Some(status),
+            ..
+        } => Ok(status),
+        Response { error, .. } => anyhow::bail!(
+            "daemon refused: {}",
+            error.unwrap_or_else(|| "no reason given".into())
+        ),
+    }
+}
+
+/// The `carp status` table.
+pub fn format_status(status: &Status) -> String {
+    let mut out = format!(
+        "node {}  maintenance {}  demotion {}\n",
+        status.node,
+        if status.maintenance { "ON" } else { "off" },
+        status.demotion
+    );
+    let header = [
+        "INTERFACE", "VHID", "VIP", "STATE", "ADVBASE", "ADVSKEW", "DEMOTION", "SINCE",
+    ];
+    let rows: Vec<[String; 8]> = status
+        .vips
+        .iter()
+        .map(|v| {
+            [
+                v.interface.clone(),
+                v.vhid.to_string(),
+                v.address.clone(),
+                v.state.to_string(),
+                v.advbase.to_string(),
+                v.advskew.to_string(),
+                v.demotion.to_string(),
+                v.since.clone(),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut line = |cells: &[&str]| {
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(parts.join("  ").trim_end());
+        out.push('\n');
+    };
+    line(&header);
+    for row in &rows {
+        line(&row.each_ref().map(String::as_str));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        carp::fsm::State,
+        control::{Counters, VipStatus},
+    };
+
+    #[test]
+    fn status_table_has_a_row_per_vip() {
+        let status = Status {
+            node: "gw1".into(),
+            maintenance: true,
+            demotion: 240,
+            vips: vec![VipStatus {
+                interface: "lan".into(),
+                vhid: 1,
+                address: "198.18.1.1/24".into(),
+                state: State::Backup,
+                advbase: 1,
+                advskew: 0,
+                effective_advskew: 240,
+                demotion: 240,
+                since: "2026-11-23T16:00:00Z".into(),
+                mac: "00:00:5e:00:01:01".into(),
+            }],
+            counters: Counters::default(),
+        };
+        let table = format_status(&status);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines[0], "node gw1  maintenance ON  demotion 240");
+        assert!(lines[1].starts_with("INTERFACE  VHID  VIP"));
+        assert_eq!(
+            lines[2],
+            "lan        1     198.18.1.1/24  BACKUP  1        0        240       2026-11-23T16:00:00Z"
+        );
+    }
+
+    #[test]
+    fn socket_comes_from_config_name_or_control_socket() {
+        let dir = std::env::temp_dir().join(format!("carp-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "[node]\nname = \"gw9\"\n").unwrap();
+        assert_eq!(
+            socket_of_config(&file).unwrap(),
+            PathBuf::from("/run/carp/gw9.sock")
+        );
+        std::fs::write(&file, "[node]\nname = \"gw9\"\ncontrol_socket = \"/tmp/x.sock\"\n")
+            .unwrap();
+        assert_eq!(socket_of_config(&file).unwrap(), PathBuf::from("/tmp/x.sock"));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

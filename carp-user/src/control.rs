@@ -1,0 +1,250 @@
+//! The control socket between the daemon and the CLI: one JSON request per connection, one
+//! JSON response back. The types here are also the `carp status --json` format.
+
+use crate::carp::fsm::State;
+use serde::{Deserialize, Serialize};
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::{fs::PermissionsExt, net::UnixStream},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt},
+    net::UnixListener,
+    sync::{mpsc, oneshot},
+};
+use tracing::{debug, warn};
+
+/// Longest request line the daemon reads; anything longer is refused.
+const MAX_REQUEST: u64 = 4096;
+
+/// What the CLI asks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "lowercase")]
+pub enum Request {
+    Status,
+    Maintenance { enable: bool },
+}
+
+/// The daemon's answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+}
+
+/// The node as `carp status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub node: String,
+    pub maintenance: bool,
+    /// Node-wide demotion added to every vhid's advskew.
+    pub demotion: u32,
+    pub vips: Vec<VipStatus>,
+    pub counters: Counters,
+}
+
+/// One VIP's row.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VipStatus {
+    pub interface: String,
+    pub vhid: u8,
+    pub address: String,
+    pub state: State,
+    pub advbase: u8,
+    /// Configured skew.
+    pub advskew: u8,
+    /// Skew on the wire: configured plus demotion, capped at 240.
+    pub effective_advskew: u8,
+    pub demotion: u32,
+    /// RFC 3339 time the current state was entered.
+    pub since: String,
+    pub mac: String,
+}
+
+/// Protocol and data-plane counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    pub adverts_sent: u64,
+    pub adverts_received: u64,
+    pub send_errors: u64,
+    pub bad_auth: u64,
+    pub bad_ttl: u64,
+    pub malformed: u64,
+    pub unknown_vhid: u64,
+    pub dropped_backlog: u64,
+    pub xdp_arp_replied: u64,
+    pub xdp_arp_dropped_backup: u64,
+    pub xdp_arp_dropped_stale: u64,
+    pub xdp_vmac_accepted: u64,
+}
+
+/// A request waiting for the daemon's answer.
+pub type Pending = (Request, oneshot::Sender<Response>);
+
+/// Why the control socket could not be served or reached.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("control socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("bad answer from {path}: {source}")]
+    Decode {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// Binds `path` (replacing a stale socket) and forwards each request to `requests`.
+pub fn serve(path: &Path, requests: mpsc::Sender<Pending>) -> Result<(), ControlError> {
+    let error = |source| ControlError::Socket {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(error)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => debug!(path = %path.display(), "removed stale control socket"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(error(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(error)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(error)?;
+    tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    tokio::spawn(handle_connection(stream, requests.clone()));
+                }
+                Err(e) => {
+                    warn!(error = %e, "control socket accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+async fn handle_connection(stream: tokio::net::UnixStream, requests: mpsc::Sender<Pending>) {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = tokio::io::BufReader::new(read.take(MAX_REQUEST));
+    let read = tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line)).await;
+    let response = match read {
+        Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
+            Ok(request) => {
+                let (tx, rx) = oneshot::channel();
+                if requests.send((request, tx)).await.is_err() {
+                    return;
+                }
+                match rx.await {
+                    Ok(response) => response,
+                    Err(_) => return,
+                }
+            }
+            Err(e) => Response::error(format!("bad request: {e}")),
+        },
+        _ => Response::error("no request line within 5 s".into()),
+    };
+    if let Ok(mut json) = serde_json::to_string(&response) {
+        json.push('\n');
+        let _ = write.write_all(json.as_bytes()).await;
+    }
+}
+
+impl Response {
+    pub fn error(message: String) -> Self {
+        Self {
+            ok: false,
+            error: Some(message),
+            status: None,
+        }
+    }
+
+    pub fn status(status: Status) -> Self {
+        Self {
+            ok: true,
+            error: None,
+            status: Some(status),
+        }
+    }
+}
+
+/// Sends `request` to the daemon at `path` and waits for its answer (the CLI side).
+pub fn call(path: &Path, request: &Request) -> Result<Response, ControlError> {
+    let error = |source| ControlError::Socket {
+        path: path.to_owned(),
+        source,
+    };
+    let mut stream = UnixStream::connect(path).map_err(error)?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(error)?;
+    let mut json = serde_json::to_string(request).expect("requests serialize");
+    json.push('\n');
+    stream.write_all(json.as_bytes()).map_err(error)?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).map_err(error)?;
+    serde_json::from_str(&line).map_err(|source| ControlError::Decode {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_have_a_stable_wire_form() {
+        assert_eq!(
+            serde_json::to_string(&Request::Status).unwrap(),
+            r#"{"command":"status"}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"command":"maintenance","enable":true}"#)
+                .unwrap(),
+            Request::Maintenance { enable: true }
+        );
+    }
+
+    #[tokio::test]
+    async fn server_answers_and_refuses_garbage() {
+        let path = std::env::temp_dir().join(format!("carp-ctl-{}.sock", std::process::id()));
+        let (tx, mut rx) = mpsc::channel::<Pending>(4);
+        serve(&path, tx).unwrap();
+        tokio::spawn(async move {
+            while let Some((request, reply)) = rx.recv().await {
+                let _ = reply.send(Response::error(format!("got {request:?}")));
+            }
+        });
+        let p = path.clone();
+        let answer = tokio::task::spawn_blocking(move || call(&p, &Request::Status))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(answer.error.as_deref(), Some("got Status"));
+        let p = path.clone();
+        let garbage = tokio::task::spawn_blocking(move || {
+            let mut s = UnixStream::connect(&p).unwrap();
+            s.write_all(b"{not json\n").unwrap();
+            let mut line = String::new();
+            BufReader::new(s).read_line(&mut line).unwrap();
+            line
+        })
+        .await
+        .unwrap();
+        assert!(garbage.contains("bad request"), "{garbage}");
+        std::fs::remove_file(path).unwrap();
+    }
+}

@@ -1,0 +1,634 @@
+//! The `carp run` daemon: wires the per-vhid state machines to the sockets, netlink, the XDP
+//! maps and the control socket. One task owns all state; socket reads and control requests
+//! arrive over bounded channels, so no input can block the others.
+
+use crate::{
+    carp::{
+        fsm::{Action, DEMOTION_STEP, Params, PeerAdvert, State, Vhid},
+        frame::{self, AdvertAddrs},
+        packet::{Advert, CARP_GROUP_V4, CARP_TTL, IPPROTO_CARP},
+    },
+    config::{Config, MacMode, XdpModeChoice},
+    control::{self, Counters, Pending, Request, Response, Status, VipStatus},
+    dataplane::{Dataplane, DataplaneError, Role},
+    interfaces::{self, Ipv4Net},
+    netlink::{Addresses, NetlinkError},
+    pins,
+    sockets::{AdvertSocket, FrameSocket},
+};
+use aya::programs::XdpMode;
+use carp_common::maps::{
+    STAT_ARP_DROPPED_BACKUP, STAT_ARP_DROPPED_STALE, STAT_ARP_REPLIED, STAT_VMAC_ACCEPTED,
+    virtual_mac,
+};
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+    task::JoinHandle,
+};
+use tracing::{debug, error, info, warn};
+
+/// How often link state is polled and the XDP heartbeat refreshed.
+const TICK: Duration = Duration::from_millis(100);
+/// Consecutive send errors that demote the node, and successes that undo it (FreeBSD).
+const SEND_ERROR_LIMIT: u32 = 3;
+/// When the gratuitous ARPs after a takeover go out, from the takeover.
+const GARP_SCHEDULE: [Duration; 3] = [
+    Duration::ZERO,
+    Duration::from_millis(500),
+    Duration::from_millis(2000),
+];
+/// Received adverts waiting for the state task; more are dropped and counted.
+const BACKLOG: usize = 1024;
+/// File in state_dir whose presence means maintenance mode (kept across restarts).
+const MAINTENANCE_FILE: &str = "maintenance";
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("interface `{name}` has no IPv4 address in the subnet of VIP {vip}")]
+    NoSource { name: String, vip: Ipv4Net },
+    #[error("interface `{name}` disappeared")]
+    NoInterface { name: String },
+}
+
+fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
+    let what = what.into();
+    move |source| DaemonError::Io { what, source }
+}
+
+/// One vhid with everything the I/O needs to act for it.
+struct VhidRuntime {
+    fsm: Vhid,
+    interface: String,
+    ifindex: u32,
+    if_mac: [u8; 6],
+    address: Ipv4Net,
+    /// The MAC that answers for the VIP and that adverts leave from.
+    mac: [u8; 6],
+    counter: u64,
+    link_up: bool,
+    reported_state: State,
+    since: SystemTime,
+    garp: Option<JoinHandle<()>>,
+}
+
+struct Daemon {
+    config: Config,
+    dataplane: Dataplane,
+    addresses: Addresses,
+    frames: Arc<FrameSocket>,
+    adverts: Arc<AdvertSocket>,
+    vhids: Vec<VhidRuntime>,
+    own_addresses: Vec<Ipv4Addr>,
+    maintenance: bool,
+    send_errors_in_a_row: u32,
+    sends_ok_in_a_row: u32,
+    send_demoted: bool,
+    counters: Counters,
+    last_auth_warning: Option<Instant>,
+    heartbeat_lifetime: Duration,
+}
+
+/// Runs the daemon until SIGTERM or SIGINT; then bows out, releases the VIPs, detaches XDP.
+pub async fn run(config: Config) -> Result<(), DaemonError> {
+    let (packets_tx, mut packets_rx) = mpsc::channel::<(u32, Vec<u8>)>(BACKLOG);
+    let (control_tx, mut control_rx) = mpsc::channel::<Pending>(16);
+    let mut daemon = Daemon::start(config).await?;
+    control::serve(&daemon.config.node.control_socket, control_tx)?;
+    let dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let receiver = tokio::spawn(receive_adverts(
+        daemon.adverts.clone(),
+        packets_tx,
+        dropped.clone(),
+    ));
+    let mut terminate = signal(SignalKind::terminate()).map_err(io_error("SIGTERM handler"))?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(io_error("SIGINT handler"))?;
+    let mut tick = tokio::time::interval(TICK);
+    info!(node = %daemon.config.node.name, vips = daemon.vhids.len(), "carp running");
+    loop {
+        daemon.settle().await;
+        let deadline = daemon.vhids.iter().filter_map(|v| v.fsm.poll_timeout()).min();
+        let timer = async move {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            Some((ifindex, packet)) = packets_rx.recv() => {
+                daemon.on_packet(ifindex, &packet, Instant::now());
+            }
+            () = timer => {
+                let now = Instant::now();
+                for v in &mut daemon.vhids {
+                    v.fsm.handle_timeout(now);
+                }
+            }
+            _ = tick.tick() => {
+                daemon.counters.dropped_backlog = dropped.load(std::sync::atomic::Ordering::Relaxed);
+                daemon.poll_links(Instant::now());
+                daemon.refresh_heartbeat();
+            }
+            Some((request, reply)) = control_rx.recv() => {
+                let response = daemon.on_request(request);
+                daemon.settle().await;
+                let _ = reply.send(response);
+            }
+            _ = terminate.recv() => { info!("SIGTERM: shutting down"); break; }
+            _ = interrupt.recv() => { info!("SIGINT: shutting down"); break; }
+        }
+    }
+    receiver.abort();
+    daemon.shutdown().await;
+    Ok(())
+}
+
+/// Reads adverts off the raw socket into the bounded backlog; a flood is dropped, counted.
+async fn receive_adverts(
+    socket: Arc<AdvertSocket>,
+    packets: mpsc::Sender<(u32, Vec<u8>)>,
+    dropped: Arc<std::sync::atomic::AtomicU64>,
+) {
+    let mut buf = vec![0u8; 2048];
+    loop {
+        match socket.recv(&mut buf).await {
+            Ok(received) => {
+                let packet = buf[..received.len.min(buf.len())].to_vec();
+                if packets.try_send((received.ifindex, packet)).is_err() {
+                    dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "advert socket receive failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+impl Daemon {
+    async fn start(config: Config) -> Result<Self, DaemonError> {
+        let host = interfaces::list().map_err(|e| DaemonError::Io {
+            what: "listing interfaces".into(),
+            source: e.into(),
+        })?;
+        let vip_addrs: Vec<Ipv4Addr> = config.vips.iter().map(|v| v.address.addr).collect();
+        let pin_dir = pins::node_dir(&config.node.name);
+        let mut dataplane = Dataplane::load(&pin_dir)?;
+        let addresses = Addresses::open()?;
+        let now = Instant::now();
+        let mut vhids = Vec::new();
+        let mut own_addresses = Vec::new();
+        let mut attached: Vec<&str> = Vec::new();
+        for vip in &config.vips {
+            let iface = host
+                .iter()
+                .find(|i| i.name == vip.interface)
+                .ok_or_else(|| DaemonError::NoInterface {
+                    name: vip.interface.clone(),
+                })?;
+            let source = iface
+                .addrs
+                .iter()
+                .find(|a| !vip_addrs.contains(&a.addr) && a.contains(vip.address.addr))
+                .ok_or_else(|| DaemonError::NoSource {
+                    name: iface.name.clone(),
+                    vip: vip.address,
+                })?
+                .addr;
+            own_addresses.extend(iface.addrs.iter().map(|a| a.addr));
+            if !attached.contains(&vip.interface.as_str()) {
+                let mode = match config.node.xdp_mode {
+                    XdpModeChoice::Native => XdpMode::Driver,
+                    XdpModeChoice::Generic => XdpMode::Skb,
+                    XdpModeChoice::Auto if addresses.is_veth(iface.index).await? => {
+                        XdpMode::Skb
+                    }
+                    XdpModeChoice::Auto => XdpMode::Driver,
+                };
+                info!(interface = %vip.interface, ?mode, "attaching XDP");
+                dataplane.attach(&vip.interface, mode)?;
+                attached.push(&vip.interface);
+            }
+            let mac = match config.carp.mac {
+                MacMode::Virtual => virtual_mac(vip.vhid),
+                MacMode::Interface => iface.mac,
+            };
+            // Start from a clean slate: nothing answered, no VIP held (a crash may have left
+            // them behind).
+            dataplane.set_vip(iface.index, vip.address.addr, vip.vhid, mac, Role::Backup)?;
+            dataplane.set_vmac(iface.index, vip.vhid, iface.mac, Role::Backup)?;
+            addresses.remove(iface.index, vip.address).await?;
+            let params = Params {
+                advbase: config.carp.advbase,
+                advskew: vip.advskew,
+                preempt: config.carp.preempt,
+            };
+            vhids.push(VhidRuntime {
+                fsm: Vhid::new(vip.vhid, params, source, now),
+                interface: vip.interface.clone(),
+                ifindex: iface.index,
+                if_mac: iface.mac,
+                address: vip.address,
+                mac,
+                counter: rand::random(),
+                link_up: false,
+                reported_state: State::Init,
+                since: SystemTime::now(),
+                garp: None,
+            });
+        }
+        own_addresses.retain(|a| !vip_addrs.contains(a));
+        let ifindexes: Vec<u32> = vhids.iter().map(|v| v.ifindex).collect();
+        let adverts = AdvertSocket::open(&ifindexes).map_err(io_error("CARP raw socket"))?;
+        let frames = FrameSocket::open().map_err(io_error("AF_PACKET socket"))?;
+        let maintenance = config.node.state_dir.join(MAINTENANCE_FILE).exists();
+        if maintenance {
+            warn!("maintenance mode is on (persisted): demoted by {DEMOTION_STEP}");
+        }
+        let heartbeat_lifetime = vhids
+            .iter()
+            .map(|v| v.fsm.master_down_interval())
+            .min()
+            .unwrap_or(Duration::from_secs(3));
+        let mut daemon = Self {
+            config,
+            dataplane,
+            addresses,
+            frames: Arc::new(frames),
+            adverts: Arc::new(adverts),
+            vhids,
+            own_addresses,
+            maintenance,
+            send_errors_in_a_row: 0,
+            sends_ok_in_a_row: 0,
+            send_demoted: false,
+            counters: Counters::default(),
+            last_auth_warning: None,
+            heartbeat_lifetime,
+        };
+        daemon.refresh_heartbeat();
+        daemon.poll_links(now);
+        Ok(daemon)
+    }
+
+    /// Performs every pending action until the machines are quiet (a send error may demote,
+    /// and a demotion makes a master advertise).
+    async fn settle(&mut self) {
+        loop {
+            let mut acted = false;
+            for i in 0..self.vhids.len() {
+                while let Some(action) = self.vhids[i].fsm.poll_action() {
+                    acted = true;
+                    self.perform(i, action).await;
+                }
+            }
+            self.apply_demotion(Instant::now());
+            if !acted && self.vhids.iter_mut().all(|v| v.fsm_is_quiet()) {
+                break;
+            }
+        }
+        for v in &mut self.vhids {
+            if v.fsm.state() != v.reported_state {
+                v.reported_state = v.fsm.state();
+                v.since = SystemTime::now();
+            }
+        }
+    }
+
+    async fn perform(&mut self, i: usize, action: Action) {
+        match action {
+            Action::SendAdvert { advbase, advskew } => self.send_advert(i, advbase, advskew),
+            Action::TakeVips => self.take_vip(i).await,
+            Action::ReleaseVips => self.release_vip(i).await,
+            Action::Announce => self.announce(i),
+        }
+    }
+
+    fn send_advert(&mut self, i: usize, advbase: u8, advskew: u8) {
+        let v = &mut self.vhids[i];
+        v.counter = v.counter.wrapping_add(1);
+        let advert = Advert::signed(
+            &self.config.carp.key,
+            v.fsm_vhid(),
+            &[v.address.addr],
+            advbase,
+            advskew,
+            v.counter,
+        )
+        .emit();
+        let sent = match self.config.carp.peer {
+            Some(peer) => self.adverts.send_unicast(peer, &advert),
+            None => {
+                let addrs = AdvertAddrs {
+                    src_mac: v.mac,
+                    dst_mac: frame::ipv4_multicast_mac(CARP_GROUP_V4),
+                    src_ip: v.source(),
+                    dst_ip: CARP_GROUP_V4,
+                };
+                let frame = frame::advert_frame(&addrs, rand::random(), &advert);
+                self.frames.send(v.ifindex, &frame)
+            }
+        };
+        match sent {
+            Ok(()) => {
+                self.counters.adverts_sent += 1;
+                self.send_errors_in_a_row = 0;
+                self.sends_ok_in_a_row += 1;
+                if self.send_demoted && self.sends_ok_in_a_row >= SEND_ERROR_LIMIT {
+                    info!("adverts go out again: send-error demotion removed");
+                    self.send_demoted = false;
+                }
+            }
+            Err(e) => {
+                self.counters.send_errors += 1;
+                self.sends_ok_in_a_row = 0;
+                self.send_errors_in_a_row += 1;
+                warn!(vhid = v.fsm_vhid(), interface = %v.interface, error = %e, "advert send failed");
+                if !self.send_demoted && self.send_errors_in_a_row >= SEND_ERROR_LIMIT {
+                    warn!("{SEND_ERROR_LIMIT} advert send errors in a row: demoting by {DEMOTION_STEP}");
+                    self.send_demoted = true;
+                }
+            }
+        }
+    }
+
+    async fn take_vip(&mut self, i: usize) {
+        let v = &self.vhids[i];
+        if let Err(e) = self.addresses.add(v.ifindex, v.address).await {
+            error!(error = %e, "cannot add VIP");
+        }
+        let result = self
+            .dataplane
+            .set_vip(v.ifindex, v.address.addr, v.fsm_vhid(), v.mac, Role::Master)
+            .and_then(|()| {
+                self.dataplane
+                    .set_vmac(v.ifindex, v.fsm_vhid(), v.if_mac, Role::Master)
+            });
+        if let Err(e) = result {
+            error!(error = %e, "cannot tell XDP about the VIP");
+        }
+        info!(vhid = v.fsm_vhid(), interface = %v.interface, vip = %v.address, "VIP taken");
+    }
+
+    async fn release_vip(&mut self, i: usize) {
+        let v = &mut self.vhids[i];
+        if let Some(garp) = v.garp.take() {
+            garp.abort();
+        }
+        // Stop answering first, then drop the address.
+        let result = self
+            .dataplane
+            .set_vip(v.ifindex, v.address.addr, v.fsm_vhid(), v.mac, Role::Backup)
+            .and_then(|()| {
+                self.dataplane
+                    .set_vmac(v.ifindex, v.fsm_vhid(), v.if_mac, Role::Backup)
+            });
+        if let Err(e) = result {
+            error!(error = %e, "cannot tell XDP to stop answering");
+        }
+        if let Err(e) = self.addresses.remove(v.ifindex, v.address).await {
+            error!(error = %e, "cannot remove VIP");
+        }
+        info!(vhid = v.fsm_vhid(), interface = %v.interface, vip = %v.address, "VIP released");
+    }
+
+    /// Gratuitous ARPs on the takeover schedule; a later release cancels the rest.
+    fn announce(&mut self, i: usize) {
+        let v = &mut self.vhids[i];
+        if let Some(old) = v.garp.take() {
+            old.abort();
+        }
+        let frames = self.frames.clone();
+        let (ifindex, frame) = (v.ifindex, frame::gratuitous_arp(v.mac, v.address.addr));
+        let vhid = v.fsm_vhid();
+        v.garp = Some(tokio::spawn(async move {
+            let start = tokio::time::Instant::now();
+            for at in GARP_SCHEDULE {
+                tokio::time::sleep_until(start + at).await;
+                if let Err(e) = frames.send(ifindex, &frame) {
+                    warn!(vhid, error = %e, "gratuitous ARP send failed");
+                }
+            }
+        }));
+    }
+
+    fn on_packet(&mut self, ifindex: u32, packet: &[u8], now: Instant) {
+        let Ok((ip, payload)) = frame::parse_ipv4(packet) else {
+            self.counters.malformed += 1;
+            return;
+        };
+        if ip.protocol != IPPROTO_CARP || self.own_addresses.contains(&ip.src) {
+            return;
+        }
+        if ip.ttl != CARP_TTL {
+            self.counters.bad_ttl += 1;
+            debug!(src = %ip.src, ttl = ip.ttl, "advert with TTL other than 255 dropped");
+            return;
+        }
+        let advert = match Advert::parse(payload) {
+            Ok(advert) => advert,
+            Err(e) => {
+                self.counters.malformed += 1;
+                debug!(src = %ip.src, error = %e, "bad advert");
+                return;
+            }
+        };
+        let unicast = self.config.carp.peer.is_some();
+        let Some(v) = self.vhids.iter_mut().find(|v| {
+            v.fsm_vhid() == advert.vhid && (v.ifindex == ifindex || unicast)
+        }) else {
+            self.counters.unknown_vhid += 1;
+            return;
+        };
+        if !advert.verify(&self.config.carp.key, &[v.address.addr]) {
+            self.counters.bad_auth += 1;
+            let quiet = self
+                .last_auth_warning
+                .is_some_and(|t| now.duration_since(t) < Duration::from_secs(10));
+            if !quiet {
+                warn!(vhid = advert.vhid, src = %ip.src, "advert failed authentication (passphrase or VIP list differ): ignored");
+                self.last_auth_warning = Some(now);
+            }
+            return;
+        }
+        self.counters.adverts_received += 1;
+        v.fsm.handle_advert(
+            PeerAdvert {
+                advbase: advert.advbase,
+                advskew: advert.advskew,
+                source: ip.src,
+            },
+            now,
+        );
+    }
+
+    fn poll_links(&mut self, now: Instant) {
+        let host = match interfaces::list() {
+            Ok(host) => host,
+            Err(e) => {
+                warn!(error = %e, "cannot read interface state");
+                return;
+            }
+        };
+        for v in &mut self.vhids {
+            let up = host
+                .iter()
+                .find(|i| i.index == v.ifindex)
+                .is_some_and(|i| i.link_up);
+            if up != v.link_up {
+                if up {
+                    info!(interface = %v.interface, "link up");
+                } else {
+                    warn!(interface = %v.interface, "link down: demoting by {DEMOTION_STEP}");
+                }
+                v.link_up = up;
+                v.fsm.handle_link(up, now);
+            }
+        }
+        self.apply_demotion(now);
+    }
+
+    /// pfSense-style node demotion: 240 per CARP interface without link, 240 after repeated
+    /// send errors, 240 in maintenance mode. Applied to every vhid so all VIPs move together.
+    fn demotion(&self) -> u32 {
+        let mut down: Vec<u32> = self
+            .vhids
+            .iter()
+            .filter(|v| !v.link_up)
+            .map(|v| v.ifindex)
+            .collect();
+        down.dedup();
+        DEMOTION_STEP
+            * (down.len() as u32 + u32::from(self.send_demoted) + u32::from(self.maintenance))
+    }
+
+    fn apply_demotion(&mut self, now: Instant) {
+        let demotion = self.demotion();
+        for v in &mut self.vhids {
+            v.fsm.handle_demotion(demotion, now);
+        }
+    }
+
+    fn refresh_heartbeat(&mut self) {
+        if let Err(e) = self.dataplane.refresh_heartbeat(self.heartbeat_lifetime) {
+            error!(error = %e, "cannot refresh the XDP heartbeat");
+        }
+    }
+
+    fn on_request(&mut self, request: Request) -> Response {
+        match request {
+            Request::Status => Response::status(self.status()),
+            Request::Maintenance { enable } => match self.set_maintenance(enable) {
+                Ok(()) => Response::status(self.status()),
+                Err(e) => Response::error(e.to_string()),
+            },
+        }
+    }
+
+    fn set_maintenance(&mut self, enable: bool) -> Result<(), DaemonError> {
+        let dir = &self.config.node.state_dir;
+        let file: PathBuf = dir.join(MAINTENANCE_FILE);
+        if enable {
+            std::fs::create_dir_all(dir).map_err(io_error(format!("creating {}", dir.display())))?;
+            std::fs::write(&file, b"on\n").map_err(io_error(format!("writing {}", file.display())))?;
+        } else if let Err(e) = std::fs::remove_file(&file)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            return Err(io_error(format!("removing {}", file.display()))(e));
+        }
+        if enable != self.maintenance {
+            info!(enable, "maintenance mode changed");
+        }
+        self.maintenance = enable;
+        self.apply_demotion(Instant::now());
+        Ok(())
+    }
+
+    fn status(&self) -> Status {
+        let mut counters = self.counters.clone();
+        if let Ok(xdp) = self.dataplane.stats() {
+            counters.xdp_arp_replied = xdp[STAT_ARP_REPLIED as usize];
+            counters.xdp_arp_dropped_backup = xdp[STAT_ARP_DROPPED_BACKUP as usize];
+            counters.xdp_arp_dropped_stale = xdp[STAT_ARP_DROPPED_STALE as usize];
+            counters.xdp_vmac_accepted = xdp[STAT_VMAC_ACCEPTED as usize];
+        }
+        Status {
+            node: self.config.node.name.clone(),
+            maintenance: self.maintenance,
+            demotion: self.demotion(),
+            vips: self
+                .vhids
+                .iter()
+                .map(|v| VipStatus {
+                    interface: v.interface.clone(),
+                    vhid: v.fsm_vhid(),
+                    address: v.address.to_string(),
+                    state: v.fsm.state(),
+                    advbase: v.fsm.params().advbase,
+                    advskew: v.fsm.params().advskew,
+                    effective_advskew: v.fsm.effective_advskew(),
+                    demotion: v.fsm.demotion(),
+                    since: humantime::format_rfc3339_seconds(v.since).to_string(),
+                    mac: format_mac(&v.mac),
+                })
+                .collect(),
+            counters,
+        }
+    }
+
+    async fn shutdown(mut self) {
+        let now = Instant::now();
+        for v in &mut self.vhids {
+            v.fsm.handle_shutdown(now);
+        }
+        self.settle().await;
+        if let Err(e) = self.dataplane.clear_heartbeat() {
+            warn!(error = %e, "cannot clear the XDP heartbeat");
+        }
+        self.dataplane.detach_and_unpin();
+        let _ = std::fs::remove_file(&self.config.node.control_socket);
+        info!("stopped: VIPs released, XDP detached");
+    }
+}
+
+impl VhidRuntime {
+    fn fsm_vhid(&self) -> u8 {
+        self.fsm.vhid()
+    }
+
+    fn source(&self) -> Ipv4Addr {
+        self.fsm.source()
+    }
+
+    fn fsm_is_quiet(&mut self) -> bool {
+        self.fsm.has_no_actions()
+    }
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
