@@ -6,15 +6,15 @@
 
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::bpf_ktime_get_ns,
     btf_maps::{Array, HashMap, PerCpuArray},
+    helpers::bpf_ktime_get_ns,
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
 use carp_common::maps::{
     Heartbeat, MAX_VIPS, ROLE_MASTER, STAT_ARP_DROPPED_BACKUP, STAT_ARP_DROPPED_STALE,
-    STAT_ARP_REPLIED, STAT_MALFORMED, STAT_SLOTS, STAT_VMAC_ACCEPTED, STAT_VMAC_IGNORED,
-    VipEntry, VipKey, VmacEntry, VmacKey, vhid_of_virtual_mac,
+    STAT_ARP_REPLIED, STAT_MALFORMED, STAT_SLOTS, STAT_VMAC_ACCEPTED, STAT_VMAC_IGNORED, VipEntry,
+    VipKey, VmacEntry, VmacKey, vhid_of_virtual_mac,
 };
 use core::mem::size_of;
 use network_types::{

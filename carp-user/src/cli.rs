@@ -83,10 +83,15 @@ impl Target {
             .unwrap_or_default();
         match sockets.as_slice() {
             [one] => Ok(one.clone()),
-            [] => anyhow::bail!("no daemon socket in {SOCKET_DIR}: is `carp run` running? (or pass --socket / -c)"),
+            [] => anyhow::bail!(
+                "no daemon socket in {SOCKET_DIR}: is `carp run` running? (or pass --socket / -c)"
+            ),
             many => anyhow::bail!(
                 "several daemons in {SOCKET_DIR} ({}): pick one with --socket or -c",
-                many.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+                many.iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         }
     }
@@ -100,7 +105,10 @@ fn socket_of_config(path: &Path) -> anyhow::Result<PathBuf> {
     let value: toml::Table = toml::from_str(&text)
         .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
     let node = value.get("node").and_then(|n| n.as_table());
-    if let Some(socket) = node.and_then(|n| n.get("control_socket")).and_then(|s| s.as_str()) {
+    if let Some(socket) = node
+        .and_then(|n| n.get("control_socket"))
+        .and_then(|s| s.as_str())
+    {
         return Ok(PathBuf::from(socket));
     }
     let name = node
@@ -160,7 +168,14 @@ pub fn format_status(status: &Status) -> String {
         status.demotion
     );
     let header = [
-        "INTERFACE", "VHID", "VIP", "STATE", "ADVBASE", "ADVSKEW", "DEMOTION", "SINCE",
+        "INTERFACE",
+        "VHID",
+        "VIP",
+        "STATE",
+        "ADVBASE",
+        "ADVSKEW",
+        "DEMOTION",
+        "SINCE",
     ];
     let rows: Vec<[String; 8]> = status
         .vips
@@ -248,9 +263,15 @@ mod tests {
             socket_of_config(&file).unwrap(),
             PathBuf::from("/run/carp/gw9.sock")
         );
-        std::fs::write(&file, "[node]\nname = \"gw9\"\ncontrol_socket = \"/tmp/x.sock\"\n")
-            .unwrap();
-        assert_eq!(socket_of_config(&file).unwrap(), PathBuf::from("/tmp/x.sock"));
+        std::fs::write(
+            &file,
+            "[node]\nname = \"gw9\"\ncontrol_socket = \"/tmp/x.sock\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            socket_of_config(&file).unwrap(),
+            PathBuf::from("/tmp/x.sock")
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -269,13 +269,16 @@ fn validate(raw: RawConfig, interfaces: &[Interface], problems: &mut Vec<Problem
     for (i, v) in raw.vip.iter().enumerate() {
         let field = |name: &str| format!("vip[{i}].{name}");
         let vhid = in_range(v.vhid, 1, 255, &field("vhid"), &mut problem);
-        let vip_skew = v
-            .advskew
-            .map_or(advskew, |s| in_range(s, 0, 254, &field("advskew"), &mut problem));
+        let vip_skew = v.advskew.map_or(advskew, |s| {
+            in_range(s, 0, 254, &field("advskew"), &mut problem)
+        });
         if !seen_vhids.insert((v.interface.as_str(), v.vhid)) {
             problem(
                 field("vhid"),
-                format!("vhid {} is used twice on interface `{}`", v.vhid, v.interface),
+                format!(
+                    "vhid {} is used twice on interface `{}`",
+                    v.vhid, v.interface
+                ),
             );
         }
         let address = match v.address.parse::<Ipv4Net>() {
@@ -288,7 +291,10 @@ fn validate(raw: RawConfig, interfaces: &[Interface], problems: &mut Vec<Problem
         if let Some(address) = address
             && !seen_addrs.insert(address.addr)
         {
-            problem(field("address"), format!("{} is configured twice", address.addr));
+            problem(
+                field("address"),
+                format!("{} is configured twice", address.addr),
+            );
         }
         match interfaces.iter().find(|iface| iface.name == v.interface) {
             None => problem(
@@ -464,7 +470,10 @@ address = "198.18.1.5"
             "vip[2].interface: no interface `wan` on this host",
         ];
         for e in expect {
-            assert!(got.iter().any(|g| g.starts_with(e)), "missing `{e}` in {got:#?}");
+            assert!(
+                got.iter().any(|g| g.starts_with(e)),
+                "missing `{e}` in {got:#?}"
+            );
         }
         assert_eq!(got.len(), expect.len(), "{got:#?}");
     }
@@ -473,7 +482,10 @@ address = "198.18.1.5"
     fn unknown_key_is_named_with_its_line() {
         let got = problems(&GOOD.replace("advskew = 0", "advskw = 0"));
         assert_eq!(got.len(), 1);
-        assert!(got[0].starts_with("line 7: unknown field `advskw`"), "{got:?}");
+        assert!(
+            got[0].starts_with("line 7: unknown field `advskw`"),
+            "{got:?}"
+        );
     }
 
     #[test]
@@ -513,7 +525,10 @@ address = "198.18.1.5"
     #[test]
     fn missing_or_double_passphrase_is_refused() {
         let got = problems(&GOOD.replace("passphrase = \"secret\"", ""));
-        assert_eq!(got, ["carp.passphrase: missing: set passphrase or passphrase_file"]);
+        assert_eq!(
+            got,
+            ["carp.passphrase: missing: set passphrase or passphrase_file"]
+        );
         let got = problems(&GOOD.replace(
             "passphrase = \"secret\"",
             "passphrase = \"a\"\npassphrase_file = \"/x\"",
@@ -526,7 +541,10 @@ address = "198.18.1.5"
         let mut h = host();
         h[0].addrs = vec!["198.18.1.1/24".parse().unwrap()];
         let got = Config::parse(GOOD, &h).unwrap_err().to_string();
-        assert!(got.contains("not inside the subnet of a real address"), "{got}");
+        assert!(
+            got.contains("not inside the subnet of a real address"),
+            "{got}"
+        );
     }
 
     #[test]

@@ -72,6 +72,7 @@ pub struct Counters {
     pub adverts_sent: u64,
     pub adverts_received: u64,
     pub send_errors: u64,
+    pub garps_sent: u64,
     pub bad_auth: u64,
     pub bad_ttl: u64,
     pub malformed: u64,
@@ -212,8 +213,7 @@ mod tests {
             r#"{"command":"status"}"#
         );
         assert_eq!(
-            serde_json::from_str::<Request>(r#"{"command":"maintenance","enable":true}"#)
-                .unwrap(),
+            serde_json::from_str::<Request>(r#"{"command":"maintenance","enable":true}"#).unwrap(),
             Request::Maintenance { enable: true }
         );
     }

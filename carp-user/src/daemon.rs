@@ -4,8 +4,8 @@
 
 use crate::{
     carp::{
-        fsm::{Action, DEMOTION_STEP, Params, PeerAdvert, State, Vhid},
         frame::{self, AdvertAddrs},
+        fsm::{Action, DEMOTION_STEP, Params, PeerAdvert, State, Vhid},
         packet::{Advert, CARP_GROUP_V4, CARP_TTL, IPPROTO_CARP},
     },
     config::{Config, MacMode, XdpModeChoice},
@@ -24,7 +24,10 @@ use carp_common::maps::{
 use std::{
     net::Ipv4Addr,
     path::PathBuf,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant, SystemTime},
 };
 use tokio::{
@@ -34,7 +37,7 @@ use tokio::{
 };
 use tracing::{debug, error, info, warn};
 
-/// How often link state is polled and the XDP heartbeat refreshed.
+/// How often link state is polled.
 const TICK: Duration = Duration::from_millis(100);
 /// Consecutive send errors that demote the node, and successes that undo it (FreeBSD).
 const SEND_ERROR_LIMIT: u32 = 3;
@@ -75,6 +78,17 @@ fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonErr
     move |source| DaemonError::Io { what, source }
 }
 
+/// How long XDP keeps answering after our last advert. A peer may take over 3 x advbase after
+/// the last advert it heard, so XDP must have stopped by then: a dead or hung daemon never
+/// answers alongside the new master. Adverts come at most every advbase + 240/256 s, well
+/// inside this, so a live master never lapses.
+fn heartbeat_lifetime(advbase: u8) -> Duration {
+    Duration::from_secs(3 * u64::from(advbase)) - HEARTBEAT_MARGIN
+}
+
+/// Slack between XDP going quiet and the earliest legal takeover.
+const HEARTBEAT_MARGIN: Duration = Duration::from_millis(100);
+
 /// One vhid with everything the I/O needs to act for it.
 struct VhidRuntime {
     fsm: Vhid,
@@ -106,6 +120,7 @@ struct Daemon {
     counters: Counters,
     last_auth_warning: Option<Instant>,
     heartbeat_lifetime: Duration,
+    garps_sent: Arc<AtomicU64>,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT; then bows out, releases the VIPs, detaches XDP.
@@ -114,7 +129,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let (control_tx, mut control_rx) = mpsc::channel::<Pending>(16);
     let mut daemon = Daemon::start(config).await?;
     control::serve(&daemon.config.node.control_socket, control_tx)?;
-    let dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let dropped = Arc::new(AtomicU64::new(0));
     let receiver = tokio::spawn(receive_adverts(
         daemon.adverts.clone(),
         packets_tx,
@@ -126,7 +141,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     info!(node = %daemon.config.node.name, vips = daemon.vhids.len(), "carp running");
     loop {
         daemon.settle().await;
-        let deadline = daemon.vhids.iter().filter_map(|v| v.fsm.poll_timeout()).min();
+        let deadline = daemon
+            .vhids
+            .iter()
+            .filter_map(|v| v.fsm.poll_timeout())
+            .min();
         let timer = async move {
             match deadline {
                 Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -144,9 +163,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                 }
             }
             _ = tick.tick() => {
-                daemon.counters.dropped_backlog = dropped.load(std::sync::atomic::Ordering::Relaxed);
+                daemon.counters.dropped_backlog = dropped.load(Ordering::Relaxed);
                 daemon.poll_links(Instant::now());
-                daemon.refresh_heartbeat();
             }
             Some((request, reply)) = control_rx.recv() => {
                 let response = daemon.on_request(request);
@@ -166,7 +184,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
 async fn receive_adverts(
     socket: Arc<AdvertSocket>,
     packets: mpsc::Sender<(u32, Vec<u8>)>,
-    dropped: Arc<std::sync::atomic::AtomicU64>,
+    dropped: Arc<AtomicU64>,
 ) {
     let mut buf = vec![0u8; 2048];
     loop {
@@ -174,7 +192,7 @@ async fn receive_adverts(
             Ok(received) => {
                 let packet = buf[..received.len.min(buf.len())].to_vec();
                 if packets.try_send((received.ifindex, packet)).is_err() {
-                    dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    dropped.fetch_add(1, Ordering::Relaxed);
                 }
             }
             Err(e) => {
@@ -220,9 +238,7 @@ impl Daemon {
                 let mode = match config.node.xdp_mode {
                     XdpModeChoice::Native => XdpMode::Driver,
                     XdpModeChoice::Generic => XdpMode::Skb,
-                    XdpModeChoice::Auto if addresses.is_veth(iface.index).await? => {
-                        XdpMode::Skb
-                    }
+                    XdpModeChoice::Auto if addresses.is_veth(iface.index).await? => XdpMode::Skb,
                     XdpModeChoice::Auto => XdpMode::Driver,
                 };
                 info!(interface = %vip.interface, ?mode, "attaching XDP");
@@ -265,11 +281,7 @@ impl Daemon {
         if maintenance {
             warn!("maintenance mode is on (persisted): demoted by {DEMOTION_STEP}");
         }
-        let heartbeat_lifetime = vhids
-            .iter()
-            .map(|v| v.fsm.master_down_interval())
-            .min()
-            .unwrap_or(Duration::from_secs(3));
+        let heartbeat_lifetime = heartbeat_lifetime(config.carp.advbase);
         let mut daemon = Self {
             config,
             dataplane,
@@ -285,8 +297,8 @@ impl Daemon {
             counters: Counters::default(),
             last_auth_warning: None,
             heartbeat_lifetime,
+            garps_sent: Arc::default(),
         };
-        daemon.refresh_heartbeat();
         daemon.poll_links(now);
         Ok(daemon)
     }
@@ -351,6 +363,7 @@ impl Daemon {
         };
         match sent {
             Ok(()) => {
+                self.refresh_heartbeat();
                 self.counters.adverts_sent += 1;
                 self.send_errors_in_a_row = 0;
                 self.sends_ok_in_a_row += 1;
@@ -365,7 +378,9 @@ impl Daemon {
                 self.send_errors_in_a_row += 1;
                 warn!(vhid = v.fsm_vhid(), interface = %v.interface, error = %e, "advert send failed");
                 if !self.send_demoted && self.send_errors_in_a_row >= SEND_ERROR_LIMIT {
-                    warn!("{SEND_ERROR_LIMIT} advert send errors in a row: demoting by {DEMOTION_STEP}");
+                    warn!(
+                        "{SEND_ERROR_LIMIT} advert send errors in a row: demoting by {DEMOTION_STEP}"
+                    );
                     self.send_demoted = true;
                 }
             }
@@ -419,14 +434,18 @@ impl Daemon {
             old.abort();
         }
         let frames = self.frames.clone();
+        let sent = self.garps_sent.clone();
         let (ifindex, frame) = (v.ifindex, frame::gratuitous_arp(v.mac, v.address.addr));
         let vhid = v.fsm_vhid();
         v.garp = Some(tokio::spawn(async move {
             let start = tokio::time::Instant::now();
             for at in GARP_SCHEDULE {
                 tokio::time::sleep_until(start + at).await;
-                if let Err(e) = frames.send(ifindex, &frame) {
-                    warn!(vhid, error = %e, "gratuitous ARP send failed");
+                match frames.send(ifindex, &frame) {
+                    Ok(()) => {
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => warn!(vhid, error = %e, "gratuitous ARP send failed"),
                 }
             }
         }));
@@ -454,9 +473,11 @@ impl Daemon {
             }
         };
         let unicast = self.config.carp.peer.is_some();
-        let Some(v) = self.vhids.iter_mut().find(|v| {
-            v.fsm_vhid() == advert.vhid && (v.ifindex == ifindex || unicast)
-        }) else {
+        let Some(v) = self
+            .vhids
+            .iter_mut()
+            .find(|v| v.fsm_vhid() == advert.vhid && (v.ifindex == ifindex || unicast))
+        else {
             self.counters.unknown_vhid += 1;
             return;
         };
@@ -549,8 +570,10 @@ impl Daemon {
         let dir = &self.config.node.state_dir;
         let file: PathBuf = dir.join(MAINTENANCE_FILE);
         if enable {
-            std::fs::create_dir_all(dir).map_err(io_error(format!("creating {}", dir.display())))?;
-            std::fs::write(&file, b"on\n").map_err(io_error(format!("writing {}", file.display())))?;
+            std::fs::create_dir_all(dir)
+                .map_err(io_error(format!("creating {}", dir.display())))?;
+            std::fs::write(&file, b"on\n")
+                .map_err(io_error(format!("writing {}", file.display())))?;
         } else if let Err(e) = std::fs::remove_file(&file)
             && e.kind() != std::io::ErrorKind::NotFound
         {
@@ -566,6 +589,7 @@ impl Daemon {
 
     fn status(&self) -> Status {
         let mut counters = self.counters.clone();
+        counters.garps_sent = self.garps_sent.load(Ordering::Relaxed);
         if let Ok(xdp) = self.dataplane.stats() {
             counters.xdp_arp_replied = xdp[STAT_ARP_REPLIED as usize];
             counters.xdp_arp_dropped_backup = xdp[STAT_ARP_DROPPED_BACKUP as usize];

@@ -13,8 +13,8 @@ use aya::{
     },
 };
 use carp_common::maps::{
-    ALL_MAPS, HEARTBEAT_MAP, Heartbeat, ROLE_BACKUP, ROLE_MASTER, STAT_SLOTS, STATS_MAP, VIP_MAP, VMAC_MAP,
-    VipEntry, VipKey, VmacEntry, VmacKey, XDP_PROGRAM,
+    ALL_MAPS, HEARTBEAT_MAP, Heartbeat, ROLE_BACKUP, ROLE_MASTER, STAT_SLOTS, STATS_MAP, VIP_MAP,
+    VMAC_MAP, VipEntry, VipKey, VmacEntry, VmacKey, XDP_PROGRAM,
 };
 use std::{
     net::Ipv4Addr,
@@ -32,7 +32,11 @@ pub enum DataplaneError {
         #[source]
         source: std::io::Error,
     },
-    #[error("bpffs is not mounted at {}: mount it with `mount -t bpf bpf {}`", pins::BPFFS, pins::BPFFS)]
+    #[error(
+        "bpffs is not mounted at {}: mount it with `mount -t bpf bpf {}`",
+        pins::BPFFS,
+        pins::BPFFS
+    )]
     NoBpffs,
     #[error("loading the XDP object failed")]
     Load(#[from] aya::EbpfError),
@@ -99,8 +103,10 @@ impl Dataplane {
             path: pin_dir.to_owned(),
             source,
         })?;
-        let pin_paths: Vec<(&str, PathBuf)> =
-            ALL_MAPS.iter().map(|name| (*name, pin_dir.join(name))).collect();
+        let pin_paths: Vec<(&str, PathBuf)> = ALL_MAPS
+            .iter()
+            .map(|name| (*name, pin_dir.join(name)))
+            .collect();
         let mut loader = EbpfLoader::new();
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());
@@ -205,7 +211,9 @@ impl Dataplane {
             role: role.as_u8(),
             _pad: 0,
         };
-        self.vmacs.insert(key, entry, 0).map_err(map_error(VMAC_MAP))
+        self.vmacs
+            .insert(key, entry, 0)
+            .map_err(map_error(VMAC_MAP))
     }
 
     /// Marks the daemon alive for `lifetime` from now (CLOCK_MONOTONIC, XDP's clock).
@@ -273,7 +281,9 @@ fn take_map<T>(
     name: &'static str,
     convert: impl FnOnce(aya::maps::Map) -> Result<T, MapError>,
 ) -> Result<T, DataplaneError> {
-    let map = ebpf.take_map(name).ok_or(DataplaneError::Missing { name })?;
+    let map = ebpf
+        .take_map(name)
+        .ok_or(DataplaneError::Missing { name })?;
     convert(map).map_err(map_error(name))
 }
 

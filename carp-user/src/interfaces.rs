@@ -86,7 +86,10 @@ pub fn list() -> nix::Result<Vec<Interface>> {
         } else if let Some(sin) = address.as_sockaddr_in() {
             let prefix_len = ifa
                 .netmask
-                .and_then(|m| m.as_sockaddr_in().map(|m| u32::from(m.ip()).count_ones() as u8))
+                .and_then(|m| {
+                    m.as_sockaddr_in()
+                        .map(|m| u32::from(m.ip()).count_ones() as u8)
+                })
                 .unwrap_or(32);
             iface.addrs.push(Ipv4Net {
                 addr: sin.ip(),
@@ -114,16 +117,35 @@ mod tests {
 
     #[test]
     fn parse_errors_say_what_is_wrong() {
-        assert!("198.18.1.1".parse::<Ipv4Net>().unwrap_err().contains("ADDRESS/PREFIX"));
-        assert!("198.18.1/24".parse::<Ipv4Net>().unwrap_err().contains("IPv4"));
-        assert!("198.18.1.1/33".parse::<Ipv4Net>().unwrap_err().contains("0..=32"));
+        assert!(
+            "198.18.1.1"
+                .parse::<Ipv4Net>()
+                .unwrap_err()
+                .contains("ADDRESS/PREFIX")
+        );
+        assert!(
+            "198.18.1/24"
+                .parse::<Ipv4Net>()
+                .unwrap_err()
+                .contains("IPv4")
+        );
+        assert!(
+            "198.18.1.1/33"
+                .parse::<Ipv4Net>()
+                .unwrap_err()
+                .contains("0..=32")
+        );
     }
 
     #[test]
     fn loopback_is_listed() {
         let all = list().unwrap();
         let lo = all.iter().find(|i| i.name == "lo").expect("lo exists");
-        assert!(lo.addrs.iter().any(|a| a.addr == Ipv4Addr::LOCALHOST && a.prefix_len == 8));
+        assert!(
+            lo.addrs
+                .iter()
+                .any(|a| a.addr == Ipv4Addr::LOCALHOST && a.prefix_len == 8)
+        );
         assert_eq!(lo.index, 1);
     }
 }

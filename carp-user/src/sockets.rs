@@ -42,7 +42,8 @@ impl AdvertSocket {
             socket.join_multicast_v4_n(&CARP_GROUP_V4, &InterfaceIndexOrAddress::Index(index))?;
         }
         // SAFETY: `socket` owns its descriptor for as long as the AsyncFd holds it.
-        let fd = unsafe { AsyncFd::register(socket) }.map_err(|e| io::Error::other(e.to_string()))?;
+        let fd =
+            unsafe { AsyncFd::register(socket) }.map_err(|e| io::Error::other(e.to_string()))?;
         Ok(Self { fd })
     }
 

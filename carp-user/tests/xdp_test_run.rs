@@ -94,7 +94,8 @@ fn master(loaded: &mut Loaded) {
     let dp = &mut loaded.dataplane;
     dp.set_vip(TEST_IFINDEX, VIP, VHID, virtual_mac(VHID), Role::Master)
         .unwrap();
-    dp.set_vmac(TEST_IFINDEX, VHID, IF_MAC, Role::Master).unwrap();
+    dp.set_vmac(TEST_IFINDEX, VHID, IF_MAC, Role::Master)
+        .unwrap();
     dp.refresh_heartbeat(Duration::from_secs(3)).unwrap();
 }
 
@@ -137,7 +138,10 @@ fn arp_for_vip_while_backup_is_dropped() {
         .unwrap();
     let (action, _) = run(&mut l, &arp_frame(1, VIP));
     assert_eq!(action, XDP_DROP);
-    assert_eq!(l.dataplane.stats().unwrap()[STAT_ARP_DROPPED_BACKUP as usize], 1);
+    assert_eq!(
+        l.dataplane.stats().unwrap()[STAT_ARP_DROPPED_BACKUP as usize],
+        1
+    );
 }
 
 #[test]
@@ -154,9 +158,14 @@ fn arp_for_vip_with_stale_heartbeat_is_dropped() {
     l.dataplane.clear_heartbeat().unwrap();
     let (action, _) = run(&mut l, &arp_frame(1, VIP));
     assert_eq!(action, XDP_DROP);
-    assert_eq!(l.dataplane.stats().unwrap()[STAT_ARP_DROPPED_STALE as usize], 2);
+    assert_eq!(
+        l.dataplane.stats().unwrap()[STAT_ARP_DROPPED_STALE as usize],
+        2
+    );
     // And a fresh heartbeat brings the answers back.
-    l.dataplane.refresh_heartbeat(Duration::from_secs(3)).unwrap();
+    l.dataplane
+        .refresh_heartbeat(Duration::from_secs(3))
+        .unwrap();
     assert_eq!(run(&mut l, &arp_frame(1, VIP)).0, XDP_TX);
 }
 
@@ -186,7 +195,11 @@ fn virtual_mac_frames_while_master_reach_the_stack_as_ours() {
     let frame = ipv4_frame(virtual_mac(VHID));
     let (action, out) = run(&mut l, &frame);
     assert_eq!(action, XDP_PASS);
-    assert_eq!(&out[0..6], &IF_MAC, "destination rewritten to the interface MAC");
+    assert_eq!(
+        &out[0..6],
+        &IF_MAC,
+        "destination rewritten to the interface MAC"
+    );
     assert_eq!(&out[6..], &frame[6..], "nothing else changed");
     assert_eq!(l.dataplane.stats().unwrap()[STAT_VMAC_ACCEPTED as usize], 1);
 }

@@ -1,1 +1,3 @@
-pub fn load(_i: &str) -> anyhow::Result<()> { anyhow::bail!("not yet") }
+pub fn load(_i: &str) -> anyhow::Result<()> {
+    anyhow::bail!("not yet")
+}

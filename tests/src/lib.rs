@@ -186,7 +186,13 @@ impl Lab {
     }
 
     fn build(&self) -> Result<()> {
-        let hosts = [Host::Switch, Host::Gw1, Host::Gw2, Host::Client, Host::Server];
+        let hosts = [
+            Host::Switch,
+            Host::Gw1,
+            Host::Gw2,
+            Host::Client,
+            Host::Server,
+        ];
         for host in hosts {
             let ns = self.ns(host);
             ip(&["netns", "add", &ns])?;
@@ -208,11 +214,27 @@ impl Lab {
             self.sh(gw, "sysctl -qw net.ipv4.ip_forward=1")?;
         }
         ip(&[
-            "link", "add", "sync", "netns", &self.ns(Host::Gw1), "type", "veth", "peer", "name",
-            "sync", "netns", &self.ns(Host::Gw2),
+            "link",
+            "add",
+            "sync",
+            "netns",
+            &self.ns(Host::Gw1),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "sync",
+            "netns",
+            &self.ns(Host::Gw2),
         ])?;
-        self.sh(Host::Gw1, "ip addr add 198.18.3.1/24 dev sync && ip link set sync up")?;
-        self.sh(Host::Gw2, "ip addr add 198.18.3.2/24 dev sync && ip link set sync up")?;
+        self.sh(
+            Host::Gw1,
+            "ip addr add 198.18.3.1/24 dev sync && ip link set sync up",
+        )?;
+        self.sh(
+            Host::Gw2,
+            "ip addr add 198.18.3.2/24 dev sync && ip link set sync up",
+        )?;
         self.veth(Host::Client, "eth0", "cl", "br-lan")?;
         self.sh(
             Host::Client,
@@ -229,8 +251,18 @@ impl Lab {
     /// A veth from `host` (named `inner`) to a port `port` of the switch's `bridge`.
     fn veth(&self, host: Host, inner: &str, port: &str, bridge: &str) -> Result<()> {
         ip(&[
-            "link", "add", inner, "netns", &self.ns(host), "type", "veth", "peer", "name", port,
-            "netns", &self.ns(Host::Switch),
+            "link",
+            "add",
+            inner,
+            "netns",
+            &self.ns(host),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            port,
+            "netns",
+            &self.ns(Host::Switch),
         ])?;
         self.sh(
             Host::Switch,
@@ -239,7 +271,6 @@ impl Lab {
         self.sh(host, &format!("ip link set {inner} up"))?;
         Ok(())
     }
-
 
     /// The command prefix that runs in `host`'s network namespace (mounts stay the host's,
     /// so bpffs pins land in /sys/fs/bpf/carp/<node>/ for bpftool to see).
@@ -318,7 +349,13 @@ impl Lab {
             .lines()
             .filter_map(|l| l.trim().parse().ok())
             .collect();
-        let hosts = [Host::Switch, Host::Gw1, Host::Gw2, Host::Client, Host::Server];
+        let hosts = [
+            Host::Switch,
+            Host::Gw1,
+            Host::Gw2,
+            Host::Client,
+            Host::Server,
+        ];
         let owned = Owned {
             namespaces: hosts
                 .iter()
@@ -538,7 +575,10 @@ fn built_binary(env: &str, name: &str, build: &str) -> Result<PathBuf> {
     }
     let exe = std::env::current_exe()?;
     let dir = exe.parent().context("executable has no directory")?;
-    let candidates = [dir.join(name), dir.parent().map(|p| p.join(name)).unwrap_or_default()];
+    let candidates = [
+        dir.join(name),
+        dir.parent().map(|p| p.join(name)).unwrap_or_default(),
+    ];
     candidates
         .into_iter()
         .find(|c| c.is_file())

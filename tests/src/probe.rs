@@ -25,7 +25,8 @@ pub fn parse(report: &str) -> Vec<Exchange> {
             }),
             ["reply", t, mac] => {
                 if let Some(last) = out.last_mut() {
-                    last.replies.push((t.parse().unwrap_or(0), (*mac).to_owned()));
+                    last.replies
+                        .push((t.parse().unwrap_or(0), (*mac).to_owned()));
                 }
             }
             _ => {}
@@ -48,10 +49,20 @@ impl Lab {
         let bin = probe_bin.to_string_lossy().into_owned();
         let out = self.output(
             host,
-            &[&bin, "arp", iface, target, &interval_ms.to_string(), &duration_ms.to_string()],
+            &[
+                &bin,
+                "arp",
+                iface,
+                target,
+                &interval_ms.to_string(),
+                &duration_ms.to_string(),
+            ],
         )?;
         if !out.status.success() {
-            bail!("carp-probe failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "carp-probe failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(parse(&String::from_utf8_lossy(&out.stdout)))
     }
@@ -70,7 +81,14 @@ impl Lab {
         let bin = probe_bin.to_string_lossy().into_owned();
         self.spawn(
             host,
-            &[&bin, "arp", iface, target, &interval_ms.to_string(), &duration_ms.to_string()],
+            &[
+                &bin,
+                "arp",
+                iface,
+                target,
+                &interval_ms.to_string(),
+                &duration_ms.to_string(),
+            ],
             log,
         )
     }

@@ -1,39 +1,313 @@
 //! The CARP cluster in the namespace lab: election, ARP ownership, failover, preemption,
-//! maintenance, bow-out, split brain, authentication. Needs root (CI is root).
+//! maintenance, bow-out, split brain, authentication, unicast. Needs root (CI is root).
 
 mod common;
 
 use anyhow::Result;
 use carp::carp::fsm::State;
-use carp_lab::{Host, LAN_VIP, Lab, NodeOptions, carp_bin};
-use common::{arp_answers, wait_state};
-use std::time::Duration;
+use carp_lab::{Host, LAN_VIP, Lab, NodeOptions, carp_bin, end_process, kill_hard, probe};
+use common::{arp_answers, assert_never_two_answers, carp_cli, pair, wait_state};
+use std::time::{Duration, Instant};
 
 const VMAC_LAN: &str = "00:00:5e:00:01:01";
-
-fn backup_opts() -> NodeOptions {
-    NodeOptions {
-        advskew: 100,
-        ..NodeOptions::default()
-    }
-}
 
 #[test]
 fn election_gives_one_master_and_exactly_one_arp_answer() -> Result<()> {
     let lab = Lab::up()?;
-    let bin = carp_bin()?;
-    let gw1 = lab.start_carp(&bin, Host::Gw1, &NodeOptions::default())?;
-    let gw2 = lab.start_carp(&bin, Host::Gw2, &backup_opts())?;
-    wait_state(&gw1, 1, State::Master, Duration::from_secs(10))?;
-    wait_state(&gw2, 1, State::Backup, Duration::from_secs(1))?;
+    let (_gw1, _gw2) = pair(&lab)?;
     let answers = arp_answers(&lab, LAN_VIP, 20)?;
     assert_eq!(answers.len(), 20);
     for (i, macs) in answers.iter().enumerate() {
-        assert_eq!(macs, &[VMAC_LAN], "request {i}: exactly one answer, from the virtual MAC");
+        assert_eq!(
+            macs,
+            &[VMAC_LAN],
+            "request {i}: exactly one answer, from the virtual MAC"
+        );
     }
-    // The VIP is on gw1's interface and reachable through the virtual MAC.
-    assert!(lab.sh(Host::Gw1, "ip -4 addr show dev lan")?.contains(LAN_VIP));
-    assert!(!lab.sh(Host::Gw2, "ip -4 addr show dev lan")?.contains(LAN_VIP));
+    // The VIP is on gw1's interface only, and reachable through the virtual MAC.
+    assert!(
+        lab.sh(Host::Gw1, "ip -4 addr show dev lan")?
+            .contains(LAN_VIP)
+    );
+    assert!(
+        !lab.sh(Host::Gw2, "ip -4 addr show dev lan")?
+            .contains(LAN_VIP)
+    );
     lab.sh(Host::Client, &format!("ping -c 3 -i 0.2 -W 1 {LAN_VIP}"))?;
+    // Maps are pinned per node with BTF: bpftool shows field names.
+    let dump = std::process::Command::new("bpftool")
+        .args(["map", "dump", "pinned"])
+        .arg(format!("/sys/fs/bpf/carp/{}/CARP_VIPS", _gw1.name))
+        .output()?;
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    assert!(
+        dump.contains("\"ifindex\"") && dump.contains("\"role\""),
+        "{dump}"
+    );
+    Ok(())
+}
+
+#[test]
+fn killed_master_is_replaced_within_master_down_and_preempts_back_after_restart() -> Result<()> {
+    let lab = Lab::up()?;
+    let (gw1, gw2) = pair(&lab)?;
+    let log = lab.dir.join("probe-kill.log");
+    let probe_pid = lab.arp_probe_background(
+        &carp_lab::probe_bin()?,
+        Host::Client,
+        "eth0",
+        LAN_VIP,
+        20,
+        7000,
+        &log,
+    )?;
+    std::thread::sleep(Duration::from_millis(500));
+    let killed = Instant::now();
+    kill_hard(gw1.pid);
+    wait_state(&gw2, 1, State::Master, Duration::from_secs(6))?;
+    let takeover = killed.elapsed();
+    // 3 x advbase + 100/256 s, plus the last advert's age (up to one interval) is the bound.
+    assert!(
+        takeover < Duration::from_millis(4500),
+        "takeover took {takeover:?}"
+    );
+    wait_state(&gw2, 2, State::Master, Duration::from_secs(2))?;
+    // The dead master's XDP stays attached but stops answering once its heartbeat is stale:
+    // never two answers, and answers again once gw2 holds the VIP.
+    carp_lab::wait_for(Duration::from_secs(10), || {
+        nix::sys::wait::waitpid(
+            nix::unistd::Pid::from_raw(probe_pid as i32),
+            Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+        )
+        .ok()
+        .filter(|s| !matches!(s, nix::sys::wait::WaitStatus::StillAlive))
+    });
+    let exchanges = probe::parse(&std::fs::read_to_string(&log)?);
+    assert!(exchanges.len() > 200, "probe ran: {}", exchanges.len());
+    assert_never_two_answers(&exchanges);
+    assert_eq!(
+        exchanges.last().map(|e| e.replies.len()),
+        Some(1),
+        "gw2 answers at the end"
+    );
+    lab.sh(Host::Client, &format!("ping -c 2 -i 0.2 -W 1 {LAN_VIP}"))?;
+    // A restarted gw1 reuses its pins, comes back as backup and preempts (skew 0 < 100).
+    let gw1 = lab.start_carp_with(
+        &carp_bin()?,
+        Host::Gw1,
+        gw1.name.clone(),
+        gw1.config.clone(),
+    )?;
+    for vhid in [1, 2] {
+        wait_state(&gw1, vhid, State::Master, Duration::from_secs(8))?;
+        wait_state(&gw2, vhid, State::Backup, Duration::from_secs(2))?;
+    }
+    assert_eq!(
+        arp_answers(&lab, LAN_VIP, 5)?,
+        vec![vec![VMAC_LAN.to_owned()]; 5]
+    );
+    Ok(())
+}
+
+#[test]
+fn master_losing_a_link_demotes_and_every_vip_moves_together() -> Result<()> {
+    let lab = Lab::up()?;
+    let (gw1, gw2) = pair(&lab)?;
+    // Pull gw1's LAN cable (at the switch): its LAN vhid goes INIT, the demotion of 240 makes
+    // the WAN vhid advertise slower, and preempting gw2 takes both.
+    lab.sh(Host::Switch, "ip link set gw1-lan down")?;
+    wait_state(&gw2, 2, State::Master, Duration::from_secs(3))?;
+    wait_state(&gw2, 1, State::Master, Duration::from_secs(5))?;
+    let status = gw1.status()?;
+    assert_eq!(status.demotion, 240);
+    assert_eq!(
+        status.vips.iter().find(|v| v.vhid == 1).map(|v| v.state),
+        Some(State::Init)
+    );
+    assert_eq!(
+        status.vips.iter().find(|v| v.vhid == 2).map(|v| v.state),
+        Some(State::Backup)
+    );
+    assert!(!lab.sh(Host::Gw1, "ip -4 addr show")?.contains(LAN_VIP));
+    // Cable back: demotion gone, gw1 preempts both back.
+    lab.sh(Host::Switch, "ip link set gw1-lan up")?;
+    for vhid in [1, 2] {
+        wait_state(&gw1, vhid, State::Master, Duration::from_secs(8))?;
+    }
+    assert_eq!(gw1.status()?.demotion, 0);
+    Ok(())
+}
+
+#[test]
+fn maintenance_mode_moves_the_vips_at_once_and_persists_across_restart() -> Result<()> {
+    let lab = Lab::up()?;
+    let (gw1, gw2) = pair(&lab)?;
+    let socket = gw1.socket.to_string_lossy().into_owned();
+    let started = Instant::now();
+    let table = carp_cli(&["maintenance", "on", "--socket", &socket])?;
+    assert!(table.contains("maintenance ON"), "{table}");
+    for vhid in [1, 2] {
+        wait_state(&gw2, vhid, State::Master, Duration::from_secs(1))?;
+    }
+    assert!(started.elapsed() < Duration::from_secs(1));
+    // Restart gw1: still in maintenance, so gw2 keeps the VIPs.
+    end_process(gw1.pid, Duration::from_secs(5));
+    let gw1 = lab.start_carp_with(
+        &carp_bin()?,
+        Host::Gw1,
+        gw1.name.clone(),
+        gw1.config.clone(),
+    )?;
+    let status = gw1.status()?;
+    assert!(status.maintenance);
+    assert_eq!(status.demotion, 240);
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(gw2.state(1), Some(State::Master));
+    assert_eq!(gw1.state(1), Some(State::Backup));
+    // The CLI finds the socket through -c too.
+    let config = gw1.config.to_string_lossy().into_owned();
+    carp_cli(&["maintenance", "off", "-c", &config])?;
+    for vhid in [1, 2] {
+        wait_state(&gw1, vhid, State::Master, Duration::from_secs(3))?;
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&carp_cli(&["status", "--json", "-c", &config])?)?;
+    assert_eq!(json["maintenance"], false);
+    assert_eq!(json["vips"][0]["state"], "MASTER");
+    assert_eq!(json["vips"][0]["address"], "198.18.1.1/24");
+    Ok(())
+}
+
+#[test]
+fn sigterm_bows_out_so_the_peer_takes_over_at_once_and_cleans_up() -> Result<()> {
+    let lab = Lab::up()?;
+    let (gw1, gw2) = pair(&lab)?;
+    let stopped = Instant::now();
+    end_process(gw1.pid, Duration::from_secs(5));
+    wait_state(&gw2, 1, State::Master, Duration::from_secs(1))?;
+    assert!(
+        stopped.elapsed() < Duration::from_secs(1),
+        "bow-out took {:?}",
+        stopped.elapsed()
+    );
+    assert!(
+        !lab.sh(Host::Gw1, "ip -4 addr show")?.contains(LAN_VIP),
+        "VIP released"
+    );
+    assert!(
+        !lab.sh(Host::Gw1, "ip link show lan")?.contains("xdp"),
+        "XDP detached"
+    );
+    assert!(!std::path::Path::new(&format!("/sys/fs/bpf/carp/{}", gw1.name)).exists());
+    assert!(!gw1.socket.exists());
+    Ok(())
+}
+
+#[test]
+fn split_brain_heals_to_one_master_and_the_winner_reannounces() -> Result<()> {
+    let lab = Lab::up()?;
+    let (gw1, gw2) = pair(&lab)?;
+    // Partition the adverts at the switch: both become master.
+    lab.sh(
+        Host::Switch,
+        "nft add table bridge carp && nft add chain bridge carp filt '{ type filter hook forward priority 0; }' \
+         && nft add rule bridge carp filt ip protocol 112 drop",
+    )?;
+    wait_state(&gw2, 1, State::Master, Duration::from_secs(6))?;
+    assert_eq!(gw1.state(1), Some(State::Master));
+    let garps_before = gw1.status()?.counters.garps_sent;
+    lab.sh(Host::Switch, "nft delete table bridge carp")?;
+    wait_state(&gw2, 1, State::Backup, Duration::from_secs(3))?;
+    wait_state(&gw2, 2, State::Backup, Duration::from_secs(3))?;
+    assert_eq!(gw1.state(1), Some(State::Master));
+    carp_lab::wait_for(Duration::from_secs(3), || {
+        (gw1.status().ok()?.counters.garps_sent > garps_before).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the winner sent no fresh gratuitous ARPs ({garps_before} before); gw1:\n{}\ngw2:\n{}",
+            gw1.log(),
+            gw2.log()
+        )
+    });
+    assert_eq!(
+        arp_answers(&lab, LAN_VIP, 5)?,
+        vec![vec![VMAC_LAN.to_owned()]; 5]
+    );
+    Ok(())
+}
+
+#[test]
+fn adverts_with_a_wrong_passphrase_are_ignored() -> Result<()> {
+    let lab = Lab::up()?;
+    let bin = carp_bin()?;
+    let gw1 = lab.start_carp(&bin, Host::Gw1, &NodeOptions::default())?;
+    wait_state(&gw1, 1, State::Master, Duration::from_secs(10))?;
+    let intruder = NodeOptions {
+        passphrase: "wrongsecret".into(),
+        advbase: 1,
+        advskew: 0,
+        ..NodeOptions::default()
+    };
+    let gw2 = lab.start_carp(&bin, Host::Gw2, &intruder)?;
+    // gw2 ignores gw1 too, becomes master after its master-down time and advertises; those
+    // equal adverts from a higher address would not demote gw1 anyway, but a faster one would.
+    wait_state(&gw2, 1, State::Master, Duration::from_secs(6))?;
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(gw1.state(1), Some(State::Master));
+    assert!(gw1.status()?.counters.bad_auth > 0);
+    assert_eq!(gw1.status()?.counters.adverts_received, 0);
+    assert!(gw2.status()?.counters.bad_auth > 0);
+    Ok(())
+}
+
+#[test]
+fn unicast_peers_elect_where_multicast_is_blocked() -> Result<()> {
+    let lab = Lab::up()?;
+    lab.sh(
+        Host::Switch,
+        "nft add table bridge nomc && nft add chain bridge nomc filt '{ type filter hook forward priority 0; }' \
+         && nft add rule bridge nomc filt ip daddr 224.0.0.18 drop",
+    )?;
+    let bin = carp_bin()?;
+    let unicast = |peer: &str, advskew| NodeOptions {
+        peer: Some(peer.into()),
+        advskew,
+        vips: vec![("lan", 1, format!("{LAN_VIP}/24"))],
+        ..NodeOptions::default()
+    };
+    let gw1 = lab.start_carp(&bin, Host::Gw1, &unicast("198.18.1.3", 0))?;
+    let gw2 = lab.start_carp(&bin, Host::Gw2, &unicast("198.18.1.2", 100))?;
+    wait_state(&gw1, 1, State::Master, Duration::from_secs(10))?;
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        gw2.state(1),
+        Some(State::Backup),
+        "gw2 hears gw1 by unicast"
+    );
+    assert!(gw2.status()?.counters.adverts_received > 0);
+    kill_hard(gw1.pid);
+    wait_state(&gw2, 1, State::Master, Duration::from_secs(6))?;
+    Ok(())
+}
+
+#[test]
+fn interface_mac_mode_answers_with_the_nic_mac() -> Result<()> {
+    let lab = Lab::up()?;
+    let opts = NodeOptions {
+        mac: "interface",
+        ..NodeOptions::default()
+    };
+    let gw1 = lab.start_carp(&carp_bin()?, Host::Gw1, &opts)?;
+    wait_state(&gw1, 1, State::Master, Duration::from_secs(10))?;
+    let answers = arp_answers(&lab, LAN_VIP, 3)?;
+    let expected = lab
+        .sh(Host::Gw1, "ip -br link show lan")?
+        .split_whitespace()
+        .nth(2)
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(answers, vec![vec![expected]; 3]);
+    lab.sh(Host::Client, &format!("ping -c 2 -i 0.2 -W 1 {LAN_VIP}"))?;
     Ok(())
 }

@@ -1,1 +1,158 @@
-fn main() {}
+//! `cargo xtask`: set-up, build, lab, demo, tests and benchmarks for carp.
+
+mod setup;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing: Debian packages, the nightly's rust-src, bpf-linker.
+    Setup,
+    /// Build carp and attach its XDP program to an interface for inspection with bpftool.
+    BuildAndLoad {
+        #[arg(long)]
+        iface: String,
+    },
+    /// Build (`up`) or remove (`down`) the namespace lab.
+    Lab { action: LabAction },
+    /// Two gateways, client traffic through the VIP, the master killed: the takeover shown.
+    Demo,
+    /// Every test: unit, BPF_PROG_TEST_RUN and namespace tests (needs root).
+    Test,
+    /// Failover times and XDP cost, against ucarp, keepalived and a bare XDP program.
+    Bench,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LabAction {
+    Up,
+    Down,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root()?;
+    std::env::set_current_dir(&root)?;
+    match cli.command {
+        Task::Setup => setup::ensure(),
+        Task::BuildAndLoad { iface } => {
+            setup::ensure()?;
+            build()?;
+            lab_tool(&root, &["load", "--iface", &iface])
+        }
+        Task::Lab { action } => {
+            setup::ensure()?;
+            build()?;
+            lab_tool(
+                &root,
+                &[match action {
+                    LabAction::Up => "up",
+                    LabAction::Down => "down",
+                }],
+            )
+        }
+        Task::Demo => {
+            setup::ensure()?;
+            build()?;
+            lab_tool(&root, &["demo"])
+        }
+        Task::Test => {
+            setup::ensure()?;
+            build()?;
+            test(&root)
+        }
+        Task::Bench => {
+            setup::ensure()?;
+            build()?;
+            lab_tool(&root, &["bench"])
+        }
+    }
+}
+
+fn workspace_root() -> Result<PathBuf> {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    Ok(manifest
+        .parent()
+        .context("xtask lives in the workspace")?
+        .to_owned())
+}
+
+/// Builds the daemon and the lab tools (the XDP object with them, through aya-build).
+fn build() -> Result<()> {
+    step("building carp and the lab tools");
+    run(Command::new("cargo").args(["build", "-p", "carp-user", "-p", "carp-tests"]))
+}
+
+fn lab_tool(root: &Path, args: &[&str]) -> Result<()> {
+    run(Command::new(root.join("target/debug/carp-lab"))
+        .args(args)
+        .envs(binaries(root)))
+}
+
+/// Where the tests find the binaries this run built.
+fn binaries(root: &Path) -> [(&'static str, PathBuf); 2] {
+    [
+        ("CARP_BIN", root.join("target/debug/carp")),
+        ("CARP_PROBE_BIN", root.join("target/debug/carp-probe")),
+    ]
+}
+
+fn test(root: &Path) -> Result<()> {
+    if !nix_is_root() {
+        bail!(
+            "`cargo xtask test` needs root: the XDP and namespace tests load programs and build namespaces"
+        );
+    }
+    step("unit and BPF_PROG_TEST_RUN tests");
+    run(Command::new("cargo")
+        .args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "carp-ebpf",
+            "--exclude",
+            "carp-tests",
+        ])
+        .envs(binaries(root)))?;
+    // One namespace test at a time: they time failovers, which two cores shared by
+    // parallel labs would blur.
+    step("namespace tests (one at a time)");
+    run(Command::new("cargo")
+        .args(["test", "-p", "carp-tests", "--", "--test-threads=1"])
+        .envs(binaries(root)))
+}
+
+fn nix_is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// Prints a progress line for a long step.
+pub fn step(what: &str) {
+    eprintln!("\n==> {what}");
+}
+
+/// Runs `cmd`, output shown; fails when it fails.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}

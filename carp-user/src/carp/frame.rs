@@ -44,7 +44,9 @@ pub fn parse_ipv4(packet: &[u8]) -> Result<(Ipv4Info, &[u8]), FrameError> {
         return Err(FrameError::Truncated { len: 0 });
     };
     if first >> 4 != 4 {
-        return Err(FrameError::NotIpv4 { version: first >> 4 });
+        return Err(FrameError::NotIpv4 {
+            version: first >> 4,
+        });
     }
     let ihl = first & 0x0f;
     let header_len = usize::from(ihl) * 4;
@@ -178,7 +180,10 @@ mod tests {
     fn parse_ipv4_rejects_short_and_bogus_headers() {
         assert_eq!(parse_ipv4(&[]), Err(FrameError::Truncated { len: 0 }));
         assert_eq!(parse_ipv4(&[0x65]), Err(FrameError::NotIpv4 { version: 6 }));
-        assert_eq!(parse_ipv4(&[0x44]), Err(FrameError::HeaderLength { ihl: 4 }));
+        assert_eq!(
+            parse_ipv4(&[0x44]),
+            Err(FrameError::HeaderLength { ihl: 4 })
+        );
         assert_eq!(
             parse_ipv4(&UCARP_IPV4_HEADER[..19]),
             Err(FrameError::Truncated { len: 19 })

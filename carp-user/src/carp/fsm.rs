@@ -153,7 +153,8 @@ impl Vhid {
 
     /// How long a backup waits without adverts: 3 x advbase + skew/256.
     pub fn master_down_interval(&self) -> Duration {
-        Duration::from_secs(3 * u64::from(self.params.advbase)) + skew_part(self.effective_advskew())
+        Duration::from_secs(3 * u64::from(self.params.advbase))
+            + skew_part(self.effective_advskew())
     }
 
     /// The next instant [`Vhid::handle_timeout`] wants to run.
@@ -202,10 +203,18 @@ impl Vhid {
             State::Master => {
                 // FreeBSD yields on a tie; ucarp breaks it by address. The ucarp rule keeps
                 // exactly one master against either.
-                if theirs < ours {
-                    self.transition(State::Backup, "more frequent advertisement received", now);
+                let reason = if theirs < ours {
+                    Some("more frequent advertisement received")
                 } else if theirs == ours && peer.source < self.source {
-                    self.transition(State::Backup, "equal advertisement from a lower address", now);
+                    Some("equal advertisement from a lower address")
+                } else {
+                    None
+                };
+                if let Some(reason) = reason {
+                    // ucarp: one last advert, so a winner that has not heard us since a
+                    // partition healed learns of it and re-announces the VIPs.
+                    self.push_advert();
+                    self.transition(State::Backup, reason, now);
                 } else {
                     // A worse master is out there (split brain healing): reassert the VIPs.
                     self.announce_at_most_once_per_interval(now);
@@ -230,7 +239,12 @@ impl Vhid {
         if demotion == self.demotion {
             return;
         }
-        info!(vhid = self.vhid, old = self.demotion, new = demotion, "demotion changed");
+        info!(
+            vhid = self.vhid,
+            old = self.demotion,
+            new = demotion,
+            "demotion changed"
+        );
         self.demotion = demotion;
         if self.state == State::Master {
             self.push_advert();
@@ -285,6 +299,10 @@ impl Vhid {
             .last_reassert
             .is_none_or(|last| now.duration_since(last) >= self.own_interval());
         if due {
+            info!(
+                vhid = self.vhid,
+                "heard a worse master: reasserting the VIPs"
+            );
             self.actions.push_back(Action::Announce);
             self.last_reassert = Some(now);
         }
@@ -359,7 +377,10 @@ mod tests {
         let t0 = Instant::now();
         let mut v = backup(100, false, t0);
         // 3 s + 100/256 s = 3.390625 s
-        assert_eq!(v.poll_timeout(), Some(t0 + Duration::from_micros(3_390_625)));
+        assert_eq!(
+            v.poll_timeout(),
+            Some(t0 + Duration::from_micros(3_390_625))
+        );
         v.handle_timeout(t0 + ms(3_390));
         assert_eq!(v.state(), State::Backup, "not yet");
         v.handle_timeout(t0 + Duration::from_micros(3_390_625));
@@ -386,7 +407,10 @@ mod tests {
             v.handle_timeout(t0 + ms(i * 1000 + 500));
         }
         assert_eq!(v.state(), State::Backup);
-        assert_eq!(v.poll_timeout(), Some(t0 + ms(9000) + v.master_down_interval()));
+        assert_eq!(
+            v.poll_timeout(),
+            Some(t0 + ms(9000) + v.master_down_interval())
+        );
     }
 
     #[test]
@@ -412,7 +436,17 @@ mod tests {
         let (mut v, at) = master(100, false, t0);
         v.handle_advert(advert(0, HIGHER), at + ms(5));
         assert_eq!(v.state(), State::Backup);
-        assert_eq!(drain(&mut v), vec![Action::ReleaseVips]);
+        assert_eq!(
+            drain(&mut v),
+            vec![
+                Action::SendAdvert {
+                    advbase: 1,
+                    advskew: 100
+                },
+                Action::ReleaseVips
+            ],
+            "a last advert tells the winner to reassert"
+        );
     }
 
     #[test]
@@ -452,7 +486,16 @@ mod tests {
         b.handle_advert(advert(0, ME), now);
         assert_eq!((a.state(), b.state()), (State::Master, State::Backup));
         assert_eq!(drain(&mut a), vec![Action::Announce]);
-        assert_eq!(drain(&mut b), vec![Action::ReleaseVips]);
+        assert_eq!(
+            drain(&mut b),
+            vec![
+                Action::SendAdvert {
+                    advbase: 1,
+                    advskew: 0
+                },
+                Action::ReleaseVips
+            ]
+        );
     }
 
     #[test]

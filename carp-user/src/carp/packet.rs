@@ -191,9 +191,9 @@ mod tests {
     /// One advert captured from ucarp 1.5.2 (Debian): `ucarp -i <if> -s 198.18.1.2 -v 7
     /// -p labsecret -a 198.18.1.1 -b 1 -k 10`, its 36 CARP bytes as tcpdump showed them.
     const UCARP_ADVERT: [u8; ADVERT_LEN] = [
-        0x21, 0x07, 0x0a, 0x07, 0x00, 0x01, 0x30, 0xa6, 0x2c, 0x6c, 0x73, 0x2a,
-        0x96, 0x40, 0x6a, 0x5e, 0x16, 0x2e, 0xfd, 0x5d, 0x42, 0xbb, 0x9a, 0xee,
-        0x25, 0x3b, 0x0b, 0x89, 0x69, 0x0f, 0xbe, 0x45, 0x69, 0x71, 0x51, 0x54,
+        0x21, 0x07, 0x0a, 0x07, 0x00, 0x01, 0x30, 0xa6, 0x2c, 0x6c, 0x73, 0x2a, 0x96, 0x40, 0x6a,
+        0x5e, 0x16, 0x2e, 0xfd, 0x5d, 0x42, 0xbb, 0x9a, 0xee, 0x25, 0x3b, 0x0b, 0x89, 0x69, 0x0f,
+        0xbe, 0x45, 0x69, 0x71, 0x51, 0x54,
     ];
 
     #[test]
@@ -245,9 +245,22 @@ mod tests {
         assert!(advert.verify(&key, &vips));
         assert!(!advert.verify(&AuthKey::new(b"secreT").unwrap(), &vips));
         assert!(!advert.verify(&key, &[Ipv4Addr::new(198, 18, 1, 2)]));
-        assert!(!Advert { counter: 8, ..advert }.verify(&key, &vips));
+        assert!(
+            !Advert {
+                counter: 8,
+                ..advert
+            }
+            .verify(&key, &vips)
+        );
         assert!(!Advert { vhid: 6, ..advert }.verify(&key, &vips));
-        assert!(Advert { advskew: 0, advbase: 9, ..advert }.verify(&key, &vips));
+        assert!(
+            Advert {
+                advskew: 0,
+                advbase: 9,
+                ..advert
+            }
+            .verify(&key, &vips)
+        );
     }
 
     #[test]

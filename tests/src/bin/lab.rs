@@ -14,7 +14,12 @@ fn current_file() -> PathBuf {
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
         ["up"] => {
             let lab = Lab::up()?;
             let id = lab.keep();

@@ -38,15 +38,28 @@ fn main() -> Result<()> {
             writeln!(out, "req {}", unix_us())?;
             next_send += interval;
         }
-        let wait = next_send.saturating_duration_since(Instant::now()).min(end - Instant::now().min(end));
-        let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let wait = next_send
+            .saturating_duration_since(Instant::now())
+            .min(end - Instant::now().min(end));
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: one valid pollfd.
         let ready = unsafe { libc::poll(&mut pfd, 1, wait.as_millis().max(1) as i32) };
         if ready <= 0 {
             continue;
         }
         // SAFETY: `buf` is valid for its length.
-        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        let n = unsafe {
+            libc::recv(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
         if n < 42 {
             continue;
         }
@@ -84,12 +97,22 @@ fn local(iface: &str) -> Result<(u32, [u8; 6], Ipv4Addr)> {
             }
         }
     }
-    Ok((ifindex, mac.context("no MAC")?, ip.context("no IPv4 address")?))
+    Ok((
+        ifindex,
+        mac.context("no MAC")?,
+        ip.context("no IPv4 address")?,
+    ))
 }
 
 fn open(ifindex: u32) -> Result<OwnedFd> {
     // SAFETY: plain socket(2); checked below.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(ETH_P_ARP.to_be())) };
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW,
+            i32::from(ETH_P_ARP.to_be()),
+        )
+    };
     if fd < 0 {
         return Err(std::io::Error::last_os_error().into());
     }
@@ -101,7 +124,11 @@ fn open(ifindex: u32) -> Result<OwnedFd> {
     addr.sll_ifindex = ifindex as i32;
     // SAFETY: `addr` is a valid sockaddr_ll for the call.
     let rc = unsafe {
-        libc::bind(fd.as_raw_fd(), (&raw const addr).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32)
+        libc::bind(
+            fd.as_raw_fd(),
+            (&raw const addr).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
     };
     if rc < 0 {
         return Err(std::io::Error::last_os_error().into());
@@ -117,7 +144,14 @@ fn send(fd: &OwnedFd, ifindex: u32, frame: &[u8]) -> Result<()> {
     addr.sll_addr[..6].copy_from_slice(&[0xff; 6]);
     // SAFETY: valid buffer and address for the call.
     let rc = unsafe {
-        libc::sendto(fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0, (&raw const addr).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32)
+        libc::sendto(
+            fd.as_raw_fd(),
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&raw const addr).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
     };
     if rc < 0 {
         return Err(std::io::Error::last_os_error().into());
@@ -137,4 +171,3 @@ fn arp_request(mac: [u8; 6], ip: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
     f.extend_from_slice(&target.octets());
     f
 }
-

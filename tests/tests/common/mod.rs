@@ -2,9 +2,8 @@
 
 use anyhow::{Context, Result};
 use carp::carp::fsm::State;
-use carp_lab::{Lab, Node, wait_for};
+use carp_lab::{Lab, Node, NodeOptions, wait_for};
 use std::time::Duration;
-
 
 /// Waits until `node` reports `state` for `vhid`; the error carries the node's log.
 pub fn wait_state(node: &Node, vhid: u8, state: State, timeout: Duration) -> Result<()> {
@@ -32,4 +31,51 @@ pub fn arp_answers(lab: &Lab, target: &str, count: u32) -> Result<Vec<Vec<String
         .into_iter()
         .map(|e| e.replies.into_iter().map(|(_, mac)| mac).collect())
         .collect())
+}
+
+/// gw1 (skew 0) and gw2 (skew 100), started in that order; returns once gw1 is master of
+/// both VIPs and gw2 backup.
+pub fn pair(lab: &Lab) -> Result<(Node, Node)> {
+    let bin = carp_lab::carp_bin()?;
+    let gw1 = lab.start_carp(&bin, carp_lab::Host::Gw1, &NodeOptions::default())?;
+    let gw2 = lab.start_carp(&bin, carp_lab::Host::Gw2, &backup_opts())?;
+    for vhid in [1, 2] {
+        wait_state(&gw1, vhid, State::Master, Duration::from_secs(10))?;
+        wait_state(&gw2, vhid, State::Backup, Duration::from_secs(2))?;
+    }
+    Ok((gw1, gw2))
+}
+
+/// The backup's options: pfSense's secondary skew.
+pub fn backup_opts() -> NodeOptions {
+    NodeOptions {
+        advskew: 100,
+        ..NodeOptions::default()
+    }
+}
+
+/// Runs the `carp` CLI (as an operator would) and returns its stdout.
+pub fn carp_cli(args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new(carp_lab::carp_bin()?)
+        .args(args)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "carp {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Asserts that no ARP request got more than one answer.
+pub fn assert_never_two_answers(exchanges: &[carp_lab::probe::Exchange]) {
+    for e in exchanges {
+        assert!(
+            e.replies.len() <= 1,
+            "request at {} got {} answers: {:?}",
+            e.sent_us,
+            e.replies.len(),
+            e.replies
+        );
+    }
 }
