@@ -9,6 +9,7 @@
 //! ```
 
 pub mod bench;
+pub mod cluster;
 pub mod demo;
 pub mod inspect;
 pub mod probe;

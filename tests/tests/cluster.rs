@@ -1,12 +1,10 @@
 //! The CARP cluster in the namespace lab: election, ARP ownership, failover, preemption,
 //! maintenance, bow-out, split brain, authentication, unicast. Needs root (CI is root).
 
-mod common;
-
 use anyhow::Result;
 use carp::carp::fsm::State;
+use carp_lab::cluster::{arp_answers, assert_never_two_answers, carp_cli, pair, wait_state};
 use carp_lab::{Host, LAN_VIP, Lab, NodeOptions, carp_bin, end_process, kill_hard, probe};
-use common::{arp_answers, assert_never_two_answers, carp_cli, pair, wait_state};
 use std::time::{Duration, Instant};
 
 const VMAC_LAN: &str = "00:00:5e:00:01:01";

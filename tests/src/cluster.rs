@@ -1,8 +1,8 @@
-//! Helpers shared by the namespace tests.
+//! Driving carp pairs in the lab: waiting for states, counting ARP answers, the CLI.
 
+use crate::{Lab, Node, NodeOptions, wait_for};
 use anyhow::{Context, Result};
 use carp::carp::fsm::State;
-use carp_lab::{Lab, Node, NodeOptions, wait_for};
 use std::time::Duration;
 
 /// Waits until `node` reports `state` for `vhid`; the error carries the node's log.
@@ -20,8 +20,8 @@ pub fn wait_state(node: &Node, vhid: u8, state: State, timeout: Duration) -> Res
 /// The MACs that answered each ARP request for `target` from the client.
 pub fn arp_answers(lab: &Lab, target: &str, count: u32) -> Result<Vec<Vec<String>>> {
     let exchanges = lab.arp_probe(
-        &carp_lab::probe_bin()?,
-        carp_lab::Host::Client,
+        &crate::probe_bin()?,
+        crate::Host::Client,
         "eth0",
         target,
         50,
@@ -36,9 +36,9 @@ pub fn arp_answers(lab: &Lab, target: &str, count: u32) -> Result<Vec<Vec<String
 /// gw1 (skew 0) and gw2 (skew 100), started in that order; returns once gw1 is master of
 /// both VIPs and gw2 backup.
 pub fn pair(lab: &Lab) -> Result<(Node, Node)> {
-    let bin = carp_lab::carp_bin()?;
-    let gw1 = lab.start_carp(&bin, carp_lab::Host::Gw1, &NodeOptions::default())?;
-    let gw2 = lab.start_carp(&bin, carp_lab::Host::Gw2, &backup_opts())?;
+    let bin = crate::carp_bin()?;
+    let gw1 = lab.start_carp(&bin, crate::Host::Gw1, &NodeOptions::default())?;
+    let gw2 = lab.start_carp(&bin, crate::Host::Gw2, &backup_opts())?;
     for vhid in [1, 2] {
         wait_state(&gw1, vhid, State::Master, Duration::from_secs(10))?;
         wait_state(&gw2, vhid, State::Backup, Duration::from_secs(2))?;
@@ -56,7 +56,7 @@ pub fn backup_opts() -> NodeOptions {
 
 /// Runs the `carp` CLI (as an operator would) and returns its stdout.
 pub fn carp_cli(args: &[&str]) -> Result<String> {
-    let out = std::process::Command::new(carp_lab::carp_bin()?)
+    let out = std::process::Command::new(crate::carp_bin()?)
         .args(args)
         .output()?;
     anyhow::ensure!(
@@ -68,7 +68,7 @@ pub fn carp_cli(args: &[&str]) -> Result<String> {
 }
 
 /// Asserts that no ARP request got more than one answer.
-pub fn assert_never_two_answers(exchanges: &[carp_lab::probe::Exchange]) {
+pub fn assert_never_two_answers(exchanges: &[crate::probe::Exchange]) {
     for e in exchanges {
         assert!(
             e.replies.len() <= 1,
