@@ -1,0 +1,86 @@
+//! The `carp` binary's config commands: `check` exits 0 or 2 with one line per problem, and
+//! `run` refuses what `check` refuses. Validation runs against this host's loopback.
+
+use std::process::Command;
+
+fn carp(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_carp"))
+        .args(args)
+        .output()
+        .expect("carp runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn write(name: &str, text: &str) -> String {
+    let dir = std::env::temp_dir().join(format!("carp-cli-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+const GOOD: &str = r#"
+[node]
+name = "clitest"
+[carp]
+passphrase = "secret"
+[[vip]]
+interface = "lo"
+vhid = 1
+address = "127.0.0.5/8"
+"#;
+
+#[test]
+fn check_accepts_a_good_config() {
+    let path = write("good.toml", GOOD);
+    let (code, stdout, _) = carp(&["check", "-c", &path]);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("OK (node clitest, 1 VIPs)"), "{stdout}");
+}
+
+#[test]
+fn check_exits_2_with_one_line_per_problem() {
+    let bad = GOOD
+        .replace("vhid = 1", "vhid = 300")
+        .replace("127.0.0.5/8", "198.18.9.9/24")
+        .replace("interface = \"lo\"", "interface = \"nosuchif0\"")
+        .replace("passphrase = \"secret\"", "passphrase = \"twenty-bytes-is-long\"\nadvbase = 0");
+    let path = write("bad.toml", &bad);
+    let (code, _, stderr) = carp(&["check", "-c", &path]);
+    assert_eq!(code, 2);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 4, "{stderr}");
+    for field in ["carp.advbase", "carp.passphrase", "vip[0].vhid", "vip[0].interface"] {
+        assert!(
+            lines.iter().any(|l| l.contains(&format!("{path}: {field}: "))),
+            "no line for {field}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn check_names_the_line_of_an_unknown_key() {
+    let path = write("typo.toml", &GOOD.replace("passphrase =", "pasphrase ="));
+    let (code, _, stderr) = carp(&["check", "-c", &path]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("line 5: unknown field `pasphrase`"), "{stderr}");
+}
+
+#[test]
+fn run_refuses_what_check_refuses() {
+    let path = write("run-bad.toml", &GOOD.replace("vhid = 1", "vhid = 0"));
+    let (code, _, stderr) = carp(&["run", "-c", &path]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("vip[0].vhid: 0 is outside 1..=255"), "{stderr}");
+}
+
+#[test]
+fn missing_config_file_is_a_clear_error() {
+    let (code, _, stderr) = carp(&["check", "-c", "/nonexistent/carp.toml"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("cannot read /nonexistent/carp.toml"), "{stderr}");
+}
