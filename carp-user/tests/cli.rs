@@ -48,15 +48,25 @@ fn check_exits_2_with_one_line_per_problem() {
         .replace("vhid = 1", "vhid = 300")
         .replace("127.0.0.5/8", "198.18.9.9/24")
         .replace("interface = \"lo\"", "interface = \"nosuchif0\"")
-        .replace("passphrase = \"secret\"", "passphrase = \"twenty-bytes-is-long\"\nadvbase = 0");
+        .replace(
+            "passphrase = \"secret\"",
+            "passphrase = \"twenty-bytes-is-long\"\nadvbase = 0",
+        );
     let path = write("bad.toml", &bad);
     let (code, _, stderr) = carp(&["check", "-c", &path]);
     assert_eq!(code, 2);
     let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(lines.len(), 4, "{stderr}");
-    for field in ["carp.advbase", "carp.passphrase", "vip[0].vhid", "vip[0].interface"] {
+    for field in [
+        "carp.advbase",
+        "carp.passphrase",
+        "vip[0].vhid",
+        "vip[0].interface",
+    ] {
         assert!(
-            lines.iter().any(|l| l.contains(&format!("{path}: {field}: "))),
+            lines
+                .iter()
+                .any(|l| l.contains(&format!("{path}: {field}: "))),
             "no line for {field}: {stderr}"
         );
     }
@@ -67,7 +77,10 @@ fn check_names_the_line_of_an_unknown_key() {
     let path = write("typo.toml", &GOOD.replace("passphrase =", "pasphrase ="));
     let (code, _, stderr) = carp(&["check", "-c", &path]);
     assert_eq!(code, 2);
-    assert!(stderr.contains("line 5: unknown field `pasphrase`"), "{stderr}");
+    assert!(
+        stderr.contains("line 5: unknown field `pasphrase`"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -75,12 +88,18 @@ fn run_refuses_what_check_refuses() {
     let path = write("run-bad.toml", &GOOD.replace("vhid = 1", "vhid = 0"));
     let (code, _, stderr) = carp(&["run", "-c", &path]);
     assert_eq!(code, 2);
-    assert!(stderr.contains("vip[0].vhid: 0 is outside 1..=255"), "{stderr}");
+    assert!(
+        stderr.contains("vip[0].vhid: 0 is outside 1..=255"),
+        "{stderr}"
+    );
 }
 
 #[test]
 fn missing_config_file_is_a_clear_error() {
     let (code, _, stderr) = carp(&["check", "-c", "/nonexistent/carp.toml"]);
     assert_eq!(code, 2);
-    assert!(stderr.contains("cannot read /nonexistent/carp.toml"), "{stderr}");
+    assert!(
+        stderr.contains("cannot read /nonexistent/carp.toml"),
+        "{stderr}"
+    );
 }

@@ -115,23 +115,77 @@ fn test(root: &Path) -> Result<()> {
             "`cargo xtask test` needs root: the XDP and namespace tests load programs and build namespaces"
         );
     }
+    let mut total = Tally::default();
     step("unit and BPF_PROG_TEST_RUN tests");
-    run(Command::new("cargo")
-        .args([
-            "test",
-            "--workspace",
-            "--exclude",
-            "carp-ebpf",
-            "--exclude",
-            "carp-tests",
-        ])
-        .envs(binaries(root)))?;
+    let unit = run_tests(
+        Command::new("cargo")
+            .args([
+                "test",
+                "--workspace",
+                "--exclude",
+                "carp-ebpf",
+                "--exclude",
+                "carp-tests",
+            ])
+            .envs(binaries(root)),
+        &mut total,
+    );
     // One namespace test at a time: they time failovers, which two cores shared by
     // parallel labs would blur.
     step("namespace tests (one at a time)");
-    run(Command::new("cargo")
-        .args(["test", "-p", "carp-tests", "--", "--test-threads=1"])
-        .envs(binaries(root)))
+    let namespaces = run_tests(
+        Command::new("cargo")
+            .args(["test", "-p", "carp-tests", "--", "--test-threads=1"])
+            .envs(binaries(root)),
+        &mut total,
+    );
+    println!(
+        "\nxtask test: {} passed, {} failed",
+        total.passed, total.failed
+    );
+    unit.and(namespaces)
+}
+
+/// Passed and failed test counts summed over cargo's `test result:` lines.
+#[derive(Default)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+}
+
+/// Runs a `cargo test`, echoing its output and adding its results to `total`.
+fn run_tests(cmd: &mut Command, total: &mut Tally) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    let stdout = child.stdout.take().context("piped stdout")?;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some((passed, failed)) = parse_test_result(&line) {
+            total.passed += passed;
+            total.failed += failed;
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// (passed, failed) of a `test result: ok. 45 passed; 0 failed; ...` line.
+fn parse_test_result(line: &str) -> Option<(u64, u64)> {
+    let rest = line.strip_prefix("test result: ")?;
+    let count = |word: &str| {
+        rest.split(';')
+            .find_map(|part| part.trim().strip_suffix(word))
+            .and_then(|n| n.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Some((count(" passed"), count(" failed")))
 }
 
 fn nix_is_root() -> bool {
@@ -155,4 +209,22 @@ pub fn run(cmd: &mut Command) -> Result<()> {
         bail!("{cmd:?} failed: {status}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_test_result;
+
+    #[test]
+    fn test_result_lines_are_tallied() {
+        assert_eq!(
+            parse_test_result("test result: ok. 45 passed; 0 failed; 0 ignored; 0 measured"),
+            Some((45, 0))
+        );
+        assert_eq!(
+            parse_test_result("test result: FAILED. 3 passed; 2 failed; 0 ignored"),
+            Some((3, 2))
+        );
+        assert_eq!(parse_test_result("running 3 tests"), None);
+    }
 }
