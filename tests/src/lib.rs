@@ -12,6 +12,7 @@ pub mod bench;
 pub mod cluster;
 pub mod demo;
 pub mod inspect;
+pub mod ping;
 pub mod probe;
 
 use anyhow::{Context, Result, bail};
