@@ -93,7 +93,7 @@ const _: () = assert!(size_of::<VmacEntry>() == 8);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Heartbeat {
-    /// CLOCK_MONOTONIC nanoseconds (`bpf_ktime_get_ns`) of the daemon's last refresh.
+    /// CLOCK_MONOTONIC_COARSE nanoseconds (`bpf_ktime_get_coarse_ns`) of the last refresh.
     pub refreshed_ns: u64,
     /// How long a refresh stays valid: the master-down interval. Past it, XDP answers nothing.
     pub lifetime_ns: u64,

@@ -7,7 +7,7 @@
 use aya_ebpf::{
     bindings::xdp_action,
     btf_maps::{Array, HashMap, PerCpuArray},
-    helpers::bpf_ktime_get_ns,
+    helpers::bpf_ktime_get_coarse_ns,
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
@@ -139,8 +139,10 @@ fn accept_virtual_mac(ctx: &XdpContext, eth: *mut EthHdr, vhid: u8) -> u32 {
 /// Whether the daemon refreshed its heartbeat within the master-down interval.
 #[inline(always)]
 fn daemon_alive() -> bool {
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    // The coarse clock (CLOCK_MONOTONIC_COARSE, jiffy resolution) needs no TSC read, and a
+    // few milliseconds are nothing against a heartbeat of seconds.
+    // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     CARP_HEARTBEAT
         .get(0)
         .is_some_and(|heartbeat| heartbeat.is_fresh(now))

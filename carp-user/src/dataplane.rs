@@ -216,7 +216,7 @@ impl Dataplane {
             .map_err(map_error(VMAC_MAP))
     }
 
-    /// Marks the daemon alive for `lifetime` from now (CLOCK_MONOTONIC, XDP's clock).
+    /// Marks the daemon alive for `lifetime` from now (CLOCK_MONOTONIC_COARSE, XDP's clock).
     pub fn refresh_heartbeat(&mut self, lifetime: Duration) -> Result<(), DataplaneError> {
         let heartbeat = Heartbeat {
             refreshed_ns: monotonic_ns(),
@@ -291,10 +291,10 @@ fn map_error(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
     move |source| DataplaneError::Map { name, source }
 }
 
-/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.
+/// CLOCK_MONOTONIC_COARSE in nanoseconds: the clock `bpf_ktime_get_coarse_ns` reads.
 pub fn monotonic_ns() -> u64 {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .expect("CLOCK_MONOTONIC is always available");
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .expect("CLOCK_MONOTONIC_COARSE is always available");
     ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
 }
 

@@ -1,3 +1,477 @@
-pub fn run() -> anyhow::Result<()> {
-    anyhow::bail!("not yet")
+//! `cargo xtask bench`: failover times against ucarp and keepalived on the same lab, planned
+//! failover loss, and XDP cost per frame against a bare XDP_PASS program, all in one run.
+
+use crate::{
+    Host, LAN_VIP, Lab, NodeOptions, SERVER_IP, carp_bin,
+    cluster::{backup_opts, carp_cli, wait_state},
+    end_process, kill_hard, ping, probe, probe_bin, wait_exit, wait_for,
+};
+use anyhow::{Context, Result, bail};
+use aya::programs::{TestRun, TestRunOptions, Xdp};
+use carp::{
+    carp::fsm::State,
+    dataplane::{Dataplane, Role, remove_pin_dir},
+    pins,
+};
+use carp_common::maps::{XDP_PASS_PROGRAM, virtual_mac};
+use std::{
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
+
+/// Kills per system in the unplanned-failover benchmark.
+const TRIALS: usize = 3;
+
+fn say(what: &str) {
+    println!("\n==> {what}");
+}
+
+/// Only the XDP cost figures (`carp-lab bench xdp`).
+pub fn run_xdp() -> Result<()> {
+    xdp_cost()?.print();
+    Ok(())
+}
+
+pub fn run() -> Result<()> {
+    say("XDP cost per frame (BPF_PROG_TEST_RUN)");
+    let xdp = xdp_cost()?;
+    say(&format!("unplanned failover: carp, {TRIALS} kills"));
+    let carp = unplanned_carp()?;
+    say(&format!("unplanned failover: ucarp, {TRIALS} kills"));
+    let ucarp = unplanned_baseline(System::Ucarp)?;
+    say(&format!("unplanned failover: keepalived, {TRIALS} kills"));
+    let keepalived = unplanned_baseline(System::Keepalived)?;
+    say("planned failover: carp, ping 100/s through the gateways");
+    let planned = planned_carp()?;
+
+    println!("\n==================== carp benchmark results ====================");
+    xdp.print();
+    println!(
+        "\nUnplanned failover: master SIGKILLed -> backup answers ARP for {LAN_VIP}\n\
+         (advbase 1; backup advskew 100 / VRRP priority 100; client ARP probe every 10 ms)"
+    );
+    println!(
+        "  {:<11} {:<26} {:>8}  {}",
+        "system", "trials (s)", "mean (s)", "requests answered twice after the kill"
+    );
+    for (name, t) in [
+        ("carp", &carp),
+        ("ucarp", &ucarp),
+        ("keepalived", &keepalived),
+    ] {
+        println!(
+            "  {:<11} {:<26} {:>8.3}  {}",
+            name,
+            t.trials_text(),
+            t.mean(),
+            t.double_answers
+        );
+    }
+    let target = 3.0 + 100.0 / 256.0 + 0.1;
+    println!(
+        "  target: carp within 3 x advbase + skew/256 + 100 ms = {target:.3} s: {}",
+        verdict(carp.max() <= target)
+    );
+    println!(
+        "  ratios (mean): carp/ucarp {:.2}, carp/keepalived {:.2}",
+        carp.mean() / ucarp.mean(),
+        carp.mean() / keepalived.mean()
+    );
+    println!("\nPlanned failover (carp), ping client -> server every 10 ms through both VIPs");
+    println!(
+        "  {:<16} {:>14} {:>11} {:>16}",
+        "trigger", "switchover", "lost pings", "longest gap"
+    );
+    for p in &planned {
+        println!(
+            "  {:<16} {:>11.1} ms {:>11} {:>13.1} ms",
+            p.trigger,
+            p.switchover.as_secs_f64() * 1000.0,
+            p.ping.lost(),
+            p.ping.longest_gap_s * 1000.0
+        );
+    }
+    let ok = planned
+        .iter()
+        .all(|p| p.switchover < Duration::from_millis(50) && p.ping.lost() <= 1);
+    println!(
+        "  target: under 50 ms and at most one lost ping: {}",
+        verdict(ok)
+    );
+    Ok(())
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "NOT met" }
+}
+
+/// Nanoseconds per frame of each path.
+struct XdpCost {
+    calls: u32,
+    repeats: u32,
+    bare_single: f64,
+    arp_single: f64,
+    pass_single: f64,
+    bare_repeat: f64,
+    pass_repeat: f64,
+    arp_backup_repeat: f64,
+}
+
+impl XdpCost {
+    fn print(&self) {
+        println!(
+            "\nXDP cost per frame (BPF_PROG_TEST_RUN, bare XDP_PASS program loaded in the same run)"
+        );
+        println!("  one fresh frame per run, median of {} runs:", self.calls);
+        println!(
+            "    bare XDP_PASS                {:>7.1} ns",
+            self.bare_single
+        );
+        println!(
+            "    carp, ARP answer (XDP_TX)    {:>7.1} ns  {:.2}x bare  (target <= 2x: {})",
+            self.arp_single,
+            self.arp_single / self.bare_single,
+            verdict(self.arp_single <= 2.0 * self.bare_single)
+        );
+        println!(
+            "    carp, pass-through (IPv4)    {:>7.1} ns  {:.2}x bare  (target <= 2x: {})",
+            self.pass_single,
+            self.pass_single / self.bare_single,
+            verdict(self.pass_single <= 2.0 * self.bare_single)
+        );
+        println!(
+            "  {} runs in the kernel loop, median of 5 (paths that leave the frame as it is):",
+            self.repeats
+        );
+        println!(
+            "    bare XDP_PASS                {:>7.1} ns",
+            self.bare_repeat
+        );
+        println!(
+            "    carp, pass-through (IPv4)    {:>7.1} ns  {:.2}x bare",
+            self.pass_repeat,
+            self.pass_repeat / self.bare_repeat
+        );
+        println!(
+            "    carp, ARP for a VIP as backup (XDP_DROP) {:>5.1} ns  {:.2}x bare",
+            self.arp_backup_repeat,
+            self.arp_backup_repeat / self.bare_repeat
+        );
+    }
+}
+
+fn xdp_cost() -> Result<XdpCost> {
+    let dir = pins::node_dir(&format!("bench-{}", std::process::id()));
+    let result = measure_xdp(&dir);
+    remove_pin_dir(&dir);
+    result
+}
+
+fn measure_xdp(dir: &std::path::Path) -> Result<XdpCost> {
+    const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+    const IF_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
+    // BPF_PROG_TEST_RUN runs as if received on loopback (ifindex 1).
+    let mut dataplane = Dataplane::load(dir)?;
+    dataplane.set_vip(1, VIP, 1, virtual_mac(1), Role::Master)?;
+    dataplane.set_vmac(1, 1, IF_MAC, Role::Master)?;
+    dataplane.refresh_heartbeat(Duration::from_secs(600))?;
+    let mut bare_object = aya::Ebpf::load(carp::EBPF_OBJECT)?;
+    let bare: &mut Xdp = bare_object
+        .program_mut(XDP_PASS_PROGRAM)
+        .context("no xdp_pass")?
+        .try_into()?;
+    bare.load()?;
+
+    let mut arp = vec![0xff; 6];
+    arp.extend_from_slice(&[2, 0, 0, 0, 0, 0x50, 0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    arp.extend_from_slice(&[2, 0, 0, 0, 0, 0x50, 198, 18, 1, 100, 0, 0, 0, 0, 0, 0]);
+    arp.extend_from_slice(&VIP.octets());
+    let mut tcp = IF_MAC.to_vec();
+    tcp.extend_from_slice(&[2, 0, 0, 0, 0, 0x50, 0x08, 0x00]);
+    tcp.extend_from_slice(&[0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0, 198, 18, 1, 100]);
+    tcp.extend_from_slice(&[198, 18, 2, 100, 0x9c, 0x40, 0, 80]);
+    tcp.extend_from_slice(&[0; 16]);
+
+    const CALLS: u32 = 20_000;
+    const REPEATS: u32 = 1_000_000;
+    let carp_program = dataplane.program()?;
+    // Interleaved call by call (and round by round) so drift in CPU speed hits all alike.
+    let [bare_single, arp_single, pass_single] = median_single(
+        [
+            (&*bare, &tcp[..]),
+            (&*carp_program, &arp[..]),
+            (&*carp_program, &tcp[..]),
+        ],
+        CALLS,
+    )?;
+    let [bare_repeat, pass_repeat] =
+        median_repeat([(&*bare, &tcp[..]), (&*carp_program, &tcp[..])], REPEATS)?;
+    // The drop path reads the VIP entry but leaves the frame alone, so the kernel loop can
+    // time it precisely.
+    dataplane.set_vip(1, VIP, 1, virtual_mac(1), Role::Backup)?;
+    let [arp_backup_repeat] = median_repeat([(&*dataplane.program()?, &arp[..])], REPEATS)?;
+    Ok(XdpCost {
+        arp_backup_repeat,
+        calls: CALLS,
+        repeats: REPEATS,
+        bare_single,
+        arp_single,
+        pass_single,
+        bare_repeat,
+        pass_repeat,
+    })
+}
+
+fn test_run(program: &Xdp, frame: &[u8], repeat: u32) -> Result<(u32, Duration)> {
+    let result = program.test_run(TestRunOptions {
+        data_in: Some(frame),
+        repeat,
+        ..Default::default()
+    })?;
+    Ok((result.return_value, result.duration))
+}
+
+/// Median kernel-measured ns of `calls` single runs of each (program, frame), each run on a
+/// fresh copy of its frame (the ARP answer rewrites the frame it runs on). The median keeps
+/// interrupts that land inside one run from skewing the figure.
+fn median_single<const N: usize>(cases: [(&Xdp, &[u8]); N], calls: u32) -> Result<[f64; N]> {
+    let mut samples: [Vec<u128>; N] = std::array::from_fn(|_| Vec::with_capacity(calls as usize));
+    for _ in 0..calls {
+        for (case, (program, frame)) in samples.iter_mut().zip(cases) {
+            case.push(test_run(program, frame, 1)?.1.as_nanos());
+        }
+    }
+    Ok(samples.map(|mut s| {
+        s.sort_unstable();
+        s[s.len() / 2] as f64
+    }))
+}
+
+/// Median over 5 rounds of the kernel's per-run ns for `repeats` runs on one frame, for each
+/// (program, frame).
+fn median_repeat<const N: usize>(cases: [(&Xdp, &[u8]); N], repeats: u32) -> Result<[f64; N]> {
+    let mut rounds = [[0.0; 5]; N];
+    for round in 0..5 {
+        for (case, (program, frame)) in rounds.iter_mut().zip(cases) {
+            case[round] = test_run(program, frame, repeats)?.1.as_nanos() as f64;
+        }
+    }
+    Ok(rounds.map(|mut r| {
+        r.sort_by(f64::total_cmp);
+        r[2]
+    }))
+}
+
+/// Takeover times of one system.
+struct Takeovers {
+    secs: Vec<f64>,
+    double_answers: usize,
+}
+
+impl Takeovers {
+    fn mean(&self) -> f64 {
+        self.secs.iter().sum::<f64>() / self.secs.len().max(1) as f64
+    }
+
+    fn max(&self) -> f64 {
+        self.secs.iter().copied().fold(0.0, f64::max)
+    }
+
+    fn trials_text(&self) -> String {
+        self.secs
+            .iter()
+            .map(|s| format!("{s:.3}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+fn unix_us() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros()
+}
+
+/// Probes the LAN VIP every 10 ms, runs `kill` after a second, and finds when the new master
+/// answered: the first reply from `new_mac`, or (carp, one virtual MAC on both nodes) the
+/// first reply after the silence that follows the kill.
+fn measure_takeover(
+    lab: &Lab,
+    new_mac: Option<&str>,
+    kill: impl FnOnce() -> Result<()>,
+) -> Result<(f64, usize)> {
+    let log = lab.dir.join(format!("bench-probe-{}.log", unix_us()));
+    let pid =
+        lab.arp_probe_background(&probe_bin()?, Host::Client, "eth0", LAN_VIP, 10, 7000, &log)?;
+    std::thread::sleep(Duration::from_secs(1));
+    let killed = unix_us();
+    kill()?;
+    if !wait_exit(pid, Duration::from_secs(12)) {
+        bail!("the ARP probe did not finish");
+    }
+    let exchanges = probe::parse(&std::fs::read_to_string(&log)?);
+    let after: Vec<_> = exchanges.iter().filter(|e| e.sent_us >= killed).collect();
+    let doubles = after.iter().filter(|e| e.replies.len() > 1).count();
+    let answered_at = match new_mac {
+        Some(mac) => after
+            .iter()
+            .flat_map(|e| &e.replies)
+            .find(|(_, m)| m == mac)
+            .map(|(t, _)| *t),
+        None => {
+            let silent = after.iter().position(|e| e.replies.is_empty());
+            silent.and_then(|i| {
+                after[i..]
+                    .iter()
+                    .find_map(|e| e.replies.first().map(|(t, _)| *t))
+            })
+        }
+    }
+    .context("the new master never answered ARP within the probe")?;
+    let secs = (answered_at - killed) as f64 / 1e6;
+    println!("    takeover {secs:.3} s, {doubles} requests answered twice");
+    Ok((secs, doubles))
+}
+
+fn unplanned_carp() -> Result<Takeovers> {
+    let lab = Lab::up()?;
+    let bin = carp_bin()?;
+    let mut gw1 = lab.start_carp(&bin, Host::Gw1, &NodeOptions::default())?;
+    let gw2 = lab.start_carp(&bin, Host::Gw2, &backup_opts())?;
+    wait_state(&gw1, 1, State::Master, Duration::from_secs(10))?;
+    let mut out = Takeovers {
+        secs: vec![],
+        double_answers: 0,
+    };
+    for _ in 0..TRIALS {
+        wait_state(&gw2, 1, State::Backup, Duration::from_secs(10))?;
+        let pid = gw1.pid;
+        let (secs, doubles) = measure_takeover(&lab, None, || {
+            kill_hard(pid);
+            Ok(())
+        })?;
+        out.secs.push(secs);
+        out.double_answers += doubles;
+        gw1 = lab.start_carp_with(&bin, Host::Gw1, gw1.name.clone(), gw1.config.clone())?;
+        wait_state(&gw1, 1, State::Master, Duration::from_secs(10))?;
+    }
+    Ok(out)
+}
+
+#[derive(Clone, Copy)]
+enum System {
+    Ucarp,
+    Keepalived,
+}
+
+fn unplanned_baseline(system: System) -> Result<Takeovers> {
+    let lab = Lab::up()?;
+    let start = |host: Host, primary: bool| match system {
+        System::Ucarp => lab.start_ucarp(host, if primary { 0 } else { 100 }),
+        System::Keepalived => lab.start_keepalived(host, if primary { 200 } else { 100 }),
+    };
+    let mut primary = start(Host::Gw1, true)?;
+    wait_for(Duration::from_secs(10), || {
+        lab.holds_lan_vip(Host::Gw1).then_some(())
+    })
+    .context("the primary never took the VIP")?;
+    let _secondary = start(Host::Gw2, false)?;
+    // Let the secondary finish starting (it must hear the primary before the first kill).
+    std::thread::sleep(Duration::from_secs(5));
+    let gw2_mac = lab
+        .sh(Host::Gw2, "ip -br link show lan")?
+        .split_whitespace()
+        .nth(2)
+        .context("gw2 lan has a MAC")?
+        .to_owned();
+    let mut out = Takeovers {
+        secs: vec![],
+        double_answers: 0,
+    };
+    for _ in 0..TRIALS {
+        // Settled: the primary holds the VIP, the secondary does not.
+        wait_for(Duration::from_secs(12), || {
+            (lab.holds_lan_vip(Host::Gw1) && !lab.holds_lan_vip(Host::Gw2)).then_some(())
+        })
+        .context("the pair did not settle")?;
+        std::thread::sleep(Duration::from_secs(1));
+        let pids = primary.crash_order_pids();
+        let (secs, doubles) = measure_takeover(&lab, Some(&gw2_mac), || {
+            for pid in pids {
+                kill_hard(pid);
+            }
+            Ok(())
+        })?;
+        out.secs.push(secs);
+        out.double_answers += doubles;
+        // A SIGKILLed ucarp or keepalived leaves its VIP behind; clear it and restart.
+        lab.sh(
+            Host::Gw1,
+            &format!("ip addr del {LAN_VIP}/24 dev lan || true"),
+        )?;
+        primary = start(Host::Gw1, true)?;
+    }
+    Ok(out)
+}
+
+struct Planned {
+    trigger: &'static str,
+    switchover: Duration,
+    ping: ping::PingReport,
+}
+
+fn planned_carp() -> Result<Vec<Planned>> {
+    let lab = Lab::up()?;
+    let bin = carp_bin()?;
+    let mut results = Vec::new();
+    for trigger in ["maintenance on", "SIGTERM"] {
+        let gw1 = lab.start_carp(&bin, Host::Gw1, &NodeOptions::default())?;
+        let gw2 = lab.start_carp(&bin, Host::Gw2, &backup_opts())?;
+        for vhid in [1, 2] {
+            wait_state(&gw1, vhid, State::Master, Duration::from_secs(10))?;
+            wait_state(&gw2, vhid, State::Backup, Duration::from_secs(10))?;
+        }
+        let log = lab.dir.join(format!("bench-ping-{}.log", unix_us()));
+        let ping_pid = lab.ping_background(Host::Client, SERVER_IP, 0.01, 300, &log)?;
+        std::thread::sleep(Duration::from_secs(1));
+        let started = Instant::now();
+        match trigger {
+            "SIGTERM" => end_process(gw1.pid, Duration::from_secs(5)),
+            _ => {
+                carp_cli(&[
+                    "maintenance",
+                    "on",
+                    "--socket",
+                    &gw1.socket.to_string_lossy(),
+                ])?;
+            }
+        }
+        wait_for(Duration::from_secs(5), || {
+            (gw2.state(1) == Some(State::Master) && gw2.state(2) == Some(State::Master))
+                .then_some(())
+        })
+        .context("gw2 did not take over")?;
+        let switchover = started.elapsed();
+        if !wait_exit(ping_pid, Duration::from_secs(15)) {
+            bail!("ping did not finish");
+        }
+        let ping = ping::parse(&std::fs::read_to_string(&log)?);
+        println!(
+            "    {trigger}: switchover {:.1} ms, {} of {} pings lost",
+            switchover.as_secs_f64() * 1000.0,
+            ping.lost(),
+            ping.sent
+        );
+        results.push(Planned {
+            trigger,
+            switchover,
+            ping,
+        });
+        end_process(gw1.pid, Duration::from_secs(5));
+        end_process(gw2.pid, Duration::from_secs(5));
+        // The next round starts from a clean node: no maintenance left behind.
+        let _ = std::fs::remove_dir_all(lab.dir.join(format!("{}-state", gw1.name)));
+    }
+    Ok(results)
 }

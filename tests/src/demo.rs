@@ -4,7 +4,7 @@
 use crate::{
     Host, LAN_VIP, Lab, NodeOptions, SERVER_IP, carp_bin,
     cluster::{backup_opts, wait_state},
-    kill_hard, ping, wait_for,
+    kill_hard, ping, wait_exit,
 };
 use anyhow::{Context, Result};
 use carp::{carp::fsm::State, cli::format_status};
@@ -59,22 +59,9 @@ pub fn run() -> Result<()> {
     );
 
     println!("    letting the pings finish");
-    wait_for(Duration::from_secs(15), || {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(ping_pid as i32), None)
-            .is_err()
-            .then_some(())
-            .or_else(|| {
-                matches!(
-                    nix::sys::wait::waitpid(
-                        nix::unistd::Pid::from_raw(ping_pid as i32),
-                        Some(nix::sys::wait::WaitPidFlag::WNOHANG)
-                    ),
-                    Ok(nix::sys::wait::WaitStatus::Exited(..))
-                )
-                .then_some(())
-            })
-    })
-    .context("ping did not finish")?;
+    wait_exit(ping_pid, Duration::from_secs(15))
+        .then_some(())
+        .context("ping did not finish")?;
     let report = ping::parse(&std::fs::read_to_string(&log)?);
     say("result");
     println!(

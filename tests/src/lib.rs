@@ -8,6 +8,7 @@
 //!                                        gw1 sync 198.18.3.1 ── gw2 sync 198.18.3.2
 //! ```
 
+pub mod baselines;
 pub mod bench;
 pub mod cluster;
 pub mod demo;
@@ -388,6 +389,18 @@ impl Drop for Lab {
             teardown(&owned);
         }
     }
+}
+
+/// Waits until a process we started has exited (reaping it), at most `timeout`.
+pub fn wait_exit(pid: u32, timeout: Duration) -> bool {
+    let pid = nix::unistd::Pid::from_raw(pid as i32);
+    wait_for(timeout, || {
+        match nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+            Ok(nix::sys::wait::WaitStatus::StillAlive) => None,
+            _ => Some(()),
+        }
+    })
+    .is_some()
 }
 
 /// SIGKILLs a process we started (a crash, for failover tests) and reaps it.

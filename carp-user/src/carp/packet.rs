@@ -277,6 +277,25 @@ mod tests {
         assert!(AuthKey::new(&[b'a'; 20]).is_none());
     }
 
+    proptest::proptest! {
+        #[test]
+        fn emit_then_parse_is_identity(
+            vhid: u8, advskew: u8, advbase: u8, demote: u8, counter: u64, md: [u8; 20]
+        ) {
+            let advert = Advert { vhid, advskew, authlen: CARP_AUTHLEN, demote, advbase, counter, md };
+            proptest::prop_assert_eq!(Advert::parse(&advert.emit()), Ok(advert));
+        }
+
+        #[test]
+        fn parse_never_panics_and_accepts_only_checksummed_adverts(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..80)
+        ) {
+            if let Ok(advert) = Advert::parse(&bytes) {
+                proptest::prop_assert_eq!(&advert.emit()[..], &bytes[..ADVERT_LEN]);
+            }
+        }
+    }
+
     #[test]
     fn golden_ucarp_advert_decodes_and_verifies() {
         let advert = Advert::parse(&UCARP_ADVERT).expect("ucarp advert parses");

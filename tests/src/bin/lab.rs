@@ -43,8 +43,9 @@ fn main() -> Result<()> {
         }
         ["demo"] => carp_lab::demo::run()?,
         ["bench"] => carp_lab::bench::run()?,
+        ["bench", "xdp"] => carp_lab::bench::run_xdp()?,
         ["load", "--iface", iface] => carp_lab::inspect::load(iface)?,
-        _ => bail!("usage: carp-lab up | down [ID] | demo | bench | load --iface IF"),
+        _ => bail!("usage: carp-lab up | down [ID] | demo | bench [xdp] | load --iface IF"),
     }
     Ok(())
 }

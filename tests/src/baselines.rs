@@ -1,0 +1,124 @@
+//! The peers carp is measured against, run in the lab: ucarp and keepalived (VRRP), each with
+//! an up-script or config that puts the VIP on the LAN interface as their users do.
+
+use crate::{Host, LAN_VIP, Lab};
+use anyhow::Result;
+use std::path::PathBuf;
+
+/// A started baseline daemon: the pids we started and how to tell if it holds the VIP.
+pub struct Baseline {
+    pub host: Host,
+    pub pids: Vec<u32>,
+    pub pid_files: Vec<PathBuf>,
+}
+
+impl Baseline {
+    /// The pids to kill for a crash, children first: the children recorded in pid files
+    /// (keepalived's VRRP process), then the ones we started. Killing keepalived's parent
+    /// first would hand its child a SIGTERM (parent-death signal) and a graceful priority-0
+    /// exit, which is not a crash.
+    pub fn crash_order_pids(&self) -> Vec<u32> {
+        let mut pids: Vec<u32> = self
+            .pid_files
+            .iter()
+            .filter_map(|f| std::fs::read_to_string(f).ok()?.trim().parse().ok())
+            .collect();
+        pids.extend(
+            self.pids
+                .iter()
+                .filter(|p| !pids.contains(p))
+                .collect::<Vec<_>>(),
+        );
+        pids
+    }
+}
+
+impl Lab {
+    /// Whether `host` has the LAN VIP on its `lan` interface.
+    pub fn holds_lan_vip(&self, host: Host) -> bool {
+        self.sh(host, "ip -4 addr show dev lan")
+            .is_ok_and(|out| out.contains(&format!("{LAN_VIP}/")))
+    }
+
+    /// ucarp on `host`'s LAN for vhid 1, preempting, with the lab passphrase.
+    pub fn start_ucarp(&self, host: Host, advskew: u8) -> Result<Baseline> {
+        let tag = format!("{host:?}").to_lowercase();
+        let up = self.dir.join(format!("ucarp-up-{tag}.sh"));
+        let down = self.dir.join(format!("ucarp-down-{tag}.sh"));
+        std::fs::write(&up, "#!/bin/sh\nip addr add \"$2\"/24 dev \"$1\"\n")?;
+        std::fs::write(&down, "#!/bin/sh\nip addr del \"$2\"/24 dev \"$1\"\n")?;
+        for script in [&up, &down] {
+            std::process::Command::new("chmod")
+                .arg("+x")
+                .arg(script)
+                .status()?;
+        }
+        let src = format!("198.18.1.{}", if host == Host::Gw1 { 2 } else { 3 });
+        let pid = self.spawn(
+            host,
+            &[
+                "ucarp",
+                "-i",
+                "lan",
+                "-s",
+                &src,
+                "-v",
+                "1",
+                "-p",
+                "labsecret",
+                "-a",
+                LAN_VIP,
+                "-b",
+                "1",
+                "-k",
+                &advskew.to_string(),
+                "-P",
+                "-u",
+                &up.to_string_lossy(),
+                "-d",
+                &down.to_string_lossy(),
+            ],
+            &self.dir.join(format!("ucarp-{tag}.log")),
+        )?;
+        Ok(Baseline {
+            host,
+            pids: vec![pid],
+            pid_files: vec![],
+        })
+    }
+
+    /// keepalived (VRRP only) on `host`'s LAN, advert_int 1, the LAN VIP.
+    pub fn start_keepalived(&self, host: Host, priority: u8) -> Result<Baseline> {
+        let tag = format!("{host:?}").to_lowercase();
+        let conf = self.dir.join(format!("keepalived-{tag}.conf"));
+        std::fs::write(
+            &conf,
+            format!(
+                "global_defs {{\n  router_id {tag}\n  vrrp_garp_master_delay 0\n}}\n\
+                 vrrp_instance lab {{\n  state BACKUP\n  interface lan\n  virtual_router_id 1\n  \
+                 priority {priority}\n  advert_int 1\n  virtual_ipaddress {{\n    {LAN_VIP}/24 dev lan\n  }}\n}}\n"
+            ),
+        )?;
+        let pid_file = |what: &str| self.dir.join(format!("keepalived-{tag}-{what}.pid"));
+        let (main, vrrp) = (pid_file("main"), pid_file("vrrp"));
+        let pid = self.spawn(
+            host,
+            &[
+                "keepalived",
+                "--dont-fork",
+                "--log-console",
+                "--vrrp",
+                &format!("--use-file={}", conf.display()),
+                &format!("--pid={}", main.display()),
+                &format!("--vrrp_pid={}", vrrp.display()),
+                &format!("--checkers_pid={}", pid_file("checkers").display()),
+            ],
+            &self.dir.join(format!("keepalived-{tag}.log")),
+        )?;
+        Ok(Baseline {
+            host,
+            pids: vec![pid],
+            pid_files: vec![vrrp],
+        })
+    }
+}
