@@ -18,13 +18,35 @@ const PACKAGES: &[&str] = &[
     "keepalived",
     "iperf3",
 ];
+/// The cargo-fuzz release that builds on this toolchain.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// The bpf-linker release that links against an LLVM 22 library.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn ensure() -> Result<()> {
     apt_packages()?;
     nightly_rust_src()?;
-    bpf_linker()
+    bpf_linker()?;
+    cargo_fuzz()
+}
+
+/// cargo-fuzz, for the decoder fuzzing in `cargo xtask test`.
+fn cargo_fuzz() -> Result<()> {
+    if Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return Ok(());
+    }
+    step("installing cargo-fuzz (about a minute)");
+    run(Command::new("cargo").args([
+        "install",
+        "cargo-fuzz",
+        "--locked",
+        "--version",
+        CARGO_FUZZ_VERSION,
+    ]))
 }
 
 fn apt_packages() -> Result<()> {
