@@ -103,6 +103,11 @@ struct VhidRuntime {
     reported_state: State,
     since: SystemTime,
     garp: Option<JoinHandle<()>>,
+    /// Advert sends in a row that failed / succeeded, per vhid as FreeBSD counts them.
+    send_errors_in_a_row: u32,
+    sends_ok_in_a_row: u32,
+    /// Set after SEND_ERROR_LIMIT failures, cleared after as many successes.
+    send_demoted: bool,
 }
 
 struct Daemon {
@@ -114,9 +119,6 @@ struct Daemon {
     vhids: Vec<VhidRuntime>,
     own_addresses: Vec<Ipv4Addr>,
     maintenance: bool,
-    send_errors_in_a_row: u32,
-    sends_ok_in_a_row: u32,
-    send_demoted: bool,
     counters: Counters,
     last_auth_warning: Option<Instant>,
     heartbeat_lifetime: Duration,
@@ -271,6 +273,9 @@ impl Daemon {
                 reported_state: State::Init,
                 since: SystemTime::now(),
                 garp: None,
+                send_errors_in_a_row: 0,
+                sends_ok_in_a_row: 0,
+                send_demoted: false,
             });
         }
         own_addresses.retain(|a| !vip_addrs.contains(a));
@@ -291,9 +296,6 @@ impl Daemon {
             vhids,
             own_addresses,
             maintenance,
-            send_errors_in_a_row: 0,
-            sends_ok_in_a_row: 0,
-            send_demoted: false,
             counters: Counters::default(),
             last_auth_warning: None,
             heartbeat_lifetime,
@@ -361,28 +363,30 @@ impl Daemon {
                 self.frames.send(v.ifindex, &frame)
             }
         };
+        let vhid = v.fsm_vhid();
         match sent {
             Ok(()) => {
-                self.refresh_heartbeat();
-                self.counters.adverts_sent += 1;
-                self.send_errors_in_a_row = 0;
-                self.sends_ok_in_a_row += 1;
-                if self.send_demoted && self.sends_ok_in_a_row >= SEND_ERROR_LIMIT {
-                    info!("adverts go out again: send-error demotion removed");
-                    self.send_demoted = false;
+                v.send_errors_in_a_row = 0;
+                v.sends_ok_in_a_row += 1;
+                if v.send_demoted && v.sends_ok_in_a_row >= SEND_ERROR_LIMIT {
+                    info!(vhid, "adverts go out again: send-error demotion removed");
+                    v.send_demoted = false;
                 }
+                self.counters.adverts_sent += 1;
+                self.refresh_heartbeat();
             }
             Err(e) => {
-                self.counters.send_errors += 1;
-                self.sends_ok_in_a_row = 0;
-                self.send_errors_in_a_row += 1;
-                warn!(vhid = v.fsm_vhid(), interface = %v.interface, error = %e, "advert send failed");
-                if !self.send_demoted && self.send_errors_in_a_row >= SEND_ERROR_LIMIT {
+                v.sends_ok_in_a_row = 0;
+                v.send_errors_in_a_row += 1;
+                warn!(vhid, interface = %v.interface, error = %e, "advert send failed");
+                if !v.send_demoted && v.send_errors_in_a_row >= SEND_ERROR_LIMIT {
                     warn!(
+                        vhid,
                         "{SEND_ERROR_LIMIT} advert send errors in a row: demoting by {DEMOTION_STEP}"
                     );
-                    self.send_demoted = true;
+                    v.send_demoted = true;
                 }
+                self.counters.send_errors += 1;
             }
         }
     }
@@ -539,8 +543,8 @@ impl Daemon {
             .map(|v| v.ifindex)
             .collect();
         down.dedup();
-        DEMOTION_STEP
-            * (down.len() as u32 + u32::from(self.send_demoted) + u32::from(self.maintenance))
+        let send_demoted = self.vhids.iter().any(|v| v.send_demoted);
+        DEMOTION_STEP * (down.len() as u32 + u32::from(send_demoted) + u32::from(self.maintenance))
     }
 
     fn apply_demotion(&mut self, now: Instant) {

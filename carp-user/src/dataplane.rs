@@ -300,9 +300,9 @@ pub fn monotonic_ns() -> u64 {
 
 /// Mounts bpffs at /sys/fs/bpf when it is missing (as iproute2 does); pins need it.
 fn ensure_bpffs() -> Result<(), DataplaneError> {
-    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
     let is_bpffs = |p: &str| {
-        nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        nix::sys::statfs::statfs(p)
+            .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
     };
     if is_bpffs(pins::BPFFS) {
         return Ok(());

@@ -4,7 +4,9 @@
 use crate::{
     Host, LAN_VIP, Lab, NodeOptions, SERVER_IP, carp_bin,
     cluster::{backup_opts, carp_cli, wait_state},
-    end_process, kill_hard, ping, probe, probe_bin, wait_exit, wait_for,
+    end_process, kill_hard, ping,
+    probe::{self, ArpProbe},
+    wait_exit, wait_for,
 };
 use anyhow::{Context, Result, bail};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
@@ -51,8 +53,8 @@ pub fn run() -> Result<()> {
          (advbase 1; backup advskew 100 / VRRP priority 100; client ARP probe every 10 ms)"
     );
     println!(
-        "  {:<11} {:<26} {:>8}  {}",
-        "system", "trials (s)", "mean (s)", "requests answered twice after the kill"
+        "  {:<11} {:<26} {:>8}  requests answered twice after the kill",
+        "system", "trials (s)", "mean (s)"
     );
     for (name, t) in [
         ("carp", &carp),
@@ -302,8 +304,7 @@ fn measure_takeover(
     kill: impl FnOnce() -> Result<()>,
 ) -> Result<(f64, usize)> {
     let log = lab.dir.join(format!("bench-probe-{}.log", unix_us()));
-    let pid =
-        lab.arp_probe_background(&probe_bin()?, Host::Client, "eth0", LAN_VIP, 10, 7000, &log)?;
+    let pid = lab.arp_probe_background(&ArpProbe::from_client(LAN_VIP, 10, 7000), &log)?;
     std::thread::sleep(Duration::from_secs(1));
     let killed = unix_us();
     kill()?;

@@ -19,14 +19,7 @@ pub fn wait_state(node: &Node, vhid: u8, state: State, timeout: Duration) -> Res
 
 /// The MACs that answered each ARP request for `target` from the client.
 pub fn arp_answers(lab: &Lab, target: &str, count: u32) -> Result<Vec<Vec<String>>> {
-    let exchanges = lab.arp_probe(
-        &crate::probe_bin()?,
-        crate::Host::Client,
-        "eth0",
-        target,
-        50,
-        count * 50,
-    )?;
+    let exchanges = lab.arp_probe(&crate::probe::ArpProbe::from_client(target, 50, count * 50))?;
     Ok(exchanges
         .into_iter()
         .map(|e| e.replies.into_iter().map(|(_, mac)| mac).collect())

@@ -144,15 +144,16 @@ fn sweep_stale() {
         let name = line.split_whitespace().next().unwrap_or("");
         // carp-<tag>-<pid>-<n>
         let parts: Vec<&str> = name.split('-').collect();
-        if parts.len() == 4 && parts[0] == "carp" {
-            if let Ok(pid) = parts[2].parse::<i32>() {
-                let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
-                let kept = std::env::temp_dir()
-                    .join(format!("carp-lab-{}-{}/kept", parts[2], parts[3]))
-                    .exists();
-                if !alive && !kept {
-                    let _ = Command::new("ip").args(["netns", "del", name]).status();
-                }
+        if parts.len() == 4
+            && parts[0] == "carp"
+            && let Ok(pid) = parts[2].parse::<i32>()
+        {
+            let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+            let kept = std::env::temp_dir()
+                .join(format!("carp-lab-{}-{}/kept", parts[2], parts[3]))
+                .exists();
+            if !alive && !kept {
+                let _ = Command::new("ip").args(["netns", "del", name]).status();
             }
         }
     }

@@ -1,7 +1,7 @@
 //! Runs `carp-probe` in a lab host and reads its report: ARP requests and the replies each
 //! one got, with timestamps.
 
-use crate::{Host, Lab};
+use crate::{Host, Lab, probe_bin};
 use anyhow::{Result, bail};
 use std::path::Path;
 
@@ -35,29 +35,46 @@ pub fn parse(report: &str) -> Vec<Exchange> {
     out
 }
 
+/// An ARP probe: which host asks, out of which interface, for what, how often, how long.
+#[derive(Debug, Clone, Copy)]
+pub struct ArpProbe<'a> {
+    pub host: Host,
+    pub iface: &'a str,
+    pub target: &'a str,
+    pub interval_ms: u32,
+    pub duration_ms: u32,
+}
+
+impl ArpProbe<'_> {
+    /// A probe from the LAN client for `target`.
+    pub fn from_client(target: &str, interval_ms: u32, duration_ms: u32) -> ArpProbe<'_> {
+        ArpProbe {
+            host: Host::Client,
+            iface: "eth0",
+            target,
+            interval_ms,
+            duration_ms,
+        }
+    }
+
+    fn command(&self) -> Result<Vec<String>> {
+        Ok(vec![
+            probe_bin()?.to_string_lossy().into_owned(),
+            "arp".into(),
+            self.iface.into(),
+            self.target.into(),
+            self.interval_ms.to_string(),
+            self.duration_ms.to_string(),
+        ])
+    }
+}
+
 impl Lab {
-    /// Probes `target` from `host`'s `iface` every `interval_ms` for `duration_ms`, blocking.
-    pub fn arp_probe(
-        &self,
-        probe_bin: &Path,
-        host: Host,
-        iface: &str,
-        target: &str,
-        interval_ms: u32,
-        duration_ms: u32,
-    ) -> Result<Vec<Exchange>> {
-        let bin = probe_bin.to_string_lossy().into_owned();
-        let out = self.output(
-            host,
-            &[
-                &bin,
-                "arp",
-                iface,
-                target,
-                &interval_ms.to_string(),
-                &duration_ms.to_string(),
-            ],
-        )?;
+    /// Runs `probe` to its end and returns what it saw.
+    pub fn arp_probe(&self, probe: &ArpProbe) -> Result<Vec<Exchange>> {
+        let command = probe.command()?;
+        let args: Vec<&str> = command.iter().map(String::as_str).collect();
+        let out = self.output(probe.host, &args)?;
         if !out.status.success() {
             bail!(
                 "carp-probe failed: {}",
@@ -67,30 +84,11 @@ impl Lab {
         Ok(parse(&String::from_utf8_lossy(&out.stdout)))
     }
 
-    /// Starts a probe in the background writing its report to `log`; returns its pid.
-    pub fn arp_probe_background(
-        &self,
-        probe_bin: &Path,
-        host: Host,
-        iface: &str,
-        target: &str,
-        interval_ms: u32,
-        duration_ms: u32,
-        log: &Path,
-    ) -> Result<u32> {
-        let bin = probe_bin.to_string_lossy().into_owned();
-        self.spawn(
-            host,
-            &[
-                &bin,
-                "arp",
-                iface,
-                target,
-                &interval_ms.to_string(),
-                &duration_ms.to_string(),
-            ],
-            log,
-        )
+    /// Starts `probe` in the background writing its report to `log`; returns its pid.
+    pub fn arp_probe_background(&self, probe: &ArpProbe, log: &Path) -> Result<u32> {
+        let command = probe.command()?;
+        let args: Vec<&str> = command.iter().map(String::as_str).collect();
+        self.spawn(probe.host, &args, log)
     }
 }
 

@@ -50,15 +50,8 @@ fn killed_master_is_replaced_within_master_down_and_preempts_back_after_restart(
     let lab = Lab::up()?;
     let (gw1, gw2) = pair(&lab)?;
     let log = lab.dir.join("probe-kill.log");
-    let probe_pid = lab.arp_probe_background(
-        &carp_lab::probe_bin()?,
-        Host::Client,
-        "eth0",
-        LAN_VIP,
-        20,
-        7000,
-        &log,
-    )?;
+    let probe_pid =
+        lab.arp_probe_background(&probe::ArpProbe::from_client(LAN_VIP, 20, 7000), &log)?;
     std::thread::sleep(Duration::from_millis(500));
     let killed = Instant::now();
     kill_hard(gw1.pid);
@@ -72,14 +65,10 @@ fn killed_master_is_replaced_within_master_down_and_preempts_back_after_restart(
     wait_state(&gw2, 2, State::Master, Duration::from_secs(2))?;
     // The dead master's XDP stays attached but stops answering once its heartbeat is stale:
     // never two answers, and answers again once gw2 holds the VIP.
-    carp_lab::wait_for(Duration::from_secs(10), || {
-        nix::sys::wait::waitpid(
-            nix::unistd::Pid::from_raw(probe_pid as i32),
-            Some(nix::sys::wait::WaitPidFlag::WNOHANG),
-        )
-        .ok()
-        .filter(|s| !matches!(s, nix::sys::wait::WaitStatus::StillAlive))
-    });
+    assert!(
+        carp_lab::wait_exit(probe_pid, Duration::from_secs(10)),
+        "probe finished"
+    );
     let exchanges = probe::parse(&std::fs::read_to_string(&log)?);
     assert!(exchanges.len() > 200, "probe ran: {}", exchanges.len());
     assert_never_two_answers(&exchanges);
@@ -307,5 +296,28 @@ fn interface_mac_mode_answers_with_the_nic_mac() -> Result<()> {
         .to_owned();
     assert_eq!(answers, vec![vec![expected]; 3]);
     lab.sh(Host::Client, &format!("ping -c 2 -i 0.2 -W 1 {LAN_VIP}"))?;
+    Ok(())
+}
+
+#[test]
+fn advert_send_errors_demote_the_whole_node() -> Result<()> {
+    let lab = Lab::up()?;
+    let (gw1, gw2) = pair(&lab)?;
+    // A queue of length 0 on gw1's WAN: the kernel refuses every frame gw1 sends there
+    // (sendto fails with ENOBUFS). After three failed adverts gw1 demotes itself by 240, so
+    // gw2 preempts the LAN VIP too.
+    lab.sh(Host::Gw1, "tc qdisc replace dev wan root pfifo limit 0")?;
+    let waited = wait_state(&gw2, 1, State::Master, Duration::from_secs(6));
+    let status = gw1.status()?;
+    waited.map_err(|e| e.context(format!("gw1: {status:?}\n{}", gw1.log())))?;
+    wait_state(&gw2, 2, State::Master, Duration::from_secs(6))?;
+    assert!(status.counters.send_errors >= 3, "{:?}", status.counters);
+    assert_eq!(status.demotion, 240);
+    assert!(
+        gw1.log()
+            .contains("advert send errors in a row: demoting by 240"),
+        "{}",
+        gw1.log()
+    );
     Ok(())
 }

@@ -139,12 +139,25 @@ fn test(root: &Path) -> Result<()> {
             .envs(binaries(root)),
         &mut total,
     );
+    step(&format!(
+        "fuzzing the decoders, {FUZZ_SECONDS} s per target"
+    ));
+    let fuzz = FUZZ_TARGETS.iter().try_for_each(|target| {
+        run(Command::new("cargo")
+            .current_dir(root.join("fuzz"))
+            .args(["+nightly", "fuzz", "run", target, "--"])
+            .arg(format!("-max_total_time={FUZZ_SECONDS}")))
+    });
     println!(
         "\nxtask test: {} passed, {} failed",
         total.passed, total.failed
     );
-    unit.and(namespaces)
+    unit.and(namespaces).and(fuzz)
 }
+
+/// The cargo-fuzz targets under fuzz/ and how long each runs in `cargo xtask test`.
+const FUZZ_TARGETS: [&str; 2] = ["advert", "config"];
+const FUZZ_SECONDS: u32 = 20;
 
 /// Passed and failed test counts summed over cargo's `test result:` lines.
 #[derive(Default)]
