@@ -396,39 +396,37 @@ impl Daemon {
         if let Err(e) = self.addresses.add(v.ifindex, v.address).await {
             error!(error = %e, "cannot add VIP");
         }
-        let result = self
-            .dataplane
-            .set_vip(v.ifindex, v.address.addr, v.fsm_vhid(), v.mac, Role::Master)
-            .and_then(|()| {
-                self.dataplane
-                    .set_vmac(v.ifindex, v.fsm_vhid(), v.if_mac, Role::Master)
-            });
-        if let Err(e) = result {
-            error!(error = %e, "cannot tell XDP about the VIP");
-        }
+        self.set_role(i, Role::Master);
+        let v = &self.vhids[i];
         info!(vhid = v.fsm_vhid(), interface = %v.interface, vip = %v.address, "VIP taken");
     }
 
     async fn release_vip(&mut self, i: usize) {
-        let v = &mut self.vhids[i];
-        if let Some(garp) = v.garp.take() {
+        if let Some(garp) = self.vhids[i].garp.take() {
             garp.abort();
         }
         // Stop answering first, then drop the address.
-        let result = self
-            .dataplane
-            .set_vip(v.ifindex, v.address.addr, v.fsm_vhid(), v.mac, Role::Backup)
-            .and_then(|()| {
-                self.dataplane
-                    .set_vmac(v.ifindex, v.fsm_vhid(), v.if_mac, Role::Backup)
-            });
-        if let Err(e) = result {
-            error!(error = %e, "cannot tell XDP to stop answering");
-        }
+        self.set_role(i, Role::Backup);
+        let v = &self.vhids[i];
         if let Err(e) = self.addresses.remove(v.ifindex, v.address).await {
             error!(error = %e, "cannot remove VIP");
         }
         info!(vhid = v.fsm_vhid(), interface = %v.interface, vip = %v.address, "VIP released");
+    }
+
+    /// Tells XDP whether this node answers for vhid `i`'s VIP and virtual MAC.
+    fn set_role(&mut self, i: usize, role: Role) {
+        let v = &self.vhids[i];
+        let result = self
+            .dataplane
+            .set_vip(v.ifindex, v.address.addr, v.fsm_vhid(), v.mac, role)
+            .and_then(|()| {
+                self.dataplane
+                    .set_vmac(v.ifindex, v.fsm_vhid(), v.if_mac, role)
+            });
+        if let Err(e) = result {
+            error!(vhid = v.fsm_vhid(), ?role, error = %e, "cannot update the XDP maps");
+        }
     }
 
     /// Gratuitous ARPs on the takeover schedule; a later release cancels the rest.

@@ -10,9 +10,21 @@ pub struct Baseline {
     pub host: Host,
     pub pids: Vec<u32>,
     pub pid_files: Vec<PathBuf>,
+    /// ucarp's up/down scripts write MASTER or BACKUP here.
+    pub state_file: Option<PathBuf>,
 }
 
 impl Baseline {
+    /// What the up/down scripts last recorded (`MASTER`, `BACKUP`), or "" before either ran.
+    pub fn recorded_state(&self) -> String {
+        self.state_file
+            .as_ref()
+            .and_then(|f| std::fs::read_to_string(f).ok())
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    }
+
     /// The pids to kill for a crash, children first: the children recorded in pid files
     /// (keepalived's VRRP process), then the ones we started. Killing keepalived's parent
     /// first would hand its child a SIGTERM (parent-death signal) and a graceful priority-0
@@ -40,13 +52,22 @@ impl Lab {
             .is_ok_and(|out| out.contains(&format!("{LAN_VIP}/")))
     }
 
-    /// ucarp on `host`'s LAN for vhid 1, preempting, with the lab passphrase.
+    /// ucarp on `host`'s LAN for vhid 1, preempting, with the lab passphrase. Its up/down
+    /// scripts move the VIP, as ucarp's users do, and record the state.
     pub fn start_ucarp(&self, host: Host, advskew: u8) -> Result<Baseline> {
         let tag = format!("{host:?}").to_lowercase();
         let up = self.dir.join(format!("ucarp-up-{tag}.sh"));
         let down = self.dir.join(format!("ucarp-down-{tag}.sh"));
-        std::fs::write(&up, "#!/bin/sh\nip addr add \"$2\"/24 dev \"$1\"\n")?;
-        std::fs::write(&down, "#!/bin/sh\nip addr del \"$2\"/24 dev \"$1\"\n")?;
+        let state = self.dir.join(format!("ucarp-{tag}.state"));
+        let _ = std::fs::remove_file(&state);
+        let script = |op: &str, recorded: &str| {
+            format!(
+                "#!/bin/sh\nip addr {op} \"$2\"/24 dev \"$1\"\necho {recorded} > {}\n",
+                state.display()
+            )
+        };
+        std::fs::write(&up, script("add", "MASTER"))?;
+        std::fs::write(&down, script("del", "BACKUP"))?;
         for script in [&up, &down] {
             std::process::Command::new("chmod")
                 .arg("+x")
@@ -84,6 +105,7 @@ impl Lab {
             host,
             pids: vec![pid],
             pid_files: vec![],
+            state_file: Some(state),
         })
     }
 
@@ -119,6 +141,7 @@ impl Lab {
             host,
             pids: vec![pid],
             pid_files: vec![vrrp],
+            state_file: None,
         })
     }
 }

@@ -380,12 +380,7 @@ fn unplanned_baseline(system: System) -> Result<Takeovers> {
     let _secondary = start(Host::Gw2, false)?;
     // Let the secondary finish starting (it must hear the primary before the first kill).
     std::thread::sleep(Duration::from_secs(5));
-    let gw2_mac = lab
-        .sh(Host::Gw2, "ip -br link show lan")?
-        .split_whitespace()
-        .nth(2)
-        .context("gw2 lan has a MAC")?
-        .to_owned();
+    let gw2_mac = lab.mac(Host::Gw2, "lan")?;
     let mut out = Takeovers {
         secs: vec![],
         double_answers: 0,

@@ -72,3 +72,13 @@ pub fn assert_never_two_answers(exchanges: &[crate::probe::Exchange]) {
         );
     }
 }
+
+/// Asserts that each of `count` ARP requests for `target` got exactly one answer, from `mac`.
+pub fn assert_answered_once_by(lab: &Lab, target: &str, mac: &str, count: u32) -> Result<()> {
+    let answers = arp_answers(lab, target, count)?;
+    anyhow::ensure!(
+        answers == vec![vec![mac.to_owned()]; count as usize],
+        "expected one answer from {mac} to each of {count} requests, got {answers:?}"
+    );
+    Ok(())
+}

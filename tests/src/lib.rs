@@ -37,6 +37,15 @@ pub enum Host {
 }
 
 impl Host {
+    /// Every host of the lab, one namespace each.
+    pub const ALL: [Host; 5] = [
+        Host::Switch,
+        Host::Gw1,
+        Host::Gw2,
+        Host::Client,
+        Host::Server,
+    ];
+
     fn tag(self) -> &'static str {
         match self {
             Host::Switch => "sw",
@@ -190,14 +199,7 @@ impl Lab {
     }
 
     fn build(&self) -> Result<()> {
-        let hosts = [
-            Host::Switch,
-            Host::Gw1,
-            Host::Gw2,
-            Host::Client,
-            Host::Server,
-        ];
-        for host in hosts {
+        for host in Host::ALL {
             let ns = self.ns(host);
             ip(&["netns", "add", &ns])?;
             register(&self.id, |o| o.namespaces.push(ns.clone()));
@@ -325,6 +327,15 @@ impl Lab {
         Ok(pid)
     }
 
+    /// The MAC of `host`'s interface `iface`, as `aa:bb:cc:dd:ee:ff`.
+    pub fn mac(&self, host: Host, iface: &str) -> Result<String> {
+        self.sh(host, &format!("ip -br link show {iface}"))?
+            .split_whitespace()
+            .nth(2)
+            .map(str::to_owned)
+            .with_context(|| format!("{iface} on {host:?} has no MAC"))
+    }
+
     /// Remembers a pin directory to remove at teardown.
     pub fn own_pin_dir(&self, dir: PathBuf) {
         register(&self.id, |o| o.pin_dirs.push(dir));
@@ -353,15 +364,8 @@ impl Lab {
             .lines()
             .filter_map(|l| l.trim().parse().ok())
             .collect();
-        let hosts = [
-            Host::Switch,
-            Host::Gw1,
-            Host::Gw2,
-            Host::Client,
-            Host::Server,
-        ];
         let owned = Owned {
-            namespaces: hosts
+            namespaces: Host::ALL
                 .iter()
                 .map(|h| format!("carp-{}-{id}", h.tag()))
                 .collect(),

@@ -3,7 +3,9 @@
 
 use anyhow::Result;
 use carp::carp::fsm::State;
-use carp_lab::cluster::{arp_answers, assert_never_two_answers, carp_cli, pair, wait_state};
+use carp_lab::cluster::{
+    assert_answered_once_by, assert_never_two_answers, carp_cli, pair, wait_state,
+};
 use carp_lab::{Host, LAN_VIP, Lab, NodeOptions, carp_bin, end_process, kill_hard, probe};
 use std::time::{Duration, Instant};
 
@@ -13,15 +15,7 @@ const VMAC_LAN: &str = "00:00:5e:00:01:01";
 fn election_gives_one_master_and_exactly_one_arp_answer() -> Result<()> {
     let lab = Lab::up()?;
     let (_gw1, _gw2) = pair(&lab)?;
-    let answers = arp_answers(&lab, LAN_VIP, 20)?;
-    assert_eq!(answers.len(), 20);
-    for (i, macs) in answers.iter().enumerate() {
-        assert_eq!(
-            macs,
-            &[VMAC_LAN],
-            "request {i}: exactly one answer, from the virtual MAC"
-        );
-    }
+    assert_answered_once_by(&lab, LAN_VIP, VMAC_LAN, 20)?;
     // The VIP is on gw1's interface only, and reachable through the virtual MAC.
     assert!(
         lab.sh(Host::Gw1, "ip -4 addr show dev lan")?
@@ -89,10 +83,7 @@ fn killed_master_is_replaced_within_master_down_and_preempts_back_after_restart(
         wait_state(&gw1, vhid, State::Master, Duration::from_secs(8))?;
         wait_state(&gw2, vhid, State::Backup, Duration::from_secs(2))?;
     }
-    assert_eq!(
-        arp_answers(&lab, LAN_VIP, 5)?,
-        vec![vec![VMAC_LAN.to_owned()]; 5]
-    );
+    assert_answered_once_by(&lab, LAN_VIP, VMAC_LAN, 5)?;
     Ok(())
 }
 
@@ -217,10 +208,7 @@ fn split_brain_heals_to_one_master_and_the_winner_reannounces() -> Result<()> {
             gw2.log()
         )
     });
-    assert_eq!(
-        arp_answers(&lab, LAN_VIP, 5)?,
-        vec![vec![VMAC_LAN.to_owned()]; 5]
-    );
+    assert_answered_once_by(&lab, LAN_VIP, VMAC_LAN, 5)?;
     Ok(())
 }
 
@@ -287,14 +275,8 @@ fn interface_mac_mode_answers_with_the_nic_mac() -> Result<()> {
     };
     let gw1 = lab.start_carp(&carp_bin()?, Host::Gw1, &opts)?;
     wait_state(&gw1, 1, State::Master, Duration::from_secs(10))?;
-    let answers = arp_answers(&lab, LAN_VIP, 3)?;
-    let expected = lab
-        .sh(Host::Gw1, "ip -br link show lan")?
-        .split_whitespace()
-        .nth(2)
-        .unwrap_or_default()
-        .to_owned();
-    assert_eq!(answers, vec![vec![expected]; 3]);
+    let expected = lab.mac(Host::Gw1, "lan")?;
+    assert_answered_once_by(&lab, LAN_VIP, &expected, 3)?;
     lab.sh(Host::Client, &format!("ping -c 2 -i 0.2 -W 1 {LAN_VIP}"))?;
     Ok(())
 }
