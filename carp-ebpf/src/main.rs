@@ -90,7 +90,7 @@ fn answer_arp(ctx: &XdpContext, eth: *mut EthHdr) -> Result<u32, ()> {
         addr: request.tpa,
     };
     // SAFETY: the map value is plain old data, read once.
-    let Some(vip) = (unsafe { CARP_VIPS.get(&key) }).copied() else {
+    let Some(vip) = (unsafe { CARP_VIPS.get(key) }).copied() else {
         return Ok(xdp_action::XDP_PASS);
     };
     if vip.role != ROLE_MASTER {
@@ -125,7 +125,7 @@ fn accept_virtual_mac(ctx: &XdpContext, eth: *mut EthHdr, vhid: u8) -> u32 {
         _pad: [0; 3],
     };
     // SAFETY: the map value is plain old data, read once.
-    match unsafe { CARP_VMACS.get(&key) }.copied() {
+    match unsafe { CARP_VMACS.get(key) }.copied() {
         Some(vmac) if vmac.role == ROLE_MASTER && daemon_alive() => {
             // SAFETY: `eth` was bounds-checked by the caller.
             unsafe { (*eth).dst_addr = vmac.if_mac };

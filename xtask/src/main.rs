@@ -115,6 +115,31 @@ fn test(root: &Path) -> Result<()> {
             "`cargo xtask test` needs root: the XDP and namespace tests load programs and build namespaces"
         );
     }
+    step("rustfmt and clippy");
+    run(Command::new("cargo").args(["fmt", "--all", "--check"]))?;
+    run(Command::new("cargo").args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "carp-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run(Command::new("cargo").args([
+        "+nightly",
+        "clippy",
+        "-p",
+        "carp-ebpf",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     let mut total = Tally::default();
     step("unit and BPF_PROG_TEST_RUN tests");
     let unit = run_tests(
