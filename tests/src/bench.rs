@@ -117,6 +117,7 @@ struct XdpCost {
     bare_repeat: f64,
     pass_repeat: f64,
     arp_backup_repeat: f64,
+    arp_backup_single: f64,
 }
 
 impl XdpCost {
@@ -134,6 +135,11 @@ impl XdpCost {
             self.arp_single,
             self.arp_single / self.bare_single,
             verdict(self.arp_single <= 2.0 * self.bare_single)
+        );
+        println!(
+            "    carp, ARP as backup (DROP)   {:>7.1} ns  {:.2}x bare  (the VIP lookup alone)",
+            self.arp_backup_single,
+            self.arp_backup_single / self.bare_single
         );
         println!(
             "    carp, pass-through (IPv4)    {:>7.1} ns  {:.2}x bare  (target <= 2x: {})",
@@ -212,8 +218,10 @@ fn measure_xdp(dir: &std::path::Path) -> Result<XdpCost> {
     // time it precisely.
     dataplane.set_vip(1, VIP, 1, virtual_mac(1), Role::Backup)?;
     let [arp_backup_repeat] = median_repeat([(&*dataplane.program()?, &arp[..])], REPEATS)?;
+    let [arp_backup_single] = median_single([(&*dataplane.program()?, &arp[..])], CALLS)?;
     Ok(XdpCost {
         arp_backup_repeat,
+        arp_backup_single,
         calls: CALLS,
         repeats: REPEATS,
         bare_single,
