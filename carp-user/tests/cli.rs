@@ -15,12 +15,27 @@ fn carp(args: &[&str]) -> (i32, String, String) {
     )
 }
 
-fn write(name: &str, text: &str) -> String {
-    let dir = std::env::temp_dir().join(format!("carp-cli-test-{}", std::process::id()));
+/// A config file in a directory of its own, removed when the test ends.
+struct ConfigFile {
+    dir: std::path::PathBuf,
+    path: String,
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn write(name: &str, text: &str) -> ConfigFile {
+    let dir = std::env::temp_dir().join(format!("carp-cli-test-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
-    path.to_string_lossy().into_owned()
+    ConfigFile {
+        path: path.to_string_lossy().into_owned(),
+        dir,
+    }
 }
 
 const GOOD: &str = r#"
@@ -36,8 +51,9 @@ address = "127.0.0.5/8"
 
 #[test]
 fn check_accepts_a_good_config() {
-    let path = write("good.toml", GOOD);
-    let (code, stdout, _) = carp(&["check", "-c", &path]);
+    let file = write("good.toml", GOOD);
+    let path = file.path.as_str();
+    let (code, stdout, _) = carp(&["check", "-c", path]);
     assert_eq!(code, 0);
     assert!(stdout.contains("OK (node clitest, 1 VIPs)"), "{stdout}");
 }
@@ -52,8 +68,9 @@ fn check_exits_2_with_one_line_per_problem() {
             "passphrase = \"secret\"",
             "passphrase = \"twenty-bytes-is-long\"\nadvbase = 0",
         );
-    let path = write("bad.toml", &bad);
-    let (code, _, stderr) = carp(&["check", "-c", &path]);
+    let file = write("bad.toml", &bad);
+    let path = file.path.as_str();
+    let (code, _, stderr) = carp(&["check", "-c", path]);
     assert_eq!(code, 2);
     let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(lines.len(), 4, "{stderr}");
@@ -74,8 +91,9 @@ fn check_exits_2_with_one_line_per_problem() {
 
 #[test]
 fn check_names_the_line_of_an_unknown_key() {
-    let path = write("typo.toml", &GOOD.replace("passphrase =", "pasphrase ="));
-    let (code, _, stderr) = carp(&["check", "-c", &path]);
+    let file = write("typo.toml", &GOOD.replace("passphrase =", "pasphrase ="));
+    let path = file.path.as_str();
+    let (code, _, stderr) = carp(&["check", "-c", path]);
     assert_eq!(code, 2);
     assert!(
         stderr.contains("line 5: unknown field `pasphrase`"),
@@ -85,8 +103,9 @@ fn check_names_the_line_of_an_unknown_key() {
 
 #[test]
 fn run_refuses_what_check_refuses() {
-    let path = write("run-bad.toml", &GOOD.replace("vhid = 1", "vhid = 0"));
-    let (code, _, stderr) = carp(&["run", "-c", &path]);
+    let file = write("run-bad.toml", &GOOD.replace("vhid = 1", "vhid = 0"));
+    let path = file.path.as_str();
+    let (code, _, stderr) = carp(&["run", "-c", path]);
     assert_eq!(code, 2);
     assert!(
         stderr.contains("vip[0].vhid: 0 is outside 1..=255"),
