@@ -10,6 +10,7 @@ pub mod interfaces;
 pub mod netlink;
 pub mod pins;
 pub mod sockets;
+pub mod sync;
 
 /// The compiled XDP object, embedded so the daemon is one binary.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/carp"));

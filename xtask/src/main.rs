@@ -181,7 +181,7 @@ fn test(root: &Path) -> Result<()> {
 }
 
 /// The cargo-fuzz targets under fuzz/ and how long each runs in `cargo xtask test`.
-const FUZZ_TARGETS: [&str; 2] = ["advert", "config"];
+const FUZZ_TARGETS: [&str; 3] = ["advert", "config", "sync_frame"];
 const FUZZ_SECONDS: u32 = 20;
 
 /// Passed and failed test counts summed over cargo's `test result:` lines.

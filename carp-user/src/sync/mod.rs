@@ -1,0 +1,7 @@
+//! Connection-state sync between the peers (pfsync's job), sans-IO: the frame codec, the
+//! never-backwards merge rule and the bulk-update session. The transport (an authenticated,
+//! encrypted TCP session on the sync link) carries these frames.
+
+pub mod bulk;
+pub mod merge;
+pub mod proto;

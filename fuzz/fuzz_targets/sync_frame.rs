@@ -1,0 +1,33 @@
+//! Anything a peer (or an attacker past the transport) can put on the sync port: the
+//! streaming decoder, the merge rule and the bulk session must never panic, and whatever
+//! decodes must re-encode to the same frame.
+#![no_main]
+
+use carp::sync::{bulk::BulkSync, merge::FlowTable, proto::Frame};
+use libfuzzer_sys::fuzz_target;
+use std::time::Instant;
+
+fuzz_target!(|data: &[u8]| {
+    let now = Instant::now();
+    let mut table = FlowTable::default();
+    let mut bulk = BulkSync::new();
+    bulk.handle_connected(now);
+    let mut rest = data;
+    while let Ok(Some((frame, used))) = Frame::decode(rest) {
+        assert!(used > 0 && used <= rest.len());
+        let mut again = Vec::new();
+        frame.encode(&mut again);
+        assert_eq!(
+            Frame::decode(&again),
+            Ok(Some((frame.clone(), again.len())))
+        );
+        if let Frame::Upsert { records } = &frame {
+            for r in records {
+                table.merge(*r);
+            }
+        }
+        bulk.handle_frame(&frame, now);
+        rest = &rest[used..];
+    }
+    bulk.handle_timeout(now);
+});
