@@ -3,6 +3,7 @@
 //! every type is `#[repr(C)]`, fixed-width, explicitly padded and size-checked.
 #![no_std]
 
+pub mod flow;
 pub mod maps;
 
 #[cfg(feature = "user")]

@@ -15,7 +15,15 @@ pub const XDP_PROGRAM: &str = "carp_xdp";
 /// Name of the pass-everything XDP program (benchmark baseline, lab veth peers).
 pub const XDP_PASS_PROGRAM: &str = "xdp_pass";
 /// Every map of the object, each pinned under its own name in the node's pin directory.
-pub const ALL_MAPS: [&str; 4] = [VIP_MAP, VMAC_MAP, HEARTBEAT_MAP, STATS_MAP];
+pub const ALL_MAPS: [&str; 7] = [
+    VIP_MAP,
+    VMAC_MAP,
+    HEARTBEAT_MAP,
+    STATS_MAP,
+    crate::flow::FLOW_MAP,
+    crate::flow::DELTA_RING,
+    crate::flow::CAPTURE_MAP,
+];
 
 /// Most virtual IPs one node can hold (CARP_MAXVHID per interface, a few interfaces).
 pub const MAX_VIPS: u32 = 1024;
@@ -37,8 +45,16 @@ pub const STAT_VMAC_ACCEPTED: u32 = 3;
 pub const STAT_VMAC_IGNORED: u32 = 4;
 /// Frames too short or malformed to classify, passed untouched.
 pub const STAT_MALFORMED: u32 = 5;
+/// Packets that updated the flow map.
+pub const STAT_FLOW_PACKETS: u32 = 6;
+/// Deltas lost because the ring buffer was full (repaired by the next refresh).
+pub const STAT_DELTA_LOST: u32 = 7;
+/// IPv4 fragments and IPv6 packets with extension headers, not tracked.
+pub const STAT_FLOW_UNTRACKED: u32 = 8;
+/// Flows the LRU map could not take.
+pub const STAT_FLOW_INSERT_FAILED: u32 = 9;
 /// Number of slots in the stats map.
-pub const STAT_SLOTS: u32 = 8;
+pub const STAT_SLOTS: u32 = 16;
 
 /// Key of the VIP map.
 #[repr(C)]

@@ -1,6 +1,9 @@
 //! User-space only: lets aya read and write the shared types as map keys and values.
 
-use crate::maps::{Heartbeat, VipEntry, VipKey, VmacEntry, VmacKey};
+use crate::{
+    flow::{CaptureConfig, FlowDelta, FlowEntry, FlowKey},
+    maps::{Heartbeat, VipEntry, VipKey, VmacEntry, VmacKey},
+};
 
 // SAFETY: all of these are `#[repr(C)]`, `Copy`, made only of integers and byte arrays, with
 // explicit padding, so every bit pattern is valid.
@@ -9,3 +12,7 @@ unsafe impl aya::Pod for VipEntry {}
 unsafe impl aya::Pod for VmacKey {}
 unsafe impl aya::Pod for VmacEntry {}
 unsafe impl aya::Pod for Heartbeat {}
+unsafe impl aya::Pod for FlowKey {}
+unsafe impl aya::Pod for FlowEntry {}
+unsafe impl aya::Pod for FlowDelta {}
+unsafe impl aya::Pod for CaptureConfig {}

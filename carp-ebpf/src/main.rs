@@ -4,6 +4,8 @@
 #![no_std]
 #![no_main]
 
+mod flow;
+
 use aya_ebpf::{
     bindings::xdp_action,
     btf_maps::{Array, HashMap, PerCpuArray},
@@ -62,13 +64,15 @@ fn try_carp_xdp(ctx: &XdpContext) -> Result<u32, ()> {
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
     // SAFETY: `ptr_at` checked that the whole header lies inside the frame.
     let (dst, ether_type) = unsafe { ((*eth).dst_addr, (*eth).ether_type) };
-    if let Some(vhid) = vhid_of_virtual_mac(&dst) {
-        return Ok(accept_virtual_mac(ctx, eth, vhid));
-    }
     if ether_type == EtherType::Arp as u16 {
         return answer_arp(ctx, eth);
     }
-    Ok(xdp_action::XDP_PASS)
+    let action = match vhid_of_virtual_mac(&dst) {
+        Some(vhid) => accept_virtual_mac(ctx, eth, vhid),
+        None => xdp_action::XDP_PASS,
+    };
+    flow::track(ctx, ether_type)?;
+    Ok(action)
 }
 
 /// ARP requests for a VIP: answered here while master and alive, dropped otherwise, so that
@@ -155,7 +159,7 @@ fn ingress_ifindex(ctx: &XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn count(slot: u32) {
+pub(crate) fn count(slot: u32) {
     if let Some(counter) = CARP_STATS.get_ptr_mut(slot) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe { *counter += 1 };
@@ -164,7 +168,7 @@ fn count(slot: u32) {
 
 /// The one bounds check: a pointer to a `T` at `offset`, or `Err` when it would overrun.
 #[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, ()> {
+pub(crate) fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, ()> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + size_of::<T>() > end {

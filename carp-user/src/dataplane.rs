@@ -4,13 +4,16 @@
 use crate::pins;
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf},
     pin::PinError,
     programs::{
         ProgramError, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
         xdp::XdpLink,
     },
+};
+use carp_common::flow::{
+    CAPTURE_MAP, CaptureConfig, DELTA_RING, FLOW_MAP, FlowDelta, FlowEntry, FlowKey,
 };
 use carp_common::maps::{
     ALL_MAPS, HEARTBEAT_MAP, Heartbeat, ROLE_BACKUP, ROLE_MASTER, STAT_SLOTS, STATS_MAP, VIP_MAP,
@@ -92,6 +95,9 @@ pub struct Dataplane {
     vmacs: HashMap<MapData, VmacKey, VmacEntry>,
     heartbeat: Array<MapData, Heartbeat>,
     stats: PerCpuArray<MapData, u64>,
+    flows: HashMap<MapData, FlowKey, FlowEntry>,
+    capture: Array<MapData, CaptureConfig>,
+    deltas: RingBuf<MapData>,
 }
 
 impl Dataplane {
@@ -118,7 +124,13 @@ impl Dataplane {
         let vmacs = take_map(&mut ebpf, VMAC_MAP, HashMap::try_from)?;
         let heartbeat = take_map(&mut ebpf, HEARTBEAT_MAP, Array::try_from)?;
         let stats = take_map(&mut ebpf, STATS_MAP, PerCpuArray::try_from)?;
+        let flows = take_map(&mut ebpf, FLOW_MAP, HashMap::try_from)?;
+        let capture = take_map(&mut ebpf, CAPTURE_MAP, Array::try_from)?;
+        let deltas = take_map(&mut ebpf, DELTA_RING, RingBuf::try_from)?;
         Ok(Self {
+            flows,
+            capture,
+            deltas,
             ebpf,
             pin_dir: pin_dir.to_owned(),
             links: Vec::new(),
@@ -232,6 +244,36 @@ impl Dataplane {
         self.heartbeat
             .set(0, Heartbeat::default(), 0)
             .map_err(map_error(HEARTBEAT_MAP))
+    }
+
+    /// Turns flow capture on (deltas at least every `refresh`) or off.
+    pub fn set_capture(&mut self, refresh: Option<Duration>) -> Result<(), DataplaneError> {
+        let config = CaptureConfig {
+            enabled: u32::from(refresh.is_some()),
+            _pad: 0,
+            refresh_ns: refresh.map_or(0, |r| r.as_nanos() as u64),
+        };
+        self.capture
+            .set(0, config, 0)
+            .map_err(map_error(CAPTURE_MAP))
+    }
+
+    /// The flow map's entry for `key`.
+    pub fn flow(&self, key: &FlowKey) -> Option<FlowEntry> {
+        self.flows.get(key, 0).ok()
+    }
+
+    /// How many flows the map holds.
+    pub fn flow_count(&self) -> usize {
+        self.flows.keys().filter(Result::is_ok).count()
+    }
+
+    /// The next delta XDP put on the ring buffer, if any.
+    pub fn next_delta(&mut self) -> Option<FlowDelta> {
+        let item = self.deltas.next()?;
+        (item.len() >= std::mem::size_of::<FlowDelta>())
+            // SAFETY: XDP writes whole FlowDelta records; read unaligned from the ring.
+            .then(|| unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowDelta>()) })
     }
 
     /// The XDP counters summed over CPUs, indexed by `carp_common::maps::STAT_*`.

@@ -2,20 +2,20 @@
 //! as backup and with a dead daemon, ARP for other addresses, virtual-MAC frames, and
 //! malformed or truncated frames. Needs root (CI is root); fails, never skips, without it.
 
+mod support;
+
 use aya::programs::{TestRun, TestRunOptions};
-use carp::{
-    dataplane::{Dataplane, Role, remove_pin_dir},
-    pins,
-};
+use carp::dataplane::Role;
+use support::{Loaded, XDP_PASS, load, run};
+
+const XDP_DROP: u32 = 1;
+const XDP_TX: u32 = 3;
 use carp_common::maps::{
     STAT_ARP_DROPPED_BACKUP, STAT_ARP_DROPPED_STALE, STAT_ARP_REPLIED, STAT_MALFORMED,
     STAT_VMAC_ACCEPTED, STAT_VMAC_IGNORED, virtual_mac,
 };
-use std::{net::Ipv4Addr, path::PathBuf, sync::atomic::AtomicU32, time::Duration};
+use std::{net::Ipv4Addr, time::Duration};
 
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
 /// BPF_PROG_TEST_RUN runs XDP as if received on the namespace's loopback (ifindex 1).
 const TEST_IFINDEX: u32 = 1;
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
@@ -23,30 +23,6 @@ const VHID: u8 = 7;
 const IF_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x50];
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 50);
-
-/// A data plane loaded with its own pin directory, removed on drop.
-struct Loaded {
-    dataplane: Dataplane,
-    dir: PathBuf,
-}
-
-impl Drop for Loaded {
-    fn drop(&mut self) {
-        remove_pin_dir(&self.dir);
-    }
-}
-
-fn load() -> Loaded {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "BPF_PROG_TEST_RUN tests need root: run them through `cargo xtask test` (CI runs as root)"
-    );
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = pins::node_dir(&format!("xdptest-{}-{n}", std::process::id()));
-    let dataplane = Dataplane::load(&dir).expect("XDP object loads and verifies");
-    Loaded { dataplane, dir }
-}
 
 fn arp_frame(op: u16, target: Ipv4Addr) -> Vec<u8> {
     let mut f = Vec::new();
@@ -71,23 +47,6 @@ fn ipv4_frame(dst_mac: [u8; 6]) -> Vec<u8> {
     f.extend_from_slice(&CLIENT_IP.octets());
     f.extend_from_slice(&VIP.octets());
     f
-}
-
-/// Runs the program on `frame`; returns the action and the frame as the program left it.
-fn run(loaded: &mut Loaded, frame: &[u8]) -> (u32, Vec<u8>) {
-    let mut out = vec![0u8; frame.len() + 256];
-    let result = loaded
-        .dataplane
-        .program()
-        .unwrap()
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ..Default::default()
-        })
-        .expect("BPF_PROG_TEST_RUN");
-    out.truncate(result.data_size_out as usize);
-    (result.return_value, out)
 }
 
 fn master(loaded: &mut Loaded) {

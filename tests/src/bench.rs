@@ -118,6 +118,9 @@ struct XdpCost {
     pass_repeat: f64,
     arp_backup_repeat: f64,
     arp_backup_single: f64,
+    /// Flow capture on: an established TCP segment (repeat loop) and a new flow (single runs).
+    capture_established_repeat: f64,
+    capture_new_single: f64,
 }
 
 impl XdpCost {
@@ -165,6 +168,18 @@ impl XdpCost {
             self.arp_backup_repeat,
             self.arp_backup_repeat / self.bare_repeat
         );
+        println!("  flow capture on (issue 3's data plane):");
+        println!(
+            "    established TCP segment, 1M-run loop  {:>6.1} ns  {:.2}x bare  (target <= 2x: {})",
+            self.capture_established_repeat,
+            self.capture_established_repeat / self.bare_repeat,
+            verdict(self.capture_established_repeat <= 2.0 * self.bare_repeat)
+        );
+        println!(
+            "    new flow (birth + delta), single runs  {:>6.1} ns  {:.2}x bare (single runs)",
+            self.capture_new_single,
+            self.capture_new_single / self.bare_single
+        );
     }
 }
 
@@ -198,7 +213,7 @@ fn measure_xdp(dir: &std::path::Path) -> Result<XdpCost> {
     tcp.extend_from_slice(&[2, 0, 0, 0, 0, 0x50, 0x08, 0x00]);
     tcp.extend_from_slice(&[0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0, 198, 18, 1, 100]);
     tcp.extend_from_slice(&[198, 18, 2, 100, 0x9c, 0x40, 0, 80]);
-    tcp.extend_from_slice(&[0; 16]);
+    tcp.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0, 0xfa, 0xf0, 0, 0, 0, 0]);
 
     const CALLS: u32 = 20_000;
     const REPEATS: u32 = 1_000_000;
@@ -219,7 +234,28 @@ fn measure_xdp(dir: &std::path::Path) -> Result<XdpCost> {
     dataplane.set_vip(1, VIP, 1, virtual_mac(1), Role::Backup)?;
     let [arp_backup_repeat] = median_repeat([(&*dataplane.program()?, &arp[..])], REPEATS)?;
     let [arp_backup_single] = median_single([(&*dataplane.program()?, &arp[..])], CALLS)?;
+    // Flow capture on: the same established segment again and again (no delta within the
+    // refresh time), and a new flow each call (a fresh source port).
+    dataplane.set_capture(Some(Duration::from_secs(3600)))?;
+    let mut established = tcp.clone();
+    established[47] = 0x10; // ACK
+    test_run(dataplane.program()?, &established, 1)?;
+    let [capture_established_repeat] =
+        median_repeat([(&*dataplane.program()?, &established[..])], REPEATS)?;
+    let program = dataplane.program()?;
+    let mut births = Vec::with_capacity(CALLS as usize);
+    for call in 0..CALLS {
+        let mut syn = tcp.clone();
+        syn[34..36].copy_from_slice(&(call as u16).to_be_bytes());
+        syn[47] = 0x02; // SYN
+        births.push(test_run(program, &syn, 1)?.1.as_nanos());
+    }
+    births.sort_unstable();
+    let capture_new_single = births[births.len() / 2] as f64;
+    while dataplane.next_delta().is_some() {}
     Ok(XdpCost {
+        capture_established_repeat,
+        capture_new_single,
         arp_backup_repeat,
         arp_backup_single,
         calls: CALLS,

@@ -1,0 +1,299 @@
+//! Flow capture through BPF_PROG_TEST_RUN on crafted frames: a whole TCP connection's phases
+//! and the deltas it emits (birth, changes, end; not one per packet), UDP and ICMP echo in
+//! both directions on one entry, IPv6, fragments and truncated headers, capture switched off,
+//! and a full ring buffer that loses deltas without stalling packets. Needs root.
+
+mod support;
+
+use aya::programs::{TestRun, TestRunOptions};
+use carp_common::{
+    flow::{DELTA_BORN, DELTA_CHANGED, DELTA_ENDED, DELTA_REFRESH, FlowKey, tcp_phase},
+    maps::{STAT_DELTA_LOST, STAT_FLOW_UNTRACKED, STAT_MALFORMED},
+};
+use std::time::Duration;
+use support::{Loaded, XDP_PASS, load, run};
+
+const CLIENT: [u8; 4] = [198, 18, 1, 100];
+const SERVER: [u8; 4] = [198, 18, 2, 100];
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+const FIN: u8 = 0x01;
+const RST: u8 = 0x04;
+
+fn eth(ethertype: [u8; 2]) -> Vec<u8> {
+    let mut f = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 0x50];
+    f.extend_from_slice(&ethertype);
+    f
+}
+
+fn ipv4(proto: u8, src: [u8; 4], dst: [u8; 4], frag: u16, l4: &[u8]) -> Vec<u8> {
+    let mut f = eth([0x08, 0x00]);
+    let total = (20 + l4.len()) as u16;
+    f.extend_from_slice(&[0x45, 0]);
+    f.extend_from_slice(&total.to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    f.extend_from_slice(&frag.to_be_bytes());
+    f.extend_from_slice(&[64, proto, 0, 0]);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(l4);
+    f
+}
+
+fn tcp(sport: u16, dport: u16, seq: u32, ack: u32, flags: u8, payload: usize) -> Vec<u8> {
+    let mut t = Vec::new();
+    t.extend_from_slice(&sport.to_be_bytes());
+    t.extend_from_slice(&dport.to_be_bytes());
+    t.extend_from_slice(&seq.to_be_bytes());
+    t.extend_from_slice(&ack.to_be_bytes());
+    t.extend_from_slice(&[0x50, flags, 0xfa, 0xf0, 0, 0, 0, 0]);
+    t.resize(20 + payload, 0);
+    t
+}
+
+/// A TCP segment between the client (port 40000) and the server (port 80).
+fn segment(from_client: bool, seq: u32, ack: u32, flags: u8, payload: usize) -> Vec<u8> {
+    if from_client {
+        ipv4(
+            6,
+            CLIENT,
+            SERVER,
+            0x4000,
+            &tcp(40000, 80, seq, ack, flags, payload),
+        )
+    } else {
+        ipv4(
+            6,
+            SERVER,
+            CLIENT,
+            0x4000,
+            &tcp(80, 40000, seq, ack, flags, payload),
+        )
+    }
+}
+
+fn key(proto: u8, ports: [u16; 2]) -> FlowKey {
+    let mut k = FlowKey {
+        proto,
+        family: 4,
+        ..FlowKey::default()
+    };
+    k.addr[0][..4].copy_from_slice(&CLIENT);
+    k.addr[1][..4].copy_from_slice(&SERVER);
+    k.port = [ports[0].to_be_bytes(), ports[1].to_be_bytes()];
+    k
+}
+
+fn capturing(refresh: Duration) -> Loaded {
+    let mut l = load();
+    l.dataplane.set_capture(Some(refresh)).unwrap();
+    l
+}
+
+fn pass(l: &mut Loaded, frame: &[u8]) {
+    assert_eq!(
+        run(l, frame),
+        (XDP_PASS, frame.to_vec()),
+        "frames pass untouched"
+    );
+}
+
+fn delta_kinds(l: &mut Loaded) -> Vec<u8> {
+    std::iter::from_fn(|| l.dataplane.next_delta())
+        .map(|d| d.kind)
+        .collect()
+}
+
+#[test]
+fn a_tcp_connection_moves_through_its_phases_with_one_delta_per_change() {
+    let mut l = capturing(Duration::from_secs(60));
+    let k = key(6, [40000, 80]);
+    let phases = |l: &Loaded| {
+        let e = l.dataplane.flow(&k).expect("flow tracked");
+        [e.tcp[0].phase, e.tcp[1].phase]
+    };
+    pass(&mut l, &segment(true, 1000, 0, SYN, 0));
+    assert_eq!(phases(&l), [tcp_phase::SYN_SENT, tcp_phase::NONE]);
+    pass(&mut l, &segment(false, 5000, 1001, SYN | ACK, 0));
+    assert_eq!(phases(&l), [tcp_phase::SYN_SENT, tcp_phase::SYN_RECEIVED]);
+    pass(&mut l, &segment(true, 1001, 5001, ACK, 0));
+    assert_eq!(phases(&l), [tcp_phase::ESTABLISHED; 2]);
+    for i in 0..5 {
+        pass(&mut l, &segment(true, 1001 + i * 100, 5001, ACK, 100));
+    }
+    let e = l.dataplane.flow(&k).unwrap();
+    assert_eq!(e.tcp[0].seqlo, 1501, "client has sent up to 1501");
+    pass(&mut l, &segment(true, 1501, 5001, FIN | ACK, 0));
+    assert_eq!(phases(&l), [tcp_phase::FIN_WAIT, tcp_phase::ESTABLISHED]);
+    pass(&mut l, &segment(false, 5001, 1502, FIN | ACK, 0));
+    assert_eq!(phases(&l), [tcp_phase::TIME_WAIT; 2]);
+    let e = l.dataplane.flow(&k).unwrap();
+    assert_eq!(e.packets, [8, 2]);
+    assert_eq!(e.bytes[1], 2 * 54);
+    assert_eq!(
+        delta_kinds(&mut l),
+        [
+            DELTA_BORN,
+            DELTA_CHANGED,
+            DELTA_CHANGED,
+            DELTA_CHANGED,
+            DELTA_ENDED
+        ],
+        "no delta for plain data segments"
+    );
+}
+
+#[test]
+fn seqhi_follows_the_peers_ack_and_window() {
+    let mut l = capturing(Duration::from_secs(60));
+    pass(&mut l, &segment(true, 1000, 0, SYN, 0));
+    pass(&mut l, &segment(false, 5000, 1001, SYN | ACK, 0));
+    let e = l.dataplane.flow(&key(6, [40000, 80])).unwrap();
+    assert_eq!(
+        e.tcp[0].seqhi,
+        1001 + 0xfaf0,
+        "client may send up to ack + window"
+    );
+    assert_eq!(e.tcp[1].max_win, 0xfaf0);
+}
+
+#[test]
+fn a_reset_ends_the_flow() {
+    let mut l = capturing(Duration::from_secs(60));
+    pass(&mut l, &segment(true, 1000, 0, SYN, 0));
+    pass(&mut l, &segment(false, 0, 1001, RST | ACK, 0));
+    let e = l.dataplane.flow(&key(6, [40000, 80])).unwrap();
+    assert_eq!([e.tcp[0].phase, e.tcp[1].phase], [tcp_phase::CLOSED; 2]);
+    assert_eq!(delta_kinds(&mut l), [DELTA_BORN, DELTA_ENDED]);
+}
+
+#[test]
+fn an_unchanged_flow_is_refreshed_to_the_peer_after_refresh_ns() {
+    let mut l = capturing(Duration::ZERO);
+    pass(&mut l, &segment(true, 1000, 0, SYN, 0));
+    pass(&mut l, &segment(true, 1000, 0, SYN, 0));
+    pass(&mut l, &segment(true, 1000, 0, SYN, 0));
+    assert_eq!(
+        delta_kinds(&mut l),
+        [DELTA_BORN, DELTA_REFRESH, DELTA_REFRESH]
+    );
+}
+
+#[test]
+fn udp_both_directions_share_one_entry() {
+    let mut l = capturing(Duration::from_secs(60));
+    let udp = |sport: u16, dport: u16| {
+        let mut u = sport.to_be_bytes().to_vec();
+        u.extend_from_slice(&dport.to_be_bytes());
+        u.extend_from_slice(&[0, 12, 0, 0, 1, 2, 3, 4]);
+        u
+    };
+    pass(&mut l, &ipv4(17, CLIENT, SERVER, 0, &udp(5353, 53)));
+    pass(&mut l, &ipv4(17, SERVER, CLIENT, 0, &udp(53, 5353)));
+    pass(&mut l, &ipv4(17, SERVER, CLIENT, 0, &udp(53, 5353)));
+    let e = l
+        .dataplane
+        .flow(&key(17, [5353, 53]))
+        .expect("one UDP flow");
+    assert_eq!(e.packets, [1, 2]);
+    assert_eq!(l.dataplane.flow_count(), 1);
+    assert_eq!(delta_kinds(&mut l), [DELTA_BORN]);
+}
+
+#[test]
+fn icmp_echo_request_and_reply_share_one_entry_and_errors_are_not_tracked() {
+    let mut l = capturing(Duration::from_secs(60));
+    let echo = |kind: u8| vec![kind, 0, 0, 0, 0x12, 0x34, 0, 1];
+    pass(&mut l, &ipv4(1, CLIENT, SERVER, 0, &echo(8)));
+    pass(&mut l, &ipv4(1, SERVER, CLIENT, 0, &echo(0)));
+    let e = l
+        .dataplane
+        .flow(&key(1, [0x1234, 0x1234]))
+        .expect("echo flow");
+    assert_eq!(e.packets, [1, 1]);
+    pass(
+        &mut l,
+        &ipv4(1, SERVER, CLIENT, 0, &[3, 1, 0, 0, 0, 0, 0, 0]),
+    );
+    assert_eq!(l.dataplane.flow_count(), 1);
+    assert_eq!(
+        l.dataplane.stats().unwrap()[STAT_FLOW_UNTRACKED as usize],
+        1
+    );
+}
+
+#[test]
+fn ipv6_tcp_is_tracked_with_its_full_addresses() {
+    let mut l = capturing(Duration::from_secs(60));
+    let src = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    let dst = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+    let l4 = tcp(40000, 443, 7, 0, SYN, 0);
+    let mut f = eth([0x86, 0xdd]);
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+    f.extend_from_slice(&[6, 64]);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&l4);
+    pass(&mut l, &f);
+    let k = FlowKey {
+        addr: [src, dst],
+        port: [40000u16.to_be_bytes(), 443u16.to_be_bytes()],
+        proto: 6,
+        family: 6,
+        _pad: [0; 2],
+    };
+    let e = l.dataplane.flow(&k).expect("IPv6 flow");
+    assert_eq!(e.tcp[0].phase, tcp_phase::SYN_SENT);
+    assert_eq!(e.bytes[0], f.len() as u64);
+}
+
+#[test]
+fn fragments_and_truncated_headers_pass_without_a_flow() {
+    let mut l = capturing(Duration::from_secs(60));
+    // A later fragment (offset 185 x 8 bytes): no L4 header to read.
+    pass(&mut l, &ipv4(6, CLIENT, SERVER, 185, &[0u8; 20]));
+    // A first fragment (more-fragments bit) is left alone too.
+    pass(&mut l, &ipv4(17, CLIENT, SERVER, 0x2000, &[0u8; 8]));
+    assert_eq!(
+        l.dataplane.stats().unwrap()[STAT_FLOW_UNTRACKED as usize],
+        2
+    );
+    let syn = segment(true, 1000, 0, SYN, 0);
+    for len in 14..syn.len() {
+        pass(&mut l, &syn[..len]);
+    }
+    assert_eq!(l.dataplane.flow_count(), 0);
+    assert!(l.dataplane.stats().unwrap()[STAT_MALFORMED as usize] >= 20);
+    assert_eq!(delta_kinds(&mut l), Vec::<u8>::new());
+}
+
+#[test]
+fn capture_off_tracks_nothing() {
+    let mut l = load();
+    pass(&mut l, &segment(true, 1000, 0, SYN, 0));
+    assert_eq!(l.dataplane.flow_count(), 0);
+    assert!(l.dataplane.next_delta().is_none());
+}
+
+#[test]
+fn a_full_ring_buffer_loses_deltas_but_never_stalls_a_packet() {
+    let mut l = capturing(Duration::ZERO);
+    // Every run refreshes the flow; far more deltas than the 4 MiB ring holds, none drained.
+    let syn = segment(true, 1000, 0, SYN, 0);
+    let result = l
+        .dataplane
+        .program()
+        .unwrap()
+        .test_run(TestRunOptions {
+            data_in: Some(&syn),
+            repeat: 60_000,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(result.return_value, XDP_PASS);
+    let lost = l.dataplane.stats().unwrap()[STAT_DELTA_LOST as usize];
+    assert!(lost > 20_000, "lost {lost}");
+    let kept = std::iter::from_fn(|| l.dataplane.next_delta()).count() as u64;
+    assert_eq!(kept + lost, 60_000);
+}
