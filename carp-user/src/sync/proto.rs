@@ -3,6 +3,7 @@
 //! from a byte buffer, asks for more when a frame is incomplete, and rejects garbage before
 //! allocating anything sized by the peer (smoltcp's check-then-parse discipline).
 
+use carp_common::flow::tcp_phase;
 use std::net::IpAddr;
 
 /// First bytes of every frame.
@@ -56,18 +57,19 @@ pub struct TcpPeer {
     pub seqhi: u32,
 }
 
-/// TCP progress of one direction, ordered: a state never moves to a smaller phase.
+/// TCP progress of one direction, ordered: a state never moves to a smaller phase. The
+/// numbers are XDP's (`carp_common::flow::tcp_phase`), so records carry them unchanged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 #[repr(u8)]
 pub enum TcpPhase {
-    None = 0,
-    SynSent = 1,
-    SynReceived = 2,
-    Established = 3,
-    FinWait = 4,
-    Closing = 5,
-    TimeWait = 6,
-    Closed = 7,
+    None = tcp_phase::NONE,
+    SynSent = tcp_phase::SYN_SENT,
+    SynReceived = tcp_phase::SYN_RECEIVED,
+    Established = tcp_phase::ESTABLISHED,
+    FinWait = tcp_phase::FIN_WAIT,
+    Closing = tcp_phase::CLOSING,
+    TimeWait = tcp_phase::TIME_WAIT,
+    Closed = tcp_phase::CLOSED,
 }
 
 /// A flow as the peers exchange it: both tuples (so NAT survives), TCP tracking, counters.
