@@ -5,3 +5,4 @@
 pub mod bulk;
 pub mod merge;
 pub mod proto;
+pub mod transport;
