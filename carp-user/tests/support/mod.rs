@@ -30,8 +30,14 @@ pub fn load() -> Loaded {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = pins::node_dir(&format!("xdptest-{}-{n}", std::process::id()));
-    let dataplane = Dataplane::load(&dir).expect("XDP object loads and verifies");
-    Loaded { dataplane, dir }
+    // A load the verifier refuses may already have pinned maps: remove them before failing.
+    match Dataplane::load(&dir) {
+        Ok(dataplane) => Loaded { dataplane, dir },
+        Err(e) => {
+            remove_pin_dir(&dir);
+            panic!("XDP object loads and verifies: {e:?}");
+        }
+    }
 }
 
 /// Runs the program on `frame`; returns the action and the frame as the program left it.
