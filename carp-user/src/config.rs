@@ -263,6 +263,11 @@ fn validate(raw: RawConfig, interfaces: &[Interface], problems: &mut Vec<Problem
         key
     });
 
+    let vip_addresses: Vec<Ipv4Addr> = raw
+        .vip
+        .iter()
+        .filter_map(|v| v.address.parse::<Ipv4Net>().ok().map(|n| n.addr))
+        .collect();
     let mut vips = Vec::new();
     let mut seen_vhids = HashSet::new();
     let mut seen_addrs = HashSet::new();
@@ -304,15 +309,10 @@ fn validate(raw: RawConfig, interfaces: &[Interface], problems: &mut Vec<Problem
             Some(iface) => {
                 if let Some(address) = address {
                     // The VIP itself may be on the interface already (a restart after a crash).
-                    let configured: Vec<Ipv4Addr> = raw
-                        .vip
-                        .iter()
-                        .filter_map(|v| v.address.parse::<Ipv4Net>().ok().map(|n| n.addr))
-                        .collect();
                     let inside = iface
                         .addrs
                         .iter()
-                        .filter(|real| !configured.contains(&real.addr))
+                        .filter(|real| !vip_addresses.contains(&real.addr))
                         .any(|real| real.contains(address.addr));
                     if !inside {
                         problem(

@@ -309,15 +309,13 @@ impl Daemon {
     /// and a demotion makes a master advertise).
     async fn settle(&mut self) {
         loop {
-            let mut acted = false;
             for i in 0..self.vhids.len() {
                 while let Some(action) = self.vhids[i].fsm.poll_action() {
-                    acted = true;
                     self.perform(i, action).await;
                 }
             }
             self.apply_demotion(Instant::now());
-            if !acted && self.vhids.iter_mut().all(|v| v.fsm_is_quiet()) {
+            if self.vhids.iter().all(|v| v.fsm.has_no_actions()) {
                 break;
             }
         }
@@ -343,7 +341,7 @@ impl Daemon {
         v.counter = v.counter.wrapping_add(1);
         let advert = Advert::signed(
             &self.config.carp.key,
-            v.fsm_vhid(),
+            v.fsm.vhid(),
             &[v.address.addr],
             advbase,
             advskew,
@@ -356,14 +354,14 @@ impl Daemon {
                 let addrs = AdvertAddrs {
                     src_mac: v.mac,
                     dst_mac: frame::ipv4_multicast_mac(CARP_GROUP_V4),
-                    src_ip: v.source(),
+                    src_ip: v.fsm.source(),
                     dst_ip: CARP_GROUP_V4,
                 };
                 let frame = frame::advert_frame(&addrs, rand::random(), &advert);
                 self.frames.send(v.ifindex, &frame)
             }
         };
-        let vhid = v.fsm_vhid();
+        let vhid = v.fsm.vhid();
         match sent {
             Ok(()) => {
                 v.send_errors_in_a_row = 0;
@@ -398,7 +396,7 @@ impl Daemon {
         }
         self.set_role(i, Role::Master);
         let v = &self.vhids[i];
-        info!(vhid = v.fsm_vhid(), interface = %v.interface, vip = %v.address, "VIP taken");
+        info!(vhid = v.fsm.vhid(), interface = %v.interface, vip = %v.address, "VIP taken");
     }
 
     async fn release_vip(&mut self, i: usize) {
@@ -411,7 +409,7 @@ impl Daemon {
         if let Err(e) = self.addresses.remove(v.ifindex, v.address).await {
             error!(error = %e, "cannot remove VIP");
         }
-        info!(vhid = v.fsm_vhid(), interface = %v.interface, vip = %v.address, "VIP released");
+        info!(vhid = v.fsm.vhid(), interface = %v.interface, vip = %v.address, "VIP released");
     }
 
     /// Tells XDP whether this node answers for vhid `i`'s VIP and virtual MAC.
@@ -419,13 +417,13 @@ impl Daemon {
         let v = &self.vhids[i];
         let result = self
             .dataplane
-            .set_vip(v.ifindex, v.address.addr, v.fsm_vhid(), v.mac, role)
+            .set_vip(v.ifindex, v.address.addr, v.fsm.vhid(), v.mac, role)
             .and_then(|()| {
                 self.dataplane
-                    .set_vmac(v.ifindex, v.fsm_vhid(), v.if_mac, role)
+                    .set_vmac(v.ifindex, v.fsm.vhid(), v.if_mac, role)
             });
         if let Err(e) = result {
-            error!(vhid = v.fsm_vhid(), ?role, error = %e, "cannot update the XDP maps");
+            error!(vhid = v.fsm.vhid(), ?role, error = %e, "cannot update the XDP maps");
         }
     }
 
@@ -438,7 +436,7 @@ impl Daemon {
         let frames = self.frames.clone();
         let sent = self.garps_sent.clone();
         let (ifindex, frame) = (v.ifindex, frame::gratuitous_arp(v.mac, v.address.addr));
-        let vhid = v.fsm_vhid();
+        let vhid = v.fsm.vhid();
         v.garp = Some(tokio::spawn(async move {
             let start = tokio::time::Instant::now();
             for at in GARP_SCHEDULE {
@@ -478,7 +476,7 @@ impl Daemon {
         let Some(v) = self
             .vhids
             .iter_mut()
-            .find(|v| v.fsm_vhid() == advert.vhid && (v.ifindex == ifindex || unicast))
+            .find(|v| v.fsm.vhid() == advert.vhid && (v.ifindex == ifindex || unicast))
         else {
             self.counters.unknown_vhid += 1;
             return;
@@ -607,7 +605,7 @@ impl Daemon {
                 .iter()
                 .map(|v| VipStatus {
                     interface: v.interface.clone(),
-                    vhid: v.fsm_vhid(),
+                    vhid: v.fsm.vhid(),
                     address: v.address.to_string(),
                     state: v.fsm.state(),
                     advbase: v.fsm.params().advbase,
@@ -634,20 +632,6 @@ impl Daemon {
         self.dataplane.detach_and_unpin();
         let _ = std::fs::remove_file(&self.config.node.control_socket);
         info!("stopped: VIPs released, XDP detached");
-    }
-}
-
-impl VhidRuntime {
-    fn fsm_vhid(&self) -> u8 {
-        self.fsm.vhid()
-    }
-
-    fn source(&self) -> Ipv4Addr {
-        self.fsm.source()
-    }
-
-    fn fsm_is_quiet(&mut self) -> bool {
-        self.fsm.has_no_actions()
     }
 }
 

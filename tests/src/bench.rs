@@ -6,7 +6,7 @@ use crate::{
     cluster::{backup_opts, carp_cli, wait_state},
     end_process, kill_hard, ping,
     probe::{self, ArpProbe},
-    wait_exit, wait_for,
+    unix_us, wait_exit, wait_for,
 };
 use anyhow::{Context, Result, bail};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
@@ -330,13 +330,6 @@ impl Takeovers {
             .collect::<Vec<_>>()
             .join(" ")
     }
-}
-
-fn unix_us() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_micros()
 }
 
 /// Probes the LAN VIP every 10 ms, runs `kill` after a second, and finds when the new master

@@ -5,6 +5,7 @@
 //! `reply <unix_us> <mac>` per reply, so a test can count answers and time takeovers.
 
 use anyhow::{Context, Result, bail};
+use carp_lab::unix_us;
 use std::{
     io::Write,
     net::Ipv4Addr,
@@ -73,13 +74,6 @@ fn main() -> Result<()> {
     }
     out.flush()?;
     Ok(())
-}
-
-fn unix_us() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_micros()
 }
 
 fn local(iface: &str) -> Result<(u32, [u8; 6], Ipv4Addr)> {
