@@ -14,6 +14,12 @@ pub const DEFAULT_FLOWS_MAX: u32 = 262_144;
 /// Bytes of the delta ring buffer (a power of two pages).
 pub const DELTA_RING_BYTES: u32 = 4 << 20;
 
+/// IP protocol numbers the capture tracks (one definition for XDP, the daemon and the wire).
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
+
 /// [`FlowDelta::kind`]: the flow was first seen.
 pub const DELTA_BORN: u8 = 1;
 /// A TCP direction changed phase.

@@ -14,7 +14,8 @@ use aya_ebpf::{
 use carp_common::{
     flow::{
         CaptureConfig, DEFAULT_FLOWS_MAX, DELTA_BORN, DELTA_CHANGED, DELTA_ENDED, DELTA_REFRESH,
-        DELTA_RING_BYTES, FlowDelta, FlowEntry, FlowKey, TcpTrack, tcp_phase,
+        DELTA_RING_BYTES, FlowDelta, FlowEntry, FlowKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
+        IPPROTO_UDP, TcpTrack, tcp_phase,
     },
     maps::{STAT_DELTA_LOST, STAT_FLOW_INSERT_FAILED, STAT_FLOW_PACKETS, STAT_FLOW_UNTRACKED},
 };
@@ -32,10 +33,6 @@ static CARP_CAPTURE: Array<CaptureConfig, 1> = Array::new();
 const ETH_LEN: usize = 14;
 const ETHERTYPE_IPV4: u16 = 0x0800u16.to_be();
 const ETHERTYPE_IPV6: u16 = 0x86ddu16.to_be();
-const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
-const IPPROTO_ICMPV6: u8 = 58;
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
@@ -316,11 +313,20 @@ fn track_tcp(tcp: &mut [TcpTrack; 2], me: usize, s: &Segment) {
         if receiver.seqhi == 0 || seq_after(allowed, receiver.seqhi) {
             receiver.seqhi = allowed;
         }
-        // The ACK that completes the handshake: both sides have sent their SYN.
-        let both_syn = tcp[0].phase >= tcp_phase::SYN_SENT && tcp[1].phase >= tcp_phase::SYN_SENT;
-        if syn == 0 && both_syn {
-            advance(&mut tcp[0], tcp_phase::ESTABLISHED);
-            advance(&mut tcp[1], tcp_phase::ESTABLISHED);
+        if syn == 0 {
+            // A plain ACK from a side that sent its SYN means it has the other's SYN: its
+            // handshake is done. This also holds where NAT splits a flow into two keys and
+            // each sees one direction only.
+            if tcp[me & 1].phase >= tcp_phase::SYN_SENT {
+                advance(&mut tcp[me & 1], tcp_phase::ESTABLISHED);
+            }
+            // Both SYNs seen here: the ACK completes the handshake for both sides.
+            let both_syn =
+                tcp[0].phase >= tcp_phase::SYN_SENT && tcp[1].phase >= tcp_phase::SYN_SENT;
+            if both_syn {
+                advance(&mut tcp[0], tcp_phase::ESTABLISHED);
+                advance(&mut tcp[1], tcp_phase::ESTABLISHED);
+            }
         }
     }
     if fin != 0 {

@@ -1,8 +1,9 @@
-//! The `carp` command line: `run`, `check`, `status`, `maintenance`.
+//! The `carp` command line: `run`, `check`, `status`, `maintenance`, `flows`.
 
 use crate::{
     config::{Config, ConfigError},
     control::{self, Request, Response, Status},
+    sync::{merge::Origin, service::FlowRow, service::SyncStatus},
 };
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::{Path, PathBuf};
@@ -39,6 +40,13 @@ pub enum Command {
     /// Demote this node by 240 (kept across restarts) so the peer takes the VIPs, or undo it.
     Maintenance {
         mode: OnOff,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// List the synced connection table, like `conntrack -L` / `pfctl -ss`.
+    Flows {
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         target: Target,
     },
@@ -143,20 +151,110 @@ pub fn check(path: &Path) -> i32 {
     }
 }
 
-/// Sends `request` and returns the status it answers with.
-pub fn request_status(target: &Target, request: &Request) -> anyhow::Result<Status> {
+/// Sends `request`; an answer that is not ok becomes the error.
+fn request(target: &Target, request: &Request) -> anyhow::Result<Response> {
     let socket = target.socket()?;
-    match control::call(&socket, request)? {
-        Response {
-            ok: true,
-            status: Some(status),
-            ..
-        } => Ok(status),
-        Response { error, .. } => anyhow::bail!(
+    let response = control::call(&socket, request)?;
+    if response.ok {
+        Ok(response)
+    } else {
+        anyhow::bail!(
             "daemon refused: {}",
-            error.unwrap_or_else(|| "no reason given".into())
-        ),
+            response.error.unwrap_or_else(|| "no reason given".into())
+        )
     }
+}
+
+/// Sends `request` and returns the status it answers with.
+pub fn request_status(target: &Target, req: &Request) -> anyhow::Result<Status> {
+    request(target, req)?
+        .status
+        .ok_or_else(|| anyhow::anyhow!("the daemon answered without a status"))
+}
+
+/// Asks for the flow table.
+pub fn request_flows(target: &Target) -> anyhow::Result<Vec<FlowRow>> {
+    request(target, &Request::Flows)?
+        .flows
+        .ok_or_else(|| anyhow::anyhow!("the daemon answered without flows"))
+}
+
+/// `carp flows`: one line per connection, in conntrack's `-L` shape.
+pub fn format_flows(flows: &[FlowRow]) -> String {
+    let mut out = String::new();
+    for f in flows {
+        let name = match f.proto {
+            6 => "tcp".to_string(),
+            17 => "udp".to_string(),
+            1 => "icmp".to_string(),
+            58 => "icmpv6".to_string(),
+            n => n.to_string(),
+        };
+        let origin = match f.origin {
+            Origin::Local => "local",
+            Origin::Peer => "peer",
+        };
+        out.push_str(&format!(
+            "{name:<6} {:<3} {:<7} {:<11} src={} dst={} sport={} dport={} packets={} bytes={} src={} dst={} sport={} dport={} packets={} bytes={} [{origin}]\n",
+            f.proto,
+            f.timeout_s,
+            f.state,
+            f.src,
+            f.dst,
+            f.sport,
+            f.dport,
+            f.packets[0],
+            f.bytes[0],
+            f.reply_src,
+            f.reply_dst,
+            f.reply_sport,
+            f.reply_dport,
+            f.packets[1],
+            f.bytes[1],
+        ));
+    }
+    out.push_str(&format!("{} flows\n", flows.len()));
+    out
+}
+
+/// The sync lines under the `carp status` table.
+fn format_sync(s: &SyncStatus) -> String {
+    format!(
+        "sync {} -> {} ({})  peer {}  {}  bulk {}{}\n\
+         flows {} held ({} local)  deltas sent {} received {} dropped {} lost-in-xdp {}  \
+         sessions {} refused {}  conntrack created {} updated {} deleted {} errors {}\n{}",
+        s.listen,
+        s.peer,
+        s.interface,
+        s.peer_node.as_deref().unwrap_or("?"),
+        if s.connected {
+            "connected"
+        } else {
+            "NOT CONNECTED"
+        },
+        s.bulk,
+        if s.demoted {
+            "  (demoted until bulk completes)"
+        } else {
+            ""
+        },
+        s.flows_held,
+        s.flows_local,
+        s.deltas_sent,
+        s.deltas_received,
+        s.deltas_dropped,
+        s.deltas_lost_in_xdp,
+        s.sessions,
+        s.refused,
+        s.install.conntrack_created,
+        s.install.conntrack_updated,
+        s.install.conntrack_deleted,
+        s.install.conntrack_errors,
+        s.last_error
+            .as_ref()
+            .map(|e| format!("last error: {e}\n"))
+            .unwrap_or_default(),
+    )
 }
 
 /// The `carp status` table.
@@ -212,6 +310,9 @@ pub fn format_status(status: &Status) -> String {
     for row in &rows {
         line(&row.each_ref().map(String::as_str));
     }
+    if let Some(sync) = &status.sync {
+        out.push_str(&format_sync(sync));
+    }
     out
 }
 
@@ -242,6 +343,7 @@ mod tests {
                 mac: "00:00:5e:00:01:01".into(),
             }],
             counters: Counters::default(),
+            sync: None,
         };
         let table = format_status(&status);
         let lines: Vec<&str> = table.lines().collect();

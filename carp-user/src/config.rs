@@ -4,12 +4,17 @@
 use crate::{
     carp::packet::{AuthKey, MAX_PASSPHRASE_LEN},
     interfaces::{Interface, Ipv4Net},
+    sync::{
+        service::SyncConfig,
+        transport::{MIN_SECRET_LEN, SharedKey},
+    },
 };
+use carp_common::flow::DEFAULT_FLOWS_MAX;
 use serde::Deserialize;
 use std::{
     collections::HashSet,
     fmt,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
 };
 
@@ -69,6 +74,8 @@ pub struct Config {
     pub node: Node,
     pub carp: Carp,
     pub vips: Vec<Vip>,
+    /// Connection-state sync; `None` leaves flow capture off.
+    pub sync: Option<SyncConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -105,7 +112,21 @@ struct RawConfig {
     carp: RawCarp,
     #[serde(default)]
     vip: Vec<RawVip>,
+    sync: Option<RawSync>,
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSync {
+    interface: String,
+    listen: String,
+    peer: String,
+    key_file: PathBuf,
+    flows_max: Option<i64>,
+}
+
+/// Largest flow map accepted (each entry is about 200 bytes of kernel memory).
+const MAX_FLOWS: i64 = 1 << 24;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -219,13 +240,8 @@ fn validate(raw: RawConfig, interfaces: &[Interface], problems: &mut Vec<Problem
     let advskew = in_range(raw.carp.advskew, 0, 254, "carp.advskew", &mut problem);
     let passphrase = match (raw.carp.passphrase, raw.carp.passphrase_file) {
         (Some(p), None) => Some(p.into_bytes()),
-        (None, Some(path)) => match std::fs::read(&path) {
-            Ok(mut bytes) => {
-                while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-                    bytes.pop();
-                }
-                Some(bytes)
-            }
+        (None, Some(path)) => match read_secret(&path) {
+            Ok(bytes) => Some(bytes),
             Err(e) => {
                 problem(
                     "carp.passphrase_file".into(),
@@ -339,6 +355,9 @@ fn validate(raw: RawConfig, interfaces: &[Interface], problems: &mut Vec<Problem
     if raw.vip.is_empty() {
         problem("vip".into(), "no [[vip]] configured".into());
     }
+    let sync = raw
+        .sync
+        .and_then(|raw| validate_sync(raw, interfaces, &mut problem));
 
     Config {
         node: Node {
@@ -362,7 +381,98 @@ fn validate(raw: RawConfig, interfaces: &[Interface], problems: &mut Vec<Problem
             peer: raw.carp.peer,
         },
         vips,
+        sync,
     }
+}
+
+/// A secret file's bytes without the trailing newline an editor leaves.
+fn read_secret(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut bytes = std::fs::read(path)?;
+    while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        bytes.pop();
+    }
+    Ok(bytes)
+}
+
+fn validate_sync(
+    raw: RawSync,
+    interfaces: &[Interface],
+    problem: &mut impl FnMut(String, String),
+) -> Option<SyncConfig> {
+    let address = |field: &str, text: &str, problem: &mut dyn FnMut(String, String)| {
+        text.parse::<SocketAddr>()
+            .map_err(|_| {
+                problem(
+                    format!("sync.{field}"),
+                    format!("`{text}` is not an address:port like 198.18.3.1:8370"),
+                );
+            })
+            .ok()
+    };
+    let listen = address("listen", &raw.listen, problem);
+    let peer = address("peer", &raw.peer, problem);
+    match interfaces.iter().find(|i| i.name == raw.interface) {
+        None => problem(
+            "sync.interface".into(),
+            format!("no interface `{}` on this host", raw.interface),
+        ),
+        Some(iface) => {
+            if let Some(listen) = listen
+                && !iface
+                    .addrs
+                    .iter()
+                    .any(|a| IpAddr::V4(a.addr) == listen.ip())
+            {
+                problem(
+                    "sync.listen".into(),
+                    format!("{} is not an address of `{}`", listen.ip(), raw.interface),
+                );
+            }
+        }
+    }
+    if let (Some(l), Some(p)) = (listen, peer)
+        && l.ip() == p.ip()
+    {
+        problem(
+            "sync.peer".into(),
+            "the peer cannot be this node's own address".into(),
+        );
+    }
+    let key = match read_secret(&raw.key_file) {
+        Ok(secret) => SharedKey::from_secret(&secret)
+            .map_err(|_| {
+                problem(
+                    "sync.key_file".into(),
+                    format!(
+                        "{} holds {} bytes, at least {MIN_SECRET_LEN} are needed",
+                        raw.key_file.display(),
+                        secret.len()
+                    ),
+                );
+            })
+            .ok(),
+        Err(e) => {
+            problem(
+                "sync.key_file".into(),
+                format!("cannot read {}: {e}", raw.key_file.display()),
+            );
+            None
+        }
+    };
+    let flows_max = raw.flows_max.unwrap_or(i64::from(DEFAULT_FLOWS_MAX));
+    if !(1..=MAX_FLOWS).contains(&flows_max) {
+        problem(
+            "sync.flows_max".into(),
+            format!("{flows_max} is outside 1..={MAX_FLOWS}"),
+        );
+    }
+    Some(SyncConfig {
+        interface: raw.interface,
+        listen: listen?,
+        peer: peer?,
+        key: key?,
+        flows_max: u32::try_from(flows_max).ok()?,
+    })
 }
 
 /// `value` as a u8 when within `lo..=hi`, else a problem naming `field` (and 0).
@@ -556,5 +666,69 @@ address = "198.18.1.5"
             problems(&text),
             ["vip[1].address: 198.18.1.1 is configured twice"]
         );
+    }
+
+    fn sync_host() -> Vec<Interface> {
+        let mut h = host();
+        h.push(Interface {
+            name: "sync".into(),
+            index: 3,
+            mac: [2, 0, 0, 0, 0, 2],
+            link_up: true,
+            addrs: vec!["198.18.3.1/24".parse().unwrap()],
+        });
+        h
+    }
+
+    fn sync_problems(section: &str) -> Result<Config, Vec<String>> {
+        match Config::parse(&format!("{GOOD}\n[sync]\n{section}"), &sync_host()) {
+            Ok(c) => Ok(c),
+            Err(ConfigError::Invalid { problems }) => {
+                Err(problems.iter().map(ToString::to_string).collect())
+            }
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+
+    #[test]
+    fn sync_section_is_validated_field_by_field() {
+        let dir = std::env::temp_dir().join(format!("carp-sync-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good_key = dir.join("good");
+        std::fs::write(&good_key, "a shared secret of some length\n").unwrap();
+        let short_key = dir.join("short");
+        std::fs::write(&short_key, "short\n").unwrap();
+        let good = format!(
+            "interface = \"sync\"\nlisten = \"198.18.3.1:8370\"\npeer = \"198.18.3.2:8370\"\nkey_file = \"{}\"\n",
+            good_key.display()
+        );
+        let c = sync_problems(&good).unwrap();
+        let sync = c.sync.expect("sync configured");
+        assert_eq!(sync.flows_max, DEFAULT_FLOWS_MAX);
+        assert_eq!(sync.peer.to_string(), "198.18.3.2:8370");
+
+        let bad = good
+            .replace("\"sync\"", "\"nope\"")
+            .replace("198.18.3.2:8370", "198.18.3.2")
+            .replace(
+                &good_key.display().to_string(),
+                &short_key.display().to_string(),
+            )
+            + "flows_max = 0\n";
+        let got = sync_problems(&bad).unwrap_err();
+        assert_eq!(got.len(), 4, "{got:?}");
+        assert!(got[0].starts_with("sync.peer: `198.18.3.2` is not an address:port"));
+        assert!(got[1].starts_with("sync.interface: no interface `nope`"));
+        assert!(got[2].starts_with("sync.key_file:") && got[2].contains("5 bytes, at least 16"));
+        assert!(got[3].starts_with("sync.flows_max: 0 is outside"));
+
+        let foreign = good.replace("198.18.3.1:8370", "198.18.9.1:8370");
+        assert_eq!(
+            sync_problems(&foreign).unwrap_err(),
+            ["sync.listen: 198.18.9.1 is not an address of `sync`"]
+        );
+        let missing = good.replace(&good_key.display().to_string(), "/nonexistent/key");
+        assert!(sync_problems(&missing).unwrap_err()[0].starts_with("sync.key_file: cannot read"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

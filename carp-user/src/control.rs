@@ -1,7 +1,10 @@
 //! The control socket between the daemon and the CLI: one JSON request per connection, one
 //! JSON response back. The types here are also the `carp status --json` format.
 
-use crate::carp::fsm::State;
+use crate::{
+    carp::fsm::State,
+    sync::service::{FlowRow, SyncStatus},
+};
 use serde::{Deserialize, Serialize};
 use std::{
     io::{BufRead, BufReader, Write},
@@ -24,7 +27,11 @@ const MAX_REQUEST: u64 = 4096;
 #[serde(tag = "command", rename_all = "lowercase")]
 pub enum Request {
     Status,
-    Maintenance { enable: bool },
+    Maintenance {
+        enable: bool,
+    },
+    /// The synced flow table (`carp flows`).
+    Flows,
 }
 
 /// The daemon's answer.
@@ -35,6 +42,8 @@ pub struct Response {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<Status>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flows: Option<Vec<FlowRow>>,
 }
 
 /// The node as `carp status` shows it.
@@ -46,6 +55,9 @@ pub struct Status {
     pub demotion: u32,
     pub vips: Vec<VipStatus>,
     pub counters: Counters,
+    /// State sync, when configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync: Option<SyncStatus>,
 }
 
 /// One VIP's row.
@@ -169,6 +181,16 @@ impl Response {
             ok: false,
             error: Some(message),
             status: None,
+            flows: None,
+        }
+    }
+
+    pub fn flows(flows: Vec<FlowRow>) -> Self {
+        Self {
+            ok: true,
+            error: None,
+            status: None,
+            flows: Some(flows),
         }
     }
 
@@ -177,6 +199,7 @@ impl Response {
             ok: true,
             error: None,
             status: Some(status),
+            flows: None,
         }
     }
 }

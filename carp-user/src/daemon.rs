@@ -15,11 +15,15 @@ use crate::{
     netlink::{Addresses, NetlinkError},
     pins,
     sockets::{AdvertSocket, FrameSocket},
+    sync::service::{self, SyncHandle},
 };
 use aya::programs::XdpMode;
-use carp_common::maps::{
-    STAT_ARP_DROPPED_BACKUP, STAT_ARP_DROPPED_STALE, STAT_ARP_REPLIED, STAT_VMAC_ACCEPTED,
-    virtual_mac,
+use carp_common::{
+    flow::DEFAULT_FLOWS_MAX,
+    maps::{
+        STAT_ARP_DROPPED_BACKUP, STAT_ARP_DROPPED_STALE, STAT_ARP_REPLIED, STAT_DELTA_LOST,
+        STAT_VMAC_ACCEPTED, virtual_mac,
+    },
 };
 use std::{
     net::Ipv4Addr,
@@ -49,6 +53,10 @@ const GARP_SCHEDULE: [Duration; 3] = [
 ];
 /// Received adverts waiting for the state task; more are dropped and counted.
 const BACKLOG: usize = 1024;
+/// How often XDP re-sends an unchanged flow to the peer (refreshing its timeouts there).
+const FLOW_REFRESH: Duration = Duration::from_secs(10);
+/// Longest wait for the peer's flows to reach the kernel before a VIP is claimed anyway.
+const INSTALL_BARRIER: Duration = Duration::from_secs(1);
 /// File in state_dir whose presence means maintenance mode (kept across restarts).
 const MAINTENANCE_FILE: &str = "maintenance";
 
@@ -71,6 +79,8 @@ pub enum DaemonError {
     NoSource { name: String, vip: Ipv4Net },
     #[error("interface `{name}` disappeared")]
     NoInterface { name: String },
+    #[error("starting state sync: {0}")]
+    Sync(#[source] std::io::Error),
 }
 
 fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
@@ -123,6 +133,7 @@ struct Daemon {
     last_auth_warning: Option<Instant>,
     heartbeat_lifetime: Duration,
     garps_sent: Arc<AtomicU64>,
+    sync: Option<SyncHandle>,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT; then bows out, releases the VIPs, detaches XDP.
@@ -213,7 +224,11 @@ impl Daemon {
         })?;
         let vip_addrs: Vec<Ipv4Addr> = config.vips.iter().map(|v| v.address.addr).collect();
         let pin_dir = pins::node_dir(&config.node.name);
-        let mut dataplane = Dataplane::load(&pin_dir)?;
+        let flows_max = config
+            .sync
+            .as_ref()
+            .map_or(DEFAULT_FLOWS_MAX, |s| s.flows_max);
+        let mut dataplane = Dataplane::load(&pin_dir, flows_max)?;
         let addresses = Addresses::open()?;
         let now = Instant::now();
         let mut vhids = Vec::new();
@@ -287,6 +302,23 @@ impl Daemon {
             warn!("maintenance mode is on (persisted): demoted by {DEMOTION_STEP}");
         }
         let heartbeat_lifetime = heartbeat_lifetime(config.carp.advbase);
+        let sync = match &config.sync {
+            Some(sync) => {
+                let deltas = dataplane.take_deltas().ok_or(DataplaneError::Missing {
+                    name: carp_common::flow::DELTA_RING,
+                })?;
+                let flows = dataplane.open_flow_map()?;
+                let handle = service::start(sync.clone(), config.node.name.clone(), deltas, flows)
+                    .map_err(DaemonError::Sync)?;
+                dataplane.set_capture(Some(FLOW_REFRESH))?;
+                info!(peer = %sync.peer, listen = %sync.listen, "state sync on; demoted until the first bulk update");
+                Some(handle)
+            }
+            None => {
+                dataplane.set_capture(None)?;
+                None
+            }
+        };
         let mut daemon = Self {
             config,
             dataplane,
@@ -300,6 +332,7 @@ impl Daemon {
             last_auth_warning: None,
             heartbeat_lifetime,
             garps_sent: Arc::default(),
+            sync,
         };
         daemon.poll_links(now);
         Ok(daemon)
@@ -390,6 +423,14 @@ impl Daemon {
     }
 
     async fn take_vip(&mut self, i: usize) {
+        // The peer's flows must be in the kernel before traffic arrives for the VIP.
+        if let Some(sync) = &self.sync
+            && !sync.barrier(INSTALL_BARRIER).await
+        {
+            warn!(
+                "synced flows not all installed within {INSTALL_BARRIER:?}: taking the VIP anyway"
+            );
+        }
         let v = &self.vhids[i];
         if let Err(e) = self.addresses.add(v.ifindex, v.address).await {
             error!(error = %e, "cannot add VIP");
@@ -540,7 +581,13 @@ impl Daemon {
             .collect();
         down.dedup();
         let send_demoted = self.vhids.iter().any(|v| v.send_demoted);
-        DEMOTION_STEP * (down.len() as u32 + u32::from(send_demoted) + u32::from(self.maintenance))
+        // pfsync's rule: no mastership before the first bulk update is in.
+        let unsynced = self.sync.as_ref().is_some_and(SyncHandle::demoted);
+        DEMOTION_STEP
+            * (down.len() as u32
+                + u32::from(send_demoted)
+                + u32::from(self.maintenance)
+                + u32::from(unsynced))
     }
 
     fn apply_demotion(&mut self, now: Instant) {
@@ -562,6 +609,10 @@ impl Daemon {
             Request::Maintenance { enable } => match self.set_maintenance(enable) {
                 Ok(()) => Response::status(self.status()),
                 Err(e) => Response::error(e.to_string()),
+            },
+            Request::Flows => match &self.sync {
+                Some(sync) => Response::flows(sync.flows()),
+                None => Response::error("state sync is not configured ([sync])".into()),
             },
         }
     }
@@ -590,7 +641,13 @@ impl Daemon {
     fn status(&self) -> Status {
         let mut counters = self.counters.clone();
         counters.garps_sent = self.garps_sent.load(Ordering::Relaxed);
-        if let Ok(xdp) = self.dataplane.stats() {
+        let xdp = self.dataplane.stats().ok();
+        let sync = self.sync.as_ref().map(|s| {
+            let mut status = s.status();
+            status.deltas_lost_in_xdp = xdp.map_or(0, |x| x[STAT_DELTA_LOST as usize]);
+            status
+        });
+        if let Some(xdp) = xdp {
             counters.xdp_arp_replied = xdp[STAT_ARP_REPLIED as usize];
             counters.xdp_arp_dropped_backup = xdp[STAT_ARP_DROPPED_BACKUP as usize];
             counters.xdp_arp_dropped_stale = xdp[STAT_ARP_DROPPED_STALE as usize];
@@ -617,10 +674,14 @@ impl Daemon {
                 })
                 .collect(),
             counters,
+            sync,
         }
     }
 
     async fn shutdown(mut self) {
+        if let Some(sync) = self.sync.take() {
+            sync.stop();
+        }
         let now = Instant::now();
         for v in &mut self.vhids {
             v.fsm.handle_shutdown(now);

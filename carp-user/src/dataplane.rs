@@ -97,13 +97,14 @@ pub struct Dataplane {
     stats: PerCpuArray<MapData, u64>,
     flows: HashMap<MapData, FlowKey, FlowEntry>,
     capture: Array<MapData, CaptureConfig>,
-    deltas: RingBuf<MapData>,
+    /// Handed to the sync service when sync is configured.
+    deltas: Option<RingBuf<MapData>>,
 }
 
 impl Dataplane {
     /// Loads the embedded XDP object with its maps pinned in `pin_dir`. Maps already pinned
     /// there (a daemon restarting after a crash) are reused, so XDP keeps its state.
-    pub fn load(pin_dir: &Path) -> Result<Self, DataplaneError> {
+    pub fn load(pin_dir: &Path, flows_max: u32) -> Result<Self, DataplaneError> {
         ensure_bpffs()?;
         std::fs::create_dir_all(pin_dir).map_err(|source| DataplaneError::PinDir {
             path: pin_dir.to_owned(),
@@ -114,6 +115,7 @@ impl Dataplane {
             .map(|name| (*name, pin_dir.join(name)))
             .collect();
         let mut loader = EbpfLoader::new();
+        loader.map_max_entries(FLOW_MAP, flows_max);
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -130,7 +132,7 @@ impl Dataplane {
         Ok(Self {
             flows,
             capture,
-            deltas,
+            deltas: Some(deltas),
             ebpf,
             pin_dir: pin_dir.to_owned(),
             links: Vec::new(),
@@ -270,10 +272,18 @@ impl Dataplane {
 
     /// The next delta XDP put on the ring buffer, if any.
     pub fn next_delta(&mut self) -> Option<FlowDelta> {
-        let item = self.deltas.next()?;
-        (item.len() >= std::mem::size_of::<FlowDelta>())
-            // SAFETY: XDP writes whole FlowDelta records; read unaligned from the ring.
-            .then(|| unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowDelta>()) })
+        read_delta(&self.deltas.as_mut()?.next()?)
+    }
+
+    /// The ring buffer of deltas, for the sync service (once).
+    pub fn take_deltas(&mut self) -> Option<RingBuf<MapData>> {
+        self.deltas.take()
+    }
+
+    /// A second handle on the flow map, for the thread that installs the peer's flows.
+    pub fn open_flow_map(&self) -> Result<HashMap<MapData, FlowKey, FlowEntry>, DataplaneError> {
+        let data = MapData::from_pin(self.pin_dir.join(FLOW_MAP)).map_err(map_error(FLOW_MAP))?;
+        HashMap::try_from(aya::maps::Map::LruHashMap(data)).map_err(map_error(FLOW_MAP))
     }
 
     /// The XDP counters summed over CPUs, indexed by `carp_common::maps::STAT_*`.
@@ -331,6 +341,13 @@ fn take_map<T>(
 
 fn map_error(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
     move |source| DataplaneError::Map { name, source }
+}
+
+/// A delta as XDP wrote it into a ring-buffer item.
+pub fn read_delta(item: &[u8]) -> Option<FlowDelta> {
+    (item.len() >= std::mem::size_of::<FlowDelta>())
+        // SAFETY: XDP writes whole FlowDelta records; read unaligned from the ring.
+        .then(|| unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowDelta>()) })
 }
 
 /// CLOCK_MONOTONIC_COARSE in nanoseconds: the clock `bpf_ktime_get_coarse_ns` reads.

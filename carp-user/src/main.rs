@@ -42,6 +42,14 @@ fn main() -> anyhow::Result<()> {
                 print!("{}", cli::format_status(&status));
             }
         }
+        Command::Flows { json, target } => {
+            let flows = cli::request_flows(&target)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&flows)?);
+            } else {
+                print!("{}", cli::format_flows(&flows));
+            }
+        }
         Command::Maintenance { mode, target } => {
             let enable = matches!(mode, OnOff::On);
             let status = cli::request_status(&target, &Request::Maintenance { enable })?;

@@ -23,7 +23,7 @@ fuzz_target!(|data: &[u8]| {
         );
         if let Frame::Upsert { records } = &frame {
             for r in records {
-                table.merge(*r);
+                table.merge(*r, now);
             }
         }
         bulk.handle_frame(&frame, now);

@@ -15,6 +15,7 @@ use carp::{
     dataplane::{Dataplane, Role, remove_pin_dir},
     pins,
 };
+use carp_common::flow::DEFAULT_FLOWS_MAX;
 use carp_common::maps::{XDP_PASS_PROGRAM, virtual_mac};
 use std::{
     net::Ipv4Addr,
@@ -194,7 +195,7 @@ fn measure_xdp(dir: &std::path::Path) -> Result<XdpCost> {
     const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
     const IF_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
     // BPF_PROG_TEST_RUN runs as if received on loopback (ifindex 1).
-    let mut dataplane = Dataplane::load(dir)?;
+    let mut dataplane = Dataplane::load(dir, DEFAULT_FLOWS_MAX)?;
     dataplane.set_vip(1, VIP, 1, virtual_mac(1), Role::Master)?;
     dataplane.set_vmac(1, 1, IF_MAC, Role::Master)?;
     dataplane.refresh_heartbeat(Duration::from_secs(600))?;

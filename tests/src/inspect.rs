@@ -4,11 +4,12 @@
 use anyhow::Result;
 use aya::programs::XdpMode;
 use carp::{dataplane::Dataplane, pins};
+use carp_common::flow::DEFAULT_FLOWS_MAX;
 use carp_common::maps::ALL_MAPS;
 
 pub fn load(iface: &str) -> Result<()> {
     let dir = pins::node_dir(&format!("inspect-{iface}"));
-    let mut dataplane = Dataplane::load(&dir)?;
+    let mut dataplane = Dataplane::load(&dir, DEFAULT_FLOWS_MAX)?;
     dataplane.attach(iface, XdpMode::default())?;
     println!(
         "carp's XDP program is attached to {iface}; pinned under {}:",

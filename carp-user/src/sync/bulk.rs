@@ -75,6 +75,17 @@ impl BulkSync {
         self.initial && !matches!(self.phase, Phase::Done | Phase::GaveUp)
     }
 
+    /// The phase as `carp status` names it.
+    pub fn state(&self) -> &'static str {
+        match self.phase {
+            Phase::Idle => "idle",
+            Phase::Requested { .. } => "requested",
+            Phase::Receiving { .. } => "receiving",
+            Phase::Done => "done",
+            Phase::GaveUp => "gave up",
+        }
+    }
+
     /// The session to the peer is up: ask for everything.
     pub fn handle_connected(&mut self, now: Instant) {
         if self.phase == Phase::GaveUp && self.initial {

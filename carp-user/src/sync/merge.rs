@@ -3,9 +3,11 @@
 //! (and answers with it). UDP and ICMP flows, which have no phases, go by packet counts.
 
 use super::proto::{FlowKey, FlowRecord};
-use std::collections::HashMap;
-
-const IPPROTO_TCP: u8 = 6;
+use carp_common::flow::IPPROTO_TCP;
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
 
 /// How an incoming record relates to the local copy of the same flow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,21 +65,52 @@ pub fn judge(local: Option<&FlowRecord>, incoming: &FlowRecord) -> Verdict {
     }
 }
 
-/// The user-space copy of the flows: what the peer is sent in a bulk update, and what the
-/// merge rule compares against.
+/// Where a held flow was learned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// Captured by this node's XDP.
+    Local,
+    /// Sent by the peer.
+    Peer,
+}
+
+/// A flow as the table holds it.
+#[derive(Debug, Clone, Copy)]
+pub struct Held {
+    pub record: FlowRecord,
+    pub origin: Origin,
+    /// When the last update arrived: the flow expires `record.timeout_s` after it.
+    pub updated: Instant,
+}
+
+/// The user-space copy of the flows: what the peer is sent in a bulk update, what the merge
+/// rule compares against, and what `carp flows` lists.
 #[derive(Debug, Default)]
 pub struct FlowTable {
-    flows: HashMap<FlowKey, FlowRecord>,
+    flows: HashMap<FlowKey, Held>,
 }
 
 impl FlowTable {
-    /// Applies `record` if it is new or newer; returns the verdict either way.
-    pub fn merge(&mut self, record: FlowRecord) -> Verdict {
-        let verdict = judge(self.flows.get(&record.key), &record);
+    /// Applies `record` from the peer if it is new or newer; returns the verdict either way.
+    pub fn merge(&mut self, record: FlowRecord, now: Instant) -> Verdict {
+        let verdict = judge(self.get(&record.key), &record);
         if matches!(verdict, Verdict::New | Verdict::Newer) {
-            self.flows.insert(record.key, record);
+            self.hold(record, Origin::Peer, now);
         }
         verdict
+    }
+
+    /// Takes `record` as captured here: local capture is the truth, never judged.
+    pub fn hold(&mut self, record: FlowRecord, origin: Origin, now: Instant) {
+        self.flows.insert(
+            record.key,
+            Held {
+                record,
+                origin,
+                updated: now,
+            },
+        );
     }
 
     /// Forgets an ended flow; returns whether it was known.
@@ -86,7 +119,7 @@ impl FlowTable {
     }
 
     pub fn get(&self, key: &FlowKey) -> Option<&FlowRecord> {
-        self.flows.get(key)
+        self.flows.get(key).map(|h| &h.record)
     }
 
     pub fn len(&self) -> usize {
@@ -99,7 +132,29 @@ impl FlowTable {
 
     /// Every flow, for a bulk answer.
     pub fn records(&self) -> Vec<FlowRecord> {
-        self.flows.values().copied().collect()
+        self.flows.values().map(|h| h.record).collect()
+    }
+
+    /// Every flow with where it came from, for `carp flows`.
+    pub fn held(&self) -> impl Iterator<Item = &Held> {
+        self.flows.values()
+    }
+
+    /// Drops the flows nothing refreshed within their timeout; returns their keys.
+    pub fn expire(&mut self, now: Instant) -> Vec<FlowKey> {
+        let expired: Vec<FlowKey> = self
+            .flows
+            .values()
+            .filter(|h| {
+                now.saturating_duration_since(h.updated)
+                    > Duration::from_secs(u64::from(h.record.timeout_s))
+            })
+            .map(|h| h.record.key)
+            .collect();
+        for key in &expired {
+            self.flows.remove(key);
+        }
+        expired
     }
 }
 
@@ -109,28 +164,32 @@ mod tests {
     use crate::sync::proto::{TcpPhase, tests::tcp_record};
     use proptest::prelude::*;
 
+    fn at() -> Instant {
+        Instant::now()
+    }
+
     #[test]
     fn unknown_flows_are_new_and_repeats_are_same() {
         let r = tcp_record(1, TcpPhase::Established, 100);
         let mut table = FlowTable::default();
-        assert_eq!(table.merge(r), Verdict::New);
-        assert_eq!(table.merge(r), Verdict::Same);
+        assert_eq!(table.merge(r, at()), Verdict::New);
+        assert_eq!(table.merge(r, at()), Verdict::Same);
         assert_eq!(table.len(), 1);
     }
 
     #[test]
     fn tcp_phases_never_move_backwards() {
         let mut table = FlowTable::default();
-        table.merge(tcp_record(1, TcpPhase::FinWait, 100));
+        table.merge(tcp_record(1, TcpPhase::FinWait, 100), at());
         let older = tcp_record(1, TcpPhase::Established, 500);
-        assert_eq!(table.merge(older), Verdict::Stale);
+        assert_eq!(table.merge(older, at()), Verdict::Stale);
         assert_eq!(
             table.get(&older.key).unwrap().tcp[0].phase,
             TcpPhase::FinWait as u8,
             "the local copy stays"
         );
         assert_eq!(
-            table.merge(tcp_record(1, TcpPhase::TimeWait, 100)),
+            table.merge(tcp_record(1, TcpPhase::TimeWait, 100), at()),
             Verdict::Newer
         );
     }
@@ -138,24 +197,24 @@ mod tests {
     #[test]
     fn sequence_windows_never_move_backwards_across_wraparound() {
         let mut table = FlowTable::default();
-        table.merge(tcp_record(1, TcpPhase::Established, u32::MAX - 10));
+        table.merge(tcp_record(1, TcpPhase::Established, u32::MAX - 10), at());
         // 20 bytes later the sequence space has wrapped: that is ahead, not behind.
         let mut wrapped = tcp_record(1, TcpPhase::Established, 9);
         wrapped.packets = [11, 10];
-        assert_eq!(table.merge(wrapped), Verdict::Newer);
+        assert_eq!(table.merge(wrapped, at()), Verdict::Newer);
         let mut behind = tcp_record(1, TcpPhase::Established, u32::MAX - 5);
         behind.packets = [12, 11];
-        assert_eq!(table.merge(behind), Verdict::Stale);
+        assert_eq!(table.merge(behind, at()), Verdict::Stale);
     }
 
     #[test]
     fn one_direction_behind_is_stale_even_if_the_other_is_ahead() {
         let mut table = FlowTable::default();
-        table.merge(tcp_record(1, TcpPhase::Established, 1000));
+        table.merge(tcp_record(1, TcpPhase::Established, 1000), at());
         let mut mixed = tcp_record(1, TcpPhase::Established, 1000);
         mixed.tcp[0].seqhi = 2000;
         mixed.tcp[1].seqhi = 500;
-        assert_eq!(table.merge(mixed), Verdict::Stale);
+        assert_eq!(table.merge(mixed, at()), Verdict::Stale);
     }
 
     #[test]
@@ -164,13 +223,13 @@ mod tests {
         udp.key.proto = 17;
         udp.tcp = Default::default();
         let mut table = FlowTable::default();
-        table.merge(udp);
+        table.merge(udp, at());
         let mut fewer = udp;
         fewer.packets = [1, 1];
-        assert_eq!(table.merge(fewer), Verdict::Stale);
+        assert_eq!(table.merge(fewer, at()), Verdict::Stale);
         let mut more = udp;
         more.packets = [50, 40];
-        assert_eq!(table.merge(more), Verdict::Newer);
+        assert_eq!(table.merge(more, at()), Verdict::Newer);
         assert!(table.remove(&udp.key));
         assert!(table.is_empty());
     }
@@ -189,7 +248,7 @@ mod tests {
             for i in order {
                 let mut r = tcp_record(7, phases[i as usize], 1000 + i * 100);
                 r.packets = [u64::from(i) + 1, u64::from(i)];
-                table.merge(r);
+                table.merge(r, at());
             }
             let last = tcp_record(7, TcpPhase::TimeWait, 1500);
             let kept = table.get(&last.key).unwrap();

@@ -3,6 +3,10 @@
 //! encrypted TCP session on the sync link) carries these frames.
 
 pub mod bulk;
+pub mod capture;
+pub mod install;
 pub mod merge;
 pub mod proto;
+pub mod service;
 pub mod transport;
+pub mod view;

@@ -39,6 +39,10 @@ pub enum TransportError {
     Closed,
     #[error("sync handshake took longer than {HANDSHAKE_TIMEOUT:?}")]
     HandshakeTimeout,
+    #[error("sync peer silent for {0:?}")]
+    Silent(std::time::Duration),
+    #[error("sync peer stopped reading for {0:?}")]
+    SendStalled(std::time::Duration),
     #[error("sync peer sent {len} bytes of plaintext that do not form a frame")]
     Overflow { len: usize },
 }
@@ -68,6 +72,8 @@ pub struct SyncStream {
     noise: snow::TransportState,
     /// Decrypted bytes not yet decoded into frames.
     inbox: Vec<u8>,
+    /// Received bytes not yet a whole Noise message.
+    raw: Vec<u8>,
     buf: Vec<u8>,
 }
 
@@ -153,6 +159,7 @@ impl SyncStream {
             stream,
             noise,
             inbox: Vec::new(),
+            raw: Vec::with_capacity(2 * MAX_MESSAGE),
             buf: vec![0u8; MAX_MESSAGE],
         }
     }
@@ -170,15 +177,31 @@ impl SyncStream {
         Ok(())
     }
 
-    /// The next frame from the peer.
+    /// The length of the whole Noise message at the front of `raw`, if it is all there.
+    fn whole_message(&self) -> Option<usize> {
+        let len = usize::from(u16::from_be_bytes([*self.raw.first()?, *self.raw.get(1)?]));
+        (self.raw.len() >= 2 + len).then_some(len)
+    }
+
+    /// The next frame from the peer. Cancel-safe.
     pub async fn recv(&mut self) -> Result<Frame, TransportError> {
         loop {
             if let Some((frame, used)) = Frame::decode(&self.inbox)? {
                 self.inbox.drain(..used);
                 return Ok(frame);
             }
-            let message = read_message(&mut self.stream).await?;
-            let n = self.noise.read_message(&message, &mut self.buf)?;
+            let Some(len) = self.whole_message() else {
+                // read_buf keeps what it read if this future is dropped: recv can sit in a
+                // select! beside the sending side without losing bytes.
+                if self.stream.read_buf(&mut self.raw).await? == 0 {
+                    return Err(TransportError::Closed);
+                }
+                continue;
+            };
+            let n = self
+                .noise
+                .read_message(&self.raw[2..2 + len], &mut self.buf)?;
+            self.raw.drain(..2 + len);
             self.inbox.extend_from_slice(&self.buf[..n]);
             if self.inbox.len() > MAX_INBOX {
                 return Err(TransportError::Overflow {

@@ -6,6 +6,7 @@ use carp::{
     dataplane::{Dataplane, remove_pin_dir},
     pins,
 };
+use carp_common::flow::DEFAULT_FLOWS_MAX;
 use std::{path::PathBuf, sync::atomic::AtomicU32};
 
 pub const XDP_PASS: u32 = 2;
@@ -31,7 +32,7 @@ pub fn load() -> Loaded {
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = pins::node_dir(&format!("xdptest-{}-{n}", std::process::id()));
     // A load the verifier refuses may already have pinned maps: remove them before failing.
-    match Dataplane::load(&dir) {
+    match Dataplane::load(&dir, DEFAULT_FLOWS_MAX) {
         Ok(dataplane) => Loaded { dataplane, dir },
         Err(e) => {
             remove_pin_dir(&dir);

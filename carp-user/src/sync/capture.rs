@@ -1,0 +1,348 @@
+//! Turns XDP's deltas into sync records. Each new XDP flow is matched to the kernel's
+//! conntrack entry (which gives the original direction and the NAT mapping); the views of a
+//! connection are folded into one record. Runs on its own thread: ctnetlink calls block,
+//! and the ring buffer must keep draining whatever the sync link does.
+
+use super::{
+    proto::{FlowKey, FlowRecord},
+    view::{self, Side, ViewOf},
+};
+use crate::conntrack::{Conntrack, Direction, Entry, invert};
+use carp_common::flow::{self as xdp, DELTA_BORN, DELTA_ENDED, FlowDelta, FlowEntry};
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+use tracing::warn;
+
+/// Rounds a view waits for its conntrack entry (the kernel confirms a connection only after
+/// the packet XDP saw has crossed the stack) before it is sent without NAT.
+const RESOLVE_ROUNDS: u8 = 3;
+/// How often connections nothing refreshed are forgotten.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+/// What the capture tells the sync session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Local {
+    Upsert(FlowRecord),
+    Delete(FlowKey),
+}
+
+struct Connection {
+    record: FlowRecord,
+    views: Vec<xdp::FlowKey>,
+    updated: Instant,
+}
+
+struct Unresolved {
+    entry: FlowEntry,
+    sender: usize,
+    rounds: u8,
+}
+
+/// Counters the status shows.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CaptureStats {
+    pub deltas: u64,
+    pub conntrack_lookups: u64,
+    /// Time spent in conntrack lookups, for the cost of taking NAT from the kernel.
+    pub lookup_ns: u64,
+    pub unmatched: u64,
+}
+
+/// The capture side's state (sans-IO but for the conntrack lookups it is given).
+#[derive(Default)]
+pub struct Capture {
+    views: HashMap<xdp::FlowKey, ViewOf>,
+    connections: HashMap<FlowKey, Connection>,
+    unresolved: HashMap<xdp::FlowKey, Unresolved>,
+    last_sweep: Option<Instant>,
+    pub stats: CaptureStats,
+}
+
+impl Capture {
+    /// Whether views are waiting for conntrack (the caller should come back soon).
+    pub fn waiting(&self) -> bool {
+        !self.unresolved.is_empty()
+    }
+
+    /// Handles a batch of deltas; `conntrack` is `None` where the kernel has none.
+    pub fn handle(
+        &mut self,
+        deltas: &[FlowDelta],
+        conntrack: Option<&mut Conntrack>,
+        now: Instant,
+    ) -> Vec<Local> {
+        let mut out = Vec::new();
+        for delta in deltas {
+            self.stats.deltas += 1;
+            if let Some(view) = self.views.get(&delta.key).copied() {
+                self.apply(&delta.entry, view, delta.kind, now, &mut out);
+            } else {
+                let sender = if delta.kind == DELTA_BORN {
+                    view::first_sender(&delta.entry)
+                } else {
+                    0
+                };
+                let slot = self.unresolved.entry(delta.key).or_insert(Unresolved {
+                    entry: delta.entry,
+                    sender,
+                    rounds: 0,
+                });
+                slot.entry = delta.entry;
+            }
+        }
+        self.resolve(conntrack, now, &mut out);
+        if self
+            .last_sweep
+            .is_none_or(|at| now.duration_since(at) >= SWEEP_EVERY)
+        {
+            self.last_sweep = Some(now);
+            self.sweep(now);
+        }
+        out
+    }
+
+    fn apply(
+        &mut self,
+        entry: &FlowEntry,
+        view: ViewOf,
+        kind: u8,
+        now: Instant,
+        out: &mut Vec<Local>,
+    ) {
+        let Some(connection) = self.connections.get_mut(&view.connection) else {
+            return;
+        };
+        view::fold(&mut connection.record, entry, &view);
+        connection.updated = now;
+        if kind == DELTA_ENDED || view::ended(&connection.record) {
+            let connection = self
+                .connections
+                .remove(&view.connection)
+                .expect("just looked up");
+            for k in &connection.views {
+                self.views.remove(k);
+            }
+            out.push(Local::Delete(view.connection));
+        } else {
+            out.push(Local::Upsert(connection.record));
+        }
+    }
+
+    /// Matches waiting views to conntrack entries, in one batch of lookups.
+    fn resolve(&mut self, conntrack: Option<&mut Conntrack>, now: Instant, out: &mut Vec<Local>) {
+        if self.unresolved.is_empty() {
+            return;
+        }
+        let keys: Vec<xdp::FlowKey> = self.unresolved.keys().copied().collect();
+        let found = match conntrack {
+            Some(conntrack) => self.lookup(conntrack, &keys),
+            None => vec![None; keys.len()],
+        };
+        for (key, hit) in keys.into_iter().zip(found) {
+            let waiting = self.unresolved.get_mut(&key).expect("listed above");
+            waiting.rounds += 1;
+            let (view, entry) = match hit {
+                Some(hit) => hit,
+                None if waiting.rounds < RESOLVE_ROUNDS => continue,
+                None => {
+                    // Not in conntrack (not tracked, or already gone): the tuple as seen,
+                    // untranslated.
+                    self.stats.unmatched += 1;
+                    let tuple = view::tuple_of(&key, waiting.sender);
+                    let view = ViewOf {
+                        connection: tuple,
+                        side: Side::Original,
+                        sender: waiting.sender,
+                    };
+                    let entry = Entry {
+                        orig: tuple,
+                        reply: invert(&tuple),
+                        timeout_s: 0,
+                    };
+                    (view, entry)
+                }
+            };
+            let waiting = self.unresolved.remove(&key).expect("listed above");
+            let connection =
+                self.connections
+                    .entry(view.connection)
+                    .or_insert_with(|| Connection {
+                        record: view::empty_record(entry.orig, entry.reply),
+                        views: Vec::new(),
+                        updated: now,
+                    });
+            connection.views.push(key);
+            self.views.insert(key, view);
+            self.apply(&waiting.entry, view, 0, now, out);
+        }
+    }
+
+    /// For each view: its tuples both ways, as an original and as a reply tuple; the first
+    /// that conntrack knows says which side of which connection the view is.
+    fn lookup(
+        &mut self,
+        conntrack: &mut Conntrack,
+        keys: &[xdp::FlowKey],
+    ) -> Vec<Option<(ViewOf, Entry)>> {
+        let mut queries = Vec::with_capacity(keys.len() * 4);
+        let mut senders = Vec::with_capacity(keys.len() * 4);
+        for key in keys {
+            let first = self.unresolved[key].sender;
+            for sender in [first, first ^ 1] {
+                let tuple = view::tuple_of(key, sender);
+                for direction in [Direction::Original, Direction::Reply] {
+                    queries.push((tuple, direction));
+                    senders.push(sender);
+                }
+            }
+        }
+        let started = Instant::now();
+        let answers = match conntrack.lookup(&queries) {
+            Ok(answers) => answers,
+            Err(e) => {
+                warn!(error = %e, "conntrack lookup failed");
+                vec![None; queries.len()]
+            }
+        };
+        self.stats.conntrack_lookups += queries.len() as u64;
+        self.stats.lookup_ns += started.elapsed().as_nanos() as u64;
+        answers
+            .chunks(4)
+            .zip(queries.chunks(4).zip(senders.chunks(4)))
+            .map(|(answers, (queries, senders))| {
+                answers.iter().zip(queries.iter().zip(senders)).find_map(
+                    |(answer, ((_, direction), sender))| {
+                        let entry = (*answer)?;
+                        let side = match direction {
+                            Direction::Original => Side::Original,
+                            Direction::Reply => Side::Reply,
+                        };
+                        Some((
+                            ViewOf {
+                                connection: entry.orig,
+                                side,
+                                sender: *sender,
+                            },
+                            entry,
+                        ))
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Forgets connections whose timeout passed without a delta (XDP refreshes live ones).
+    fn sweep(&mut self, now: Instant) {
+        let stale: Vec<FlowKey> = self
+            .connections
+            .iter()
+            .filter(|(_, c)| {
+                now.saturating_duration_since(c.updated)
+                    > Duration::from_secs(u64::from(c.record.timeout_s))
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for key in stale {
+            if let Some(c) = self.connections.remove(&key) {
+                for k in &c.views {
+                    self.views.remove(k);
+                }
+            }
+        }
+    }
+
+    /// Connections held.
+    pub fn len(&self) -> usize {
+        self.connections.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.connections.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use carp_common::flow::{DELTA_CHANGED, IPPROTO_TCP, IPPROTO_UDP, tcp_phase};
+
+    fn tuple(proto: u8, src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> FlowKey {
+        FlowKey {
+            proto,
+            src: src.into(),
+            dst: dst.into(),
+            src_port: sport,
+            dst_port: dport,
+        }
+    }
+
+    fn delta(t: &FlowKey, kind: u8, packets_from_src: u64, phase: u8) -> FlowDelta {
+        let (key, sender) = view::key_of(t);
+        let mut entry = FlowEntry::default();
+        entry.packets[sender] = packets_from_src;
+        entry.tcp[sender].phase = phase;
+        FlowDelta {
+            key,
+            entry,
+            kind,
+            _pad: [0; 7],
+        }
+    }
+
+    /// Without conntrack, a flow is sent as seen, originated by its first packet's sender,
+    /// once it has waited its rounds.
+    #[test]
+    fn untracked_flows_go_out_untranslated_after_waiting() {
+        let t = tuple(IPPROTO_UDP, [198, 18, 1, 100], 5000, [198, 18, 2, 100], 53);
+        let mut c = Capture::default();
+        let now = Instant::now();
+        assert!(
+            c.handle(&[delta(&t, DELTA_BORN, 1, 0)], None, now)
+                .is_empty()
+        );
+        assert!(c.waiting());
+        assert!(c.handle(&[], None, now).is_empty());
+        let out = c.handle(&[], None, now);
+        let [Local::Upsert(r)] = out.as_slice() else {
+            panic!("one upsert, got {out:?}");
+        };
+        assert_eq!(r.key, t);
+        assert_eq!(r.reply, invert(&t));
+        assert_eq!(r.packets, [1, 0]);
+        assert_eq!(c.stats.unmatched, 1);
+        // Later deltas of the same flow go straight through.
+        let out = c.handle(&[delta(&t, DELTA_CHANGED, 4, 0)], None, now);
+        assert!(matches!(out.as_slice(), [Local::Upsert(r)] if r.packets == [4, 0]));
+    }
+
+    #[test]
+    fn ended_connections_are_deleted_and_forgotten() {
+        let t = tuple(IPPROTO_TCP, [198, 18, 1, 100], 40000, [198, 18, 2, 100], 80);
+        let mut c = Capture::default();
+        let now = Instant::now();
+        for _ in 0..RESOLVE_ROUNDS {
+            c.handle(&[delta(&t, DELTA_BORN, 1, tcp_phase::SYN_SENT)], None, now);
+        }
+        assert_eq!(c.len(), 1);
+        let out = c.handle(&[delta(&t, DELTA_ENDED, 9, tcp_phase::CLOSED)], None, now);
+        assert_eq!(out, [Local::Delete(t)]);
+        assert!(c.is_empty());
+    }
+
+    #[test]
+    fn idle_connections_are_swept() {
+        let t = tuple(IPPROTO_UDP, [1, 1, 1, 1], 1, [2, 2, 2, 2], 2);
+        let mut c = Capture::default();
+        let now = Instant::now();
+        for _ in 0..RESOLVE_ROUNDS {
+            c.handle(&[delta(&t, DELTA_BORN, 1, 0)], None, now);
+        }
+        assert_eq!(c.len(), 1);
+        c.handle(&[], None, now + Duration::from_secs(29));
+        assert_eq!(c.len(), 1, "UDP without replies lives 30 s");
+        c.handle(&[], None, now + Duration::from_secs(45));
+        assert!(c.is_empty());
+    }
+}

@@ -1,0 +1,227 @@
+//! Puts the peer's flows where a takeover needs them: XDP's flow map (marked learned) and the
+//! kernel's conntrack, with the NAT mapping and timeouts. Jobs run in arrival order on their
+//! own thread, so a barrier answered here means everything received before it is installed.
+
+use super::{
+    proto::{FlowKey, FlowRecord},
+    view,
+};
+use crate::{
+    conntrack::{Change, Conntrack},
+    dataplane::monotonic_ns,
+};
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use carp_common::flow::{self as xdp, FlowEntry};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, mpsc},
+    time::{Duration, Instant},
+};
+use tracing::{debug, warn};
+
+/// Records per conntrack batch.
+const JOB_BATCH: usize = 8192;
+/// Shortest gap between two warnings about failed installs.
+const WARN_EVERY: Duration = Duration::from_secs(5);
+
+/// Work for the installer.
+#[derive(Debug)]
+pub enum Job {
+    Upsert(Vec<FlowRecord>),
+    Delete(Vec<FlowKey>),
+    /// Answered once every earlier job is done.
+    Barrier(tokio::sync::oneshot::Sender<()>),
+}
+
+/// What the installer has done, for `carp status`.
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct InstallStats {
+    pub conntrack_created: u64,
+    pub conntrack_updated: u64,
+    pub conntrack_deleted: u64,
+    pub conntrack_errors: u64,
+    pub map_errors: u64,
+    pub last_error: Option<String>,
+}
+
+/// The flow map as the installer writes it.
+pub type FlowMap = BpfHashMap<MapData, xdp::FlowKey, FlowEntry>;
+
+#[derive(Default)]
+struct Installed {
+    views: Vec<xdp::FlowKey>,
+    /// A create was sent: later records are updates.
+    in_kernel: bool,
+}
+
+struct Installer {
+    conntrack: Option<Conntrack>,
+    flows: Option<FlowMap>,
+    /// Connections installed, with their XDP keys.
+    installed: HashMap<FlowKey, Installed>,
+    report: Report,
+}
+
+/// Counts and logs what the installer does (apart from the handles, so both borrow).
+struct Report {
+    stats: Arc<Mutex<InstallStats>>,
+    last_warning: Option<Instant>,
+}
+
+/// Starts the installer thread; it ends when `jobs` closes.
+pub fn spawn(
+    conntrack: Option<Conntrack>,
+    flows: Option<FlowMap>,
+    jobs: mpsc::Receiver<Job>,
+    stats: Arc<Mutex<InstallStats>>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let mut installer = Installer {
+        conntrack,
+        flows,
+        installed: HashMap::new(),
+        report: Report {
+            stats,
+            last_warning: None,
+        },
+    };
+    std::thread::Builder::new()
+        .name("carp-install".into())
+        .spawn(move || {
+            while let Ok(job) = jobs.recv() {
+                installer.run(job);
+            }
+        })
+}
+
+impl Installer {
+    fn run(&mut self, job: Job) {
+        match job {
+            Job::Upsert(records) => {
+                for batch in records.chunks(JOB_BATCH) {
+                    self.upsert(batch);
+                }
+            }
+            Job::Delete(keys) => self.delete(&keys),
+            Job::Barrier(done) => {
+                let _ = done.send(());
+            }
+        }
+    }
+
+    fn upsert(&mut self, records: &[FlowRecord]) {
+        let now_ns = monotonic_ns();
+        // Create what the kernel lacks; a create that finds one, or an update that finds
+        // none (it expired there), is retried the other way.
+        let mut changes = Vec::with_capacity(records.len());
+        for record in records {
+            let entries = view::entries_of(record, now_ns);
+            if let Some(flows) = &mut self.flows {
+                for (key, entry) in &entries {
+                    if let Err(e) = flows.insert(key, entry, 0) {
+                        self.report.stats.lock().expect("not poisoned").map_errors += 1;
+                        debug!(error = %e, "flow map insert failed");
+                    }
+                }
+            }
+            let held = self.installed.entry(record.key).or_default();
+            held.views = entries.into_iter().map(|(k, _)| k).collect();
+            changes.push(if held.in_kernel {
+                Change::Update(record)
+            } else {
+                Change::Create(record)
+            });
+            held.in_kernel = true;
+        }
+        let Some(conntrack) = &mut self.conntrack else {
+            return;
+        };
+        let results = match conntrack.apply(&changes) {
+            Ok(results) => results,
+            Err(e) => {
+                return self
+                    .report
+                    .failed(records.len() as u64, format!("ctnetlink: {e}"));
+            }
+        };
+        let mut retry = Vec::new();
+        let (mut ok_created, mut ok_updated) = (0u64, 0u64);
+        for (change, result) in changes.iter().zip(results) {
+            match (result, change) {
+                (Ok(()), Change::Create(_)) => ok_created += 1,
+                (Ok(()), _) => ok_updated += 1,
+                (Err(libc::EEXIST), Change::Create(r)) => retry.push(Change::Update(r)),
+                (Err(libc::ENOENT), Change::Update(r)) => retry.push(Change::Create(r)),
+                (Err(errno), _) => {
+                    let what = std::io::Error::from_raw_os_error(errno);
+                    self.report.failed(1, format!("conntrack: {what}"));
+                }
+            }
+        }
+        if !retry.is_empty() {
+            match conntrack.apply(&retry) {
+                Ok(results) => {
+                    for (change, result) in retry.iter().zip(results) {
+                        match (result, change) {
+                            (Ok(()), Change::Create(_)) => ok_created += 1,
+                            (Ok(()), _) => ok_updated += 1,
+                            (Err(errno), _) => {
+                                let what = std::io::Error::from_raw_os_error(errno);
+                                self.report.failed(1, format!("conntrack retry: {what}"));
+                            }
+                        }
+                    }
+                }
+                Err(e) => self
+                    .report
+                    .failed(retry.len() as u64, format!("ctnetlink: {e}")),
+            }
+        }
+        let mut stats = self.report.stats.lock().expect("not poisoned");
+        stats.conntrack_created += ok_created;
+        stats.conntrack_updated += ok_updated;
+    }
+
+    fn delete(&mut self, keys: &[FlowKey]) {
+        for key in keys {
+            if let (Some(held), Some(flows)) = (self.installed.remove(key), &mut self.flows) {
+                for k in held.views {
+                    let _ = flows.remove(&k);
+                }
+            }
+        }
+        let Some(conntrack) = &mut self.conntrack else {
+            return;
+        };
+        let changes: Vec<Change> = keys.iter().map(Change::Delete).collect();
+        match conntrack.apply(&changes) {
+            Ok(results) => {
+                let deleted = results.iter().filter(|r| r.is_ok()).count() as u64;
+                self.report
+                    .stats
+                    .lock()
+                    .expect("not poisoned")
+                    .conntrack_deleted += deleted;
+            }
+            Err(e) => self
+                .report
+                .failed(keys.len() as u64, format!("ctnetlink: {e}")),
+        }
+    }
+}
+
+impl Report {
+    fn failed(&mut self, count: u64, message: String) {
+        let mut stats = self.stats.lock().expect("not poisoned");
+        stats.conntrack_errors += count;
+        stats.last_error = Some(message.clone());
+        drop(stats);
+        let now = Instant::now();
+        if self
+            .last_warning
+            .is_none_or(|at| now.duration_since(at) >= WARN_EVERY)
+        {
+            self.last_warning = Some(now);
+            warn!(error = %message, "installing synced flows failed");
+        }
+    }
+}

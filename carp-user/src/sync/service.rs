@@ -1,0 +1,610 @@
+//! The sync service in the daemon: the capture thread (XDP deltas -> records), the session
+//! task (the authenticated link to the peer: bulk updates, live deltas, merges) and the
+//! installer thread (peer flows -> flow map and conntrack). The capture never waits for the
+//! link: a full queue is counted and the next refresh repairs it.
+
+use super::{
+    bulk::{BulkSync, Event},
+    capture::{Capture, Local},
+    install::{self, FlowMap, InstallStats, Job},
+    merge::{FlowTable, Origin, Verdict},
+    proto::{FlowKey, FlowRecord, Frame, upsert_frames},
+    transport::{self, SharedKey, SyncStream, TransportError},
+};
+use crate::{
+    conntrack::{Conntrack, tcp_state, tcp_state_name},
+    dataplane::read_delta,
+};
+use aya::maps::{MapData, RingBuf};
+use serde::{Deserialize, Serialize};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    os::fd::AsRawFd,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc as std_mpsc,
+    },
+    time::{Duration, Instant},
+};
+use tokio::{
+    net::{TcpListener, TcpSocket},
+    sync::{mpsc, oneshot, watch},
+    task::JoinHandle,
+};
+use tracing::{info, warn};
+
+/// Records between the capture thread and the session; more are dropped and counted.
+const LOCAL_QUEUE: usize = 1 << 16;
+/// Local events folded into one send.
+const SEND_BATCH: usize = 8192;
+/// Keepalives go out this often; a session silent for [`DEAD_AFTER`] is dropped.
+const KEEPALIVE: Duration = Duration::from_secs(1);
+const DEAD_AFTER: Duration = Duration::from_secs(4);
+/// A send that takes longer means the peer stopped reading.
+const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The `[sync]` section, validated.
+#[derive(Debug, Clone)]
+pub struct SyncConfig {
+    pub interface: String,
+    pub listen: SocketAddr,
+    pub peer: SocketAddr,
+    pub key: SharedKey,
+    pub flows_max: u32,
+}
+
+/// The sync part of `carp status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncStatus {
+    pub interface: String,
+    pub listen: String,
+    pub peer: String,
+    /// The peer's node name, from its hello.
+    pub peer_node: Option<String>,
+    pub connected: bool,
+    /// idle, requested, receiving, done or gave up.
+    pub bulk: String,
+    /// Whether CARP is demoted until the first bulk update completes.
+    pub demoted: bool,
+    pub flows_held: u64,
+    pub flows_local: u64,
+    pub deltas_sent: u64,
+    pub deltas_received: u64,
+    /// Deltas the capture could not queue for the link (repaired by refreshes).
+    pub deltas_dropped: u64,
+    /// Deltas XDP could not put on its full ring buffer.
+    pub deltas_lost_in_xdp: u64,
+    /// Updates older than ours, answered with our copy.
+    pub stale_answered: u64,
+    pub sessions: u64,
+    /// Connections dropped for a failed handshake, garbage or a bad frame.
+    pub refused: u64,
+    pub last_error: Option<String>,
+    pub conntrack_lookups: u64,
+    /// Mean cost of one conntrack lookup (the price of taking NAT from the kernel).
+    pub conntrack_lookup_ns: u64,
+    pub install: InstallStats,
+}
+
+/// One row of `carp flows`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowRow {
+    pub proto: u8,
+    pub state: String,
+    pub src: String,
+    pub dst: String,
+    pub sport: u16,
+    pub dport: u16,
+    pub reply_src: String,
+    pub reply_dst: String,
+    pub reply_sport: u16,
+    pub reply_dport: u16,
+    pub packets: [u64; 2],
+    pub bytes: [u64; 2],
+    pub timeout_s: u32,
+    pub origin: Origin,
+}
+
+/// What the daemon and the tasks share.
+struct Shared {
+    table: Mutex<FlowTable>,
+    status: Mutex<SyncStatus>,
+    install: Arc<Mutex<InstallStats>>,
+    dropped: AtomicU64,
+    lookups: AtomicU64,
+    lookup_ns: AtomicU64,
+    stop: AtomicBool,
+}
+
+/// The daemon's handle on the running service.
+pub struct SyncHandle {
+    shared: Arc<Shared>,
+    demoted: watch::Receiver<bool>,
+    jobs: std_mpsc::Sender<Job>,
+    session: JoinHandle<()>,
+}
+
+/// Starts capture, session and installer. `deltas` and `flows` are the XDP maps.
+pub fn start(
+    config: SyncConfig,
+    node: String,
+    deltas: RingBuf<MapData>,
+    flows: FlowMap,
+) -> std::io::Result<SyncHandle> {
+    let conntrack = |what: &str| match Conntrack::open() {
+        Ok(c) => Some(c),
+        Err(e) => {
+            warn!(error = %e, what, "no ctnetlink: flows sync without the kernel's conntrack");
+            None
+        }
+    };
+    let listener = bind(&config)?;
+    let shared = Arc::new(Shared {
+        table: Mutex::new(FlowTable::default()),
+        status: Mutex::new(SyncStatus {
+            interface: config.interface.clone(),
+            listen: config.listen.to_string(),
+            peer: config.peer.to_string(),
+            bulk: "idle".into(),
+            demoted: true,
+            ..SyncStatus::default()
+        }),
+        install: Arc::new(Mutex::new(InstallStats::default())),
+        dropped: AtomicU64::new(0),
+        lookups: AtomicU64::new(0),
+        lookup_ns: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+    });
+    let (jobs, jobs_rx) = std_mpsc::channel();
+    install::spawn(
+        conntrack("installing"),
+        Some(flows),
+        jobs_rx,
+        shared.install.clone(),
+    )?;
+    let (local_tx, local_rx) = mpsc::channel(LOCAL_QUEUE);
+    let lookups = conntrack("NAT lookups");
+    let capture_shared = shared.clone();
+    std::thread::Builder::new()
+        .name("carp-capture".into())
+        .spawn(move || capture_loop(deltas, lookups, local_tx, &capture_shared))?;
+    let (demoted_tx, demoted) = watch::channel(true);
+    let session = tokio::spawn(
+        Session {
+            config,
+            node,
+            shared: shared.clone(),
+            jobs: jobs.clone(),
+            demoted: demoted_tx,
+            bulk: BulkSync::new(),
+            stream: None,
+            last_rx: Instant::now(),
+            generation: 0,
+            outbox: Vec::new(),
+        }
+        .run(listener, local_rx),
+    );
+    Ok(SyncHandle {
+        shared,
+        demoted,
+        jobs,
+        session,
+    })
+}
+
+/// The listening socket, on the sync interface only.
+fn bind(config: &SyncConfig) -> std::io::Result<TcpListener> {
+    let socket = match config.listen {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind_device(Some(config.interface.as_bytes()))?;
+    socket.bind(config.listen)?;
+    socket.listen(16)
+}
+
+impl SyncHandle {
+    /// Whether CARP must stay demoted: the first bulk update is not complete.
+    pub fn demoted(&self) -> bool {
+        *self.demoted.borrow()
+    }
+
+    /// Waits until every flow received so far is installed (before claiming VIPs); false
+    /// if that took longer than `limit`.
+    pub async fn barrier(&self, limit: Duration) -> bool {
+        let (done, wait) = oneshot::channel();
+        if self.jobs.send(Job::Barrier(done)).is_err() {
+            return false;
+        }
+        matches!(tokio::time::timeout(limit, wait).await, Ok(Ok(())))
+    }
+
+    pub fn status(&self) -> SyncStatus {
+        let mut status = self.shared.status.lock().expect("not poisoned").clone();
+        status.deltas_dropped = self.shared.dropped.load(Ordering::Relaxed);
+        let lookups = self.shared.lookups.load(Ordering::Relaxed);
+        status.conntrack_lookups = lookups;
+        status.conntrack_lookup_ns = self
+            .shared
+            .lookup_ns
+            .load(Ordering::Relaxed)
+            .checked_div(lookups)
+            .unwrap_or(0);
+        status.install = self.shared.install.lock().expect("not poisoned").clone();
+        let table = self.shared.table.lock().expect("not poisoned");
+        status.flows_held = table.len() as u64;
+        status.flows_local = table.held().filter(|h| h.origin == Origin::Local).count() as u64;
+        status
+    }
+
+    /// The flow table, as `carp flows` lists it.
+    pub fn flows(&self) -> Vec<FlowRow> {
+        let table = self.shared.table.lock().expect("not poisoned");
+        let mut rows: Vec<FlowRow> = table
+            .held()
+            .map(|h| flow_row(&h.record, h.origin))
+            .collect();
+        rows.sort_by(|a, b| (&a.src, a.sport, &a.dst).cmp(&(&b.src, b.sport, &b.dst)));
+        rows
+    }
+
+    /// Stops the tasks and threads.
+    pub fn stop(self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        self.session.abort();
+    }
+}
+
+fn flow_row(r: &FlowRecord, origin: Origin) -> FlowRow {
+    let state = match r.key.proto {
+        carp_common::flow::IPPROTO_TCP => tcp_state_name(tcp_state(r)).to_string(),
+        _ if r.packets[1] > 0 => "REPLIED".into(),
+        _ => "UNREPLIED".into(),
+    };
+    FlowRow {
+        proto: r.key.proto,
+        state,
+        src: r.key.src.to_string(),
+        dst: r.key.dst.to_string(),
+        sport: r.key.src_port,
+        dport: r.key.dst_port,
+        reply_src: r.reply.src.to_string(),
+        reply_dst: r.reply.dst.to_string(),
+        reply_sport: r.reply.src_port,
+        reply_dport: r.reply.dst_port,
+        packets: r.packets,
+        bytes: r.bytes,
+        timeout_s: r.timeout_s,
+        origin,
+    }
+}
+
+/// Drains XDP's ring buffer into records for the session, until told to stop.
+fn capture_loop(
+    mut ring: RingBuf<MapData>,
+    mut conntrack: Option<Conntrack>,
+    out: mpsc::Sender<Local>,
+    shared: &Shared,
+) {
+    let mut capture = Capture::default();
+    let mut deltas = Vec::with_capacity(SEND_BATCH);
+    while !shared.stop.load(Ordering::Relaxed) {
+        // Views waiting for conntrack are looked up again soon.
+        let timeout_ms = if capture.waiting() { 2 } else { 200 };
+        let mut poll = libc::pollfd {
+            fd: ring.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        unsafe { libc::poll(&mut poll, 1, timeout_ms) };
+        deltas.clear();
+        while deltas.len() < SEND_BATCH {
+            let Some(item) = ring.next() else { break };
+            if let Some(delta) = read_delta(&item) {
+                deltas.push(delta);
+            }
+        }
+        let before = (capture.stats.conntrack_lookups, capture.stats.lookup_ns);
+        for local in capture.handle(&deltas, conntrack.as_mut(), Instant::now()) {
+            if out.try_send(local).is_err() {
+                shared.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        shared.lookups.fetch_add(
+            capture.stats.conntrack_lookups - before.0,
+            Ordering::Relaxed,
+        );
+        shared
+            .lookup_ns
+            .fetch_add(capture.stats.lookup_ns - before.1, Ordering::Relaxed);
+    }
+}
+
+/// The session task's state.
+struct Session {
+    config: SyncConfig,
+    node: String,
+    shared: Arc<Shared>,
+    jobs: std_mpsc::Sender<Job>,
+    demoted: watch::Sender<bool>,
+    bulk: BulkSync,
+    stream: Option<SyncStream>,
+    last_rx: Instant,
+    generation: u64,
+    /// Frames to send after the current event.
+    outbox: Vec<Frame>,
+}
+
+type Handshake = Result<(SyncStream, SocketAddr), (SocketAddr, TransportError)>;
+
+impl Session {
+    async fn run(mut self, listener: TcpListener, mut local: mpsc::Receiver<Local>) {
+        let (handshakes_tx, mut handshakes) = mpsc::channel::<Handshake>(8);
+        // One side dials, so the two never race each other into two sessions.
+        let dialer = self.config.listen < self.config.peer;
+        let mut dialing: Option<JoinHandle<()>> = None;
+        let mut tick = tokio::time::interval(KEEPALIVE);
+        let mut pending: HashMap<FlowKey, Local> = HashMap::new();
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    if let Ok((stream, from)) = accepted {
+                        let key = self.config.key.clone();
+                        let tx = handshakes_tx.clone();
+                        tokio::spawn(async move {
+                            let result = transport::respond(stream, &key).await;
+                            let _ = tx.send(result.map(|s| (s, from)).map_err(|e| (from, e))).await;
+                        });
+                    }
+                }
+                Some(handshake) = handshakes.recv() => match handshake {
+                    Ok((stream, from)) => self.connected(stream, from),
+                    Err((from, e)) => self.refused(from, &e),
+                },
+                frame = recv(&mut self.stream) => match frame {
+                    Ok(frame) => self.on_frame(frame),
+                    Err(e) => self.disconnected(&e),
+                },
+                Some(event) = local.recv() => {
+                    let now = Instant::now();
+                    self.on_local(event, &mut pending, now);
+                    while pending.len() < SEND_BATCH {
+                        let Ok(event) = local.try_recv() else { break };
+                        self.on_local(event, &mut pending, now);
+                    }
+                }
+                _ = tick.tick() => {
+                    let now = Instant::now();
+                    self.bulk.handle_timeout(now);
+                    let expired = self.shared.table.lock().expect("not poisoned").expire(now);
+                    if !expired.is_empty() {
+                        let _ = self.jobs.send(Job::Delete(expired));
+                    }
+                    if self.stream.is_some() {
+                        if now.duration_since(self.last_rx) > DEAD_AFTER {
+                            self.disconnected(&TransportError::Silent(DEAD_AFTER));
+                        } else {
+                            self.outbox.push(Frame::Keepalive);
+                        }
+                    }
+                    if dialer && self.stream.is_none() && dialing.as_ref().is_none_or(|d| d.is_finished()) {
+                        dialing = Some(tokio::spawn(dial(self.config.clone(), handshakes_tx.clone())));
+                    }
+                }
+            }
+            self.flush(&mut pending).await;
+            self.publish();
+        }
+    }
+
+    fn connected(&mut self, stream: SyncStream, from: SocketAddr) {
+        info!(%from, "sync session established");
+        self.stream = Some(stream);
+        self.last_rx = Instant::now();
+        self.outbox.clear();
+        self.outbox.push(Frame::Hello {
+            node: self.node.clone(),
+        });
+        self.bulk.handle_connected(Instant::now());
+        let mut status = self.shared.status.lock().expect("not poisoned");
+        status.connected = true;
+        status.sessions += 1;
+    }
+
+    fn refused(&mut self, from: SocketAddr, e: &TransportError) {
+        warn!(%from, error = %e, "sync connection refused");
+        let mut status = self.shared.status.lock().expect("not poisoned");
+        status.refused += 1;
+        status.last_error = Some(format!("{from}: {e}"));
+    }
+
+    fn disconnected(&mut self, e: &TransportError) {
+        if self.stream.take().is_none() {
+            return;
+        }
+        warn!(error = %e, "sync session lost");
+        self.bulk.handle_disconnected();
+        self.outbox.clear();
+        let mut status = self.shared.status.lock().expect("not poisoned");
+        status.connected = false;
+        if !matches!(e, TransportError::Closed) {
+            status.refused += 1;
+        }
+        status.last_error = Some(e.to_string());
+    }
+
+    fn on_local(&mut self, event: Local, pending: &mut HashMap<FlowKey, Local>, now: Instant) {
+        let mut table = self.shared.table.lock().expect("not poisoned");
+        let key = match event {
+            Local::Upsert(record) => {
+                table.hold(record, Origin::Local, now);
+                record.key
+            }
+            Local::Delete(key) => {
+                table.remove(&key);
+                key
+            }
+        };
+        // Coalesced: only the newest state of a flow goes out.
+        pending.insert(key, event);
+    }
+
+    fn on_frame(&mut self, frame: Frame) {
+        let now = Instant::now();
+        self.last_rx = now;
+        self.bulk.handle_frame(&frame, now);
+        match frame {
+            Frame::Hello { node } => {
+                info!(peer = %node, "sync peer says hello");
+                self.shared.status.lock().expect("not poisoned").peer_node = Some(node);
+            }
+            Frame::BulkRequest => self.answer_bulk(),
+            Frame::Upsert { records } => {
+                let mut install = Vec::new();
+                let mut newer_here = Vec::new();
+                {
+                    let mut table = self.shared.table.lock().expect("not poisoned");
+                    for record in &records {
+                        match table.merge(*record, now) {
+                            Verdict::New | Verdict::Newer => install.push(*record),
+                            Verdict::Stale => {
+                                newer_here.extend(table.get(&record.key).copied());
+                            }
+                            Verdict::Same => {}
+                        }
+                    }
+                }
+                let mut status = self.shared.status.lock().expect("not poisoned");
+                status.deltas_received += records.len() as u64;
+                status.stale_answered += newer_here.len() as u64;
+                drop(status);
+                if !install.is_empty() {
+                    let _ = self.jobs.send(Job::Upsert(install));
+                }
+                self.outbox.extend(upsert_frames(&newer_here));
+            }
+            Frame::Delete { keys } => {
+                let mut table = self.shared.table.lock().expect("not poisoned");
+                for key in &keys {
+                    table.remove(key);
+                }
+                drop(table);
+                self.shared
+                    .status
+                    .lock()
+                    .expect("not poisoned")
+                    .deltas_received += keys.len() as u64;
+                let _ = self.jobs.send(Job::Delete(keys));
+            }
+            Frame::BulkStart { .. } | Frame::BulkEnd { .. } | Frame::Keepalive => {}
+        }
+        while let Some(event) = self.bulk.poll_event() {
+            match event {
+                Event::Completed { received } => info!(received, "bulk update from the peer done"),
+                Event::GaveUp { attempts } => warn!(attempts, "bulk update given up"),
+            }
+        }
+    }
+
+    /// pfsync's bulk update: start, every flow held, end.
+    fn answer_bulk(&mut self) {
+        self.generation += 1;
+        let records = self.shared.table.lock().expect("not poisoned").records();
+        info!(flows = records.len(), "answering the peer's bulk request");
+        self.outbox.push(Frame::BulkStart {
+            generation: self.generation,
+        });
+        self.outbox.extend(upsert_frames(&records));
+        self.outbox.push(Frame::BulkEnd {
+            generation: self.generation,
+            count: records.len() as u64,
+        });
+    }
+
+    /// Sends what the last event produced: bulk requests, answers, coalesced local deltas.
+    async fn flush(&mut self, pending: &mut HashMap<FlowKey, Local>) {
+        while let Some(frame) = self.bulk.poll_transmit() {
+            self.outbox.push(frame);
+        }
+        let Some(stream) = &mut self.stream else {
+            // No peer: the bulk update on reconnect carries the table.
+            pending.clear();
+            self.outbox.clear();
+            return;
+        };
+        let mut upserts = Vec::new();
+        let mut deletes = Vec::new();
+        for (key, event) in pending.drain() {
+            match event {
+                Local::Upsert(record) => upserts.push(record),
+                Local::Delete(_) => deletes.push(key),
+            }
+        }
+        let sent = (upserts.len() + deletes.len()) as u64;
+        self.outbox.extend(upsert_frames(&upserts));
+        if !deletes.is_empty() {
+            self.outbox.push(Frame::Delete { keys: deletes });
+        }
+        if self.outbox.is_empty() {
+            return;
+        }
+        let frames = std::mem::take(&mut self.outbox);
+        let result = tokio::time::timeout(SEND_TIMEOUT, stream.send(&frames)).await;
+        match result {
+            Ok(Ok(())) => {
+                self.shared.status.lock().expect("not poisoned").deltas_sent += sent;
+            }
+            Ok(Err(e)) => self.disconnected(&e),
+            Err(_) => self.disconnected(&TransportError::SendStalled(SEND_TIMEOUT)),
+        }
+    }
+
+    /// Publishes the bulk state and the demotion it implies.
+    fn publish(&mut self) {
+        let demoted = self.bulk.demoted();
+        self.demoted
+            .send_if_modified(|d| std::mem::replace(d, demoted) != demoted);
+        let mut status = self.shared.status.lock().expect("not poisoned");
+        status.bulk = self.bulk.state().to_string();
+        status.demoted = demoted;
+    }
+}
+
+/// The next frame of the session, or never when there is none.
+async fn recv(stream: &mut Option<SyncStream>) -> Result<Frame, TransportError> {
+    match stream {
+        Some(stream) => stream.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Connects to the peer from the sync address and runs the initiator's handshake.
+async fn dial(config: SyncConfig, done: mpsc::Sender<Handshake>) {
+    let attempt = async {
+        let socket = match config.peer {
+            SocketAddr::V4(_) => TcpSocket::new_v4(),
+            SocketAddr::V6(_) => TcpSocket::new_v6(),
+        }
+        .map_err(TransportError::from)?;
+        socket.bind(SocketAddr::new(config.listen.ip(), 0))?;
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(config.peer))
+            .await
+            .map_err(|_| TransportError::HandshakeTimeout)??;
+        transport::initiate(stream, &config.key).await
+    };
+    match attempt.await {
+        Ok(stream) => {
+            let _ = done.send(Ok((stream, config.peer))).await;
+        }
+        // An unreachable peer is normal while it is down: not worth a refusal.
+        Err(TransportError::Io(_) | TransportError::HandshakeTimeout) => {}
+        Err(e) => {
+            let _ = done.send(Err((config.peer, e))).await;
+        }
+    }
+}
