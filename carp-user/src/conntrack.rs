@@ -267,13 +267,13 @@ fn encode_change(out: &mut Vec<u8>, change: &Change, seq: u32) {
             // ranges below, and only then marks the connection NATed.
             put_tuple(out, CTA_TUPLE_REPLY, &invert(&record.key), Direction::Reply);
             put_nat(out, record);
-            put_state(out, record, 0);
+            put_state(out, record);
             end_message(out, at, family(&record.key));
         }
         Change::Update(record) => {
             let at = begin_message(out, IPCTNL_MSG_CT_NEW, flags, seq);
             put_tuple(out, CTA_TUPLE_ORIG, &record.key, Direction::Original);
-            put_state(out, record, IPS_CONFIRMED);
+            put_state(out, record);
             end_message(out, at, family(&record.key));
         }
         Change::Delete(key) => {
@@ -297,11 +297,15 @@ pub fn invert(key: &FlowKey) -> FlowKey {
     }
 }
 
-/// Status, timeout and TCP state; `base` is the status the kernel already has (an update
-/// must restate CONFIRMED, which cannot change).
-fn put_state(out: &mut Vec<u8>, record: &FlowRecord, base: u32) {
+/// Status, timeout and TCP state. The status restates CONFIRMED, which the kernel sets
+/// before it applies ours (on create too) and refuses to see changed.
+fn put_state(out: &mut Vec<u8>, record: &FlowRecord) {
     if record.packets[1] > 0 {
-        put_u32(out, CTA_STATUS, base | IPS_SEEN_REPLY | IPS_ASSURED);
+        put_u32(
+            out,
+            CTA_STATUS,
+            IPS_CONFIRMED | IPS_SEEN_REPLY | IPS_ASSURED,
+        );
     }
     put_u32(out, CTA_TIMEOUT, record.timeout_s);
     if record.key.proto == IPPROTO_TCP {

@@ -15,6 +15,7 @@ pub mod demo;
 pub mod inspect;
 pub mod ping;
 pub mod probe;
+pub mod streams;
 
 use anyhow::{Context, Result, bail};
 use std::{
@@ -66,6 +67,10 @@ impl Host {
 }
 
 pub const LAN_VIP: &str = "198.18.1.1";
+/// The sync service's port on the lab's sync link.
+pub const SYNC_PORT: u16 = 8370;
+/// The lab's shared sync secret.
+pub const SYNC_SECRET: &str = "lab sync secret, same on both";
 pub const WAN_VIP: &str = "198.18.2.1";
 pub const CLIENT_IP: &str = "198.18.1.100";
 pub const SERVER_IP: &str = "198.18.2.100";
@@ -251,6 +256,25 @@ impl Lab {
             Host::Server,
             &format!("ip addr add {SERVER_IP}/24 dev eth0 && ip route add default via {WAN_VIP}"),
         )?;
+        Ok(())
+    }
+
+    /// pfSense's outbound NAT on both gateways: LAN traffic leaving by the WAN takes the WAN
+    /// VIP as its source, so connections depend on the NAT state the gateways keep.
+    pub fn enable_nat(&self) -> Result<()> {
+        for gw in [Host::Gw1, Host::Gw2] {
+            self.sh(
+                gw,
+                &format!(
+                    "nft -f - <<'NFT'\n\
+                     table ip carp_lab_nat {{\n\
+                       chain post {{ type nat hook postrouting priority srcnat; \
+                         oifname \"wan\" ip saddr 198.18.1.0/24 snat to {WAN_VIP}; }}\n\
+                     }}\n\
+                     NFT"
+                ),
+            )?;
+        }
         Ok(())
     }
 
@@ -464,6 +488,8 @@ pub struct NodeOptions {
     pub peer: Option<String>,
     /// (interface, vhid, address/prefix)
     pub vips: Vec<(&'static str, u8, String)>,
+    /// State sync over the lab's sync link, with this shared secret.
+    pub sync_key: Option<String>,
 }
 
 impl Default for NodeOptions {
@@ -479,6 +505,7 @@ impl Default for NodeOptions {
                 ("lan", 1, format!("{LAN_VIP}/24")),
                 ("wan", 2, format!("{WAN_VIP}/24")),
             ],
+            sync_key: None,
         }
     }
 }
@@ -516,6 +543,20 @@ impl Lab {
             write!(
                 text,
                 "\n[[vip]]\ninterface = \"{iface}\"\nvhid = {vhid}\naddress = \"{addr}\"\n"
+            )?;
+        }
+        if let Some(secret) = &opts.sync_key {
+            let key_file = self.dir.join(format!("{name}.key"));
+            fs::write(&key_file, format!("{secret}\n"))?;
+            let (me, peer) = match host {
+                Host::Gw2 => (2, 1),
+                _ => (1, 2),
+            };
+            write!(
+                text,
+                "\n[sync]\ninterface = \"sync\"\nlisten = \"198.18.3.{me}:{SYNC_PORT}\"\n\
+                 peer = \"198.18.3.{peer}:{SYNC_PORT}\"\nkey_file = \"{}\"\n",
+                key_file.display()
             )?;
         }
         let path = self.dir.join(format!("{name}.toml"));
@@ -593,6 +634,15 @@ pub fn carp_bin() -> Result<PathBuf> {
 /// The `carp-probe` lab helper: $CARP_PROBE_BIN, or target/<profile>/carp-probe.
 pub fn probe_bin() -> Result<PathBuf> {
     built_binary("CARP_PROBE_BIN", "carp-probe", "cargo build -p carp-tests")
+}
+
+/// The `carp-traffic` lab helper: $CARP_TRAFFIC_BIN, or target/<profile>/carp-traffic.
+pub fn traffic_bin() -> Result<PathBuf> {
+    built_binary(
+        "CARP_TRAFFIC_BIN",
+        "carp-traffic",
+        "cargo build -p carp-tests",
+    )
 }
 
 /// A workspace binary: from `$env`, else next to the running executable's profile directory

@@ -102,10 +102,11 @@ fn lab_tool(root: &Path, args: &[&str]) -> Result<()> {
 }
 
 /// Where the tests find the binaries this run built.
-fn binaries(root: &Path) -> [(&'static str, PathBuf); 2] {
+fn binaries(root: &Path) -> [(&'static str, PathBuf); 3] {
     [
         ("CARP_BIN", root.join("target/debug/carp")),
         ("CARP_PROBE_BIN", root.join("target/debug/carp-probe")),
+        ("CARP_TRAFFIC_BIN", root.join("target/debug/carp-traffic")),
     ]
 }
 

@@ -179,8 +179,9 @@ impl Capture {
         }
     }
 
-    /// For each view: its tuples both ways, as an original and as a reply tuple; the first
-    /// that conntrack knows says which side of which connection the view is.
+    /// For each view: its tuples both ways. The kernel finds a connection by either of its
+    /// tuples, so which side the view is comes from comparing the tuple with the answer.
+    /// (The direction only matters to ICMP, whose tuples carry the echo type.)
     fn lookup(
         &mut self,
         conntrack: &mut Conntrack,
@@ -213,11 +214,14 @@ impl Capture {
             .zip(queries.chunks(4).zip(senders.chunks(4)))
             .map(|(answers, (queries, senders))| {
                 answers.iter().zip(queries.iter().zip(senders)).find_map(
-                    |(answer, ((_, direction), sender))| {
+                    |(answer, ((tuple, _), sender))| {
                         let entry = (*answer)?;
-                        let side = match direction {
-                            Direction::Original => Side::Original,
-                            Direction::Reply => Side::Reply,
+                        let side = if *tuple == entry.orig {
+                            Side::Original
+                        } else if *tuple == entry.reply {
+                            Side::Reply
+                        } else {
+                            return None;
                         };
                         Some((
                             ViewOf {

@@ -1,0 +1,320 @@
+//! State sync in the namespace lab, with outbound NAT to the WAN VIP on both gateways: the
+//! WAN server pushes data to dozens of LAN client connections through the master; they must
+//! survive its death, a restarted backup must get them back by bulk update, the sync link
+//! may flap, and the sync port shrugs off wrong keys and garbage. The same failover without
+//! sync must break them, so the survival test is known to be able to fail. Needs root.
+
+use anyhow::{Context, Result, bail};
+use carp::{carp::fsm::State, sync::service::SyncStatus};
+use carp_lab::{
+    Host, Lab, Node, NodeOptions, SYNC_SECRET, carp_bin,
+    cluster::{backup_opts, wait_state},
+    kill_hard, streams, unix_us, wait_for,
+};
+use std::time::Duration;
+
+const CONNECTIONS: usize = 40;
+
+fn sync_opts(base: NodeOptions) -> NodeOptions {
+    NodeOptions {
+        sync_key: Some(SYNC_SECRET.into()),
+        ..base
+    }
+}
+
+fn sync_status(node: &Node) -> Result<SyncStatus> {
+    node.status()?.sync.context("the daemon reports no sync")
+}
+
+/// Waits until `node`'s sync session is up and its first bulk update is done.
+fn wait_synced(node: &Node) -> Result<()> {
+    wait_for(Duration::from_secs(15), || {
+        sync_status(node)
+            .ok()
+            .filter(|s| s.connected && !s.demoted && s.bulk == "done")
+    })
+    .map(drop)
+    .with_context(|| format!("{} never synced; log:\n{}", node.name, node.log()))
+}
+
+/// Connections in `host`'s kernel conntrack translated to the WAN VIP.
+fn natted_conntrack(lab: &Lab, host: Host) -> Result<usize> {
+    let out = lab.output(host, &["conntrack", "-L", "-p", "tcp", "--dport", "5001"])?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("ESTABLISHED") && l.contains(&format!("dst={}", carp_lab::WAN_VIP)))
+        .count())
+}
+
+/// Both nodes' sync status, logs and conntrack tables, for a failure message.
+fn diagnose(lab: &Lab, nodes: &[&Node]) -> String {
+    let mut out = String::new();
+    for node in nodes {
+        let conntrack = lab
+            .output(node.host, &["conntrack", "-L"])
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let log = node.log();
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        out.push_str(&format!(
+            "--- {} sync {:?}\nconntrack:\n{}\nlog tail:\n{}\n",
+            node.name,
+            sync_status(node).ok(),
+            conntrack.lines().take(6).collect::<Vec<_>>().join("\n"),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        ));
+    }
+    out
+}
+
+/// gw1 master, gw2 backup, both with or without sync, NAT on, the server running.
+fn cluster(lab: &Lab, sync: bool) -> Result<(Node, Node)> {
+    lab.enable_nat()?;
+    streams::start_server(lab)?;
+    let bin = carp_bin()?;
+    let (o1, o2) = if sync {
+        (sync_opts(NodeOptions::default()), sync_opts(backup_opts()))
+    } else {
+        (NodeOptions::default(), backup_opts())
+    };
+    let gw1 = lab.start_carp(&bin, Host::Gw1, &o1)?;
+    let gw2 = lab.start_carp(&bin, Host::Gw2, &o2)?;
+    if sync {
+        wait_synced(&gw1)?;
+        wait_synced(&gw2)?;
+    }
+    for vhid in [1, 2] {
+        wait_state(&gw1, vhid, State::Master, Duration::from_secs(10))?;
+        wait_state(&gw2, vhid, State::Backup, Duration::from_secs(2))?;
+    }
+    Ok((gw1, gw2))
+}
+
+/// The master dies the hard way: daemon SIGKILLed and both links cut.
+fn kill_node(lab: &Lab, node: &Node) -> Result<u128> {
+    let at = unix_us();
+    kill_hard(node.pid);
+    lab.sh(node.host, "ip link set lan down; ip link set wan down")?;
+    Ok(at)
+}
+
+/// Waits until `host` holds at least `want` NATed connections in conntrack.
+fn wait_conntrack(lab: &Lab, host: Host, want: usize) -> Result<()> {
+    wait_for(Duration::from_secs(10), || {
+        natted_conntrack(lab, host).ok().filter(|n| *n >= want)
+    })
+    .map(drop)
+    .with_context(|| {
+        format!(
+            "{host:?} has {:?} of {want} NATed connections in conntrack",
+            natted_conntrack(lab, host)
+        )
+    })
+}
+
+/// Kills the master mid-stream and returns the client's report and the kill time.
+fn failover_under_load(
+    lab: &Lab,
+    gw1: &Node,
+    gw2: &Node,
+    synced: bool,
+) -> Result<(streams::Report, u128)> {
+    let client = streams::start_client(lab, CONNECTIONS, 14)?;
+    std::thread::sleep(Duration::from_secs(4));
+    if synced {
+        // Every connection, with its NAT mapping, is in the backup's kernel already.
+        wait_conntrack(lab, Host::Gw2, CONNECTIONS).with_context(|| diagnose(lab, &[gw1, gw2]))?;
+        // `carp flows` on the backup lists them with their NAT, learned from the peer.
+        let flows = carp::control::call(&gw2.socket, &carp::control::Request::Flows)?
+            .flows
+            .context("no flows")?;
+        let natted = flows
+            .iter()
+            .filter(|f| {
+                f.dport == streams::PORT
+                    && f.reply_dst == carp_lab::WAN_VIP
+                    && f.origin == carp::sync::merge::Origin::Peer
+            })
+            .count();
+        assert!(
+            natted >= CONNECTIONS,
+            "{natted} NATed flows listed: {flows:?}"
+        );
+    }
+    let killed = kill_node(lab, gw1)?;
+    for vhid in [1, 2] {
+        wait_state(gw2, vhid, State::Master, Duration::from_secs(6))?;
+    }
+    Ok((client.finish()?, killed))
+}
+
+/// Data must flow on every connection after the takeover (within 4 s of the kill), and
+/// none may have been reset.
+fn assert_all_survived(report: &streams::Report, killed: u128) {
+    let broken = report.broken_after(killed + 4_000_000);
+    assert!(
+        broken.is_empty(),
+        "{} of {} connections broke: {broken:?}",
+        broken.len(),
+        report.tcp.len()
+    );
+    assert!(
+        report.udp_last_rx_us > killed + 4_000_000,
+        "the UDP flow stopped: {report:?}"
+    );
+}
+
+#[test]
+fn connections_and_nat_survive_the_masters_death() -> Result<()> {
+    let lab = Lab::up()?;
+    let (gw1, gw2) = cluster(&lab, true)?;
+    let (report, killed) = failover_under_load(&lab, &gw1, &gw2, true)?;
+    assert_all_survived(&report, killed);
+    let status = sync_status(&gw2)?;
+    assert_eq!(status.install.conntrack_errors, 0, "{status:?}");
+    assert!(
+        status.install.conntrack_created >= CONNECTIONS as u64,
+        "{status:?}"
+    );
+    Ok(())
+}
+
+/// The control: the same lab and failover without sync resets the connections.
+#[test]
+fn without_sync_the_same_failover_breaks_connections() -> Result<()> {
+    let lab = Lab::up()?;
+    let (gw1, gw2) = cluster(&lab, false)?;
+    let (report, killed) = failover_under_load(&lab, &gw1, &gw2, false)?;
+    let broken = report.broken_after(killed + 4_000_000);
+    assert!(
+        broken.len() == report.tcp.len(),
+        "without sync only {} of {} connections broke",
+        broken.len(),
+        report.tcp.len()
+    );
+    Ok(())
+}
+
+#[test]
+fn restarted_backup_gets_every_flow_back_by_bulk_before_it_may_master() -> Result<()> {
+    let lab = Lab::up()?;
+    let (gw1, gw2) = cluster(&lab, true)?;
+    let client = streams::start_client(&lab, CONNECTIONS, 20)?;
+    std::thread::sleep(Duration::from_secs(3));
+    wait_conntrack(&lab, Host::Gw2, CONNECTIONS)?;
+    // The backup crashes and loses its kernel state too.
+    kill_hard(gw2.pid);
+    lab.sh(Host::Gw2, "conntrack -F 2>/dev/null; true")?;
+    assert_eq!(natted_conntrack(&lab, Host::Gw2)?, 0);
+    let bin = carp_bin()?;
+    let gw2 = lab.start_carp_with(&bin, Host::Gw2, gw2.name.clone(), gw2.config.clone())?;
+    wait_synced(&gw2)?;
+    let log = gw2.log();
+    let restarted = log.rfind("carp running").context("no start line")?;
+    assert!(
+        log[restarted..].contains("bulk update complete"),
+        "no bulk update after the restart:\n{log}"
+    );
+    // Everything came back by the bulk update, then the master dies.
+    wait_conntrack(&lab, Host::Gw2, CONNECTIONS)?;
+    let killed = kill_node(&lab, &gw1)?;
+    for vhid in [1, 2] {
+        wait_state(&gw2, vhid, State::Master, Duration::from_secs(6))?;
+    }
+    assert_all_survived(&client.finish()?, killed);
+    Ok(())
+}
+
+#[test]
+fn sync_link_cut_and_restored_resyncs_without_loss() -> Result<()> {
+    let lab = Lab::up()?;
+    let (gw1, gw2) = cluster(&lab, true)?;
+    let sessions = sync_status(&gw2)?.sessions;
+    lab.sh(Host::Gw1, "ip link set sync down")?;
+    wait_for(Duration::from_secs(10), || {
+        sync_status(&gw2).ok().filter(|s| !s.connected)
+    })
+    .context("gw2 never noticed the cut")?;
+    // Connections born while the link is down reach gw2 only by the resync.
+    let client = streams::start_client(&lab, CONNECTIONS, 16)?;
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        natted_conntrack(&lab, Host::Gw2)?,
+        0,
+        "nothing can arrive while cut"
+    );
+    lab.sh(Host::Gw1, "ip link set sync up")?;
+    wait_for(Duration::from_secs(10), || {
+        sync_status(&gw2)
+            .ok()
+            .filter(|s| s.connected && s.sessions > sessions)
+    })
+    .context("the session never came back")?;
+    wait_conntrack(&lab, Host::Gw2, CONNECTIONS)?;
+    // A resync after a flap does not demote anyone: the VIPs stayed put.
+    assert_eq!(gw1.state(1), Some(State::Master));
+    let killed = kill_node(&lab, &gw1)?;
+    for vhid in [1, 2] {
+        wait_state(&gw2, vhid, State::Master, Duration::from_secs(6))?;
+    }
+    assert_all_survived(&client.finish()?, killed);
+    Ok(())
+}
+
+#[test]
+fn wrong_key_and_garbage_are_refused_and_the_session_carries_on() -> Result<()> {
+    let lab = Lab::up()?;
+    let (gw1, gw2) = cluster(&lab, true)?;
+    let before = sync_status(&gw1)?;
+    // Garbage from the peer's address: dropped, counted, the session stays.
+    for script in [
+        "exec 3<>/dev/tcp/198.18.3.1/8370 && printf '\\000\\040garbage garbage garbage garbage' >&3; sleep 0.3",
+        "exec 3<>/dev/tcp/198.18.3.1/8370 && head -c 3000 /dev/urandom >&3; sleep 0.3",
+    ] {
+        let out = lab.output(Host::Gw2, &["bash", "-c", script])?;
+        assert!(out.status.success(), "{script}: {out:?}");
+    }
+    let after = wait_for(Duration::from_secs(8), || {
+        sync_status(&gw1)
+            .ok()
+            .filter(|s| s.refused >= before.refused + 2)
+    })
+    .context("garbage was not counted")?;
+    assert!(after.connected, "{after:?}");
+    assert_eq!(
+        after.sessions, before.sessions,
+        "the legitimate session was replaced"
+    );
+    assert!(after.last_error.is_some());
+    assert_eq!(gw1.state(1), Some(State::Master));
+    // A peer with the wrong key never gets a session.
+    kill_hard(gw2.pid);
+    let bin = carp_bin()?;
+    let wrong = NodeOptions {
+        sync_key: Some("not the lab's secret at all".into()),
+        ..backup_opts()
+    };
+    let gw2 = lab.start_carp(&bin, Host::Gw2, &wrong)?;
+    // gw1 dials; gw2 cannot decrypt its handshake and says why.
+    let refused = wait_for(Duration::from_secs(10), || {
+        sync_status(&gw2).ok().filter(|s| s.refused > 0)
+    })
+    .context("the wrong key was not refused")?;
+    assert!(
+        refused
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("wrong key"),
+        "{refused:?}"
+    );
+    let gw2_status = sync_status(&gw2)?;
+    if gw2_status.connected || sync_status(&gw1)?.connected {
+        bail!("a peer with the wrong key got a session: {gw2_status:?}");
+    }
+    assert!(
+        gw2_status.demoted,
+        "without its bulk update gw2 stays demoted"
+    );
+    Ok(())
+}
