@@ -134,6 +134,28 @@ impl Conntrack {
         })
     }
 
+    /// A socket that hears of every connection the kernel confirms (NFNLGRP_CONNTRACK_NEW),
+    /// for measuring when synced flows land.
+    pub fn subscribe_new() -> io::Result<Self> {
+        const NFNLGRP_CONNTRACK_NEW: u32 = 1;
+        let conntrack = Self::open()?;
+        conntrack.socket.add_membership(NFNLGRP_CONNTRACK_NEW)?;
+        Ok(conntrack)
+    }
+
+    /// The connections announced in the next datagram (blocks until one arrives).
+    pub fn next_events(&mut self) -> io::Result<Vec<Entry>> {
+        self.buf.clear();
+        self.socket.recv(&mut self.buf, 0)?;
+        Ok(parse_answers(&self.buf)
+            .into_iter()
+            .filter_map(|(_, answer)| match answer {
+                Answer::Entry(entry) => Some(entry),
+                _ => None,
+            })
+            .collect())
+    }
+
     /// Looks each `(tuple, direction)` up; `None` where the kernel tracks no such connection.
     pub fn lookup(&mut self, queries: &[(FlowKey, Direction)]) -> io::Result<Vec<Option<Entry>>> {
         let mut found = Vec::with_capacity(queries.len());

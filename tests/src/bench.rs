@@ -35,6 +35,37 @@ pub fn run_xdp() -> Result<()> {
     Ok(())
 }
 
+/// Only the state-sync figures (`carp-lab bench sync`).
+pub fn run_sync() -> Result<()> {
+    print_sync(&crate::syncbench::measure()?);
+    Ok(())
+}
+
+fn print_sync(s: &crate::syncbench::SyncFigures) {
+    use crate::syncbench::{BULK_FLOWS, LAG_RATE, LAG_SECONDS, LIVE_FLOWS};
+    println!("\nState sync into the peer's kernel conntrack (carp run on gw2, real ctnetlink)");
+    println!(
+        "  bulk update, {BULK_FLOWS} NATed TCP flows: {:.0} states/s (target >= 200000: {})",
+        s.bulk_per_s,
+        verdict(s.bulk_per_s >= 200_000.0)
+    );
+    println!(
+        "  live deltas, {LIVE_FLOWS} flows: {:.0} states/s",
+        s.live_per_s
+    );
+    println!(
+        "  lag send -> peer conntrack at {LAG_RATE} new flows/s for {LAG_SECONDS} s: p50 {:.2} ms, p99 {:.2} ms ({} flows seen; target p99 < 10 ms: {})",
+        s.lag_p50.as_secs_f64() * 1e3,
+        s.lag_p99.as_secs_f64() * 1e3,
+        s.lag_seen,
+        verdict(s.lag_p99 < Duration::from_millis(10))
+    );
+    println!(
+        "  memory per flow: daemon {:.0} B (RSS growth / flows), XDP flow map {:.0} B (memlock / max_entries)",
+        s.daemon_bytes_per_flow, s.map_bytes_per_flow
+    );
+}
+
 pub fn run() -> Result<()> {
     say("XDP cost per frame (BPF_PROG_TEST_RUN)");
     let xdp = xdp_cost()?;
@@ -46,6 +77,8 @@ pub fn run() -> Result<()> {
     let keepalived = unplanned_baseline(System::Keepalived)?;
     say("planned failover: carp, ping 100/s through the gateways");
     let planned = planned_carp()?;
+    say("state sync: bulk, live, lag, memory");
+    let sync = crate::syncbench::measure()?;
 
     println!("\n==================== carp benchmark results ====================");
     xdp.print();
@@ -101,6 +134,7 @@ pub fn run() -> Result<()> {
         "  target: under 50 ms and at most one lost ping: {}",
         verdict(ok)
     );
+    print_sync(&sync);
     Ok(())
 }
 

@@ -16,6 +16,7 @@ pub mod inspect;
 pub mod ping;
 pub mod probe;
 pub mod streams;
+pub mod syncbench;
 
 use anyhow::{Context, Result, bail};
 use std::{

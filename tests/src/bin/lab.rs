@@ -44,8 +44,9 @@ fn main() -> Result<()> {
         ["demo"] => carp_lab::demo::run()?,
         ["bench"] => carp_lab::bench::run()?,
         ["bench", "xdp"] => carp_lab::bench::run_xdp()?,
+        ["bench", "sync"] => carp_lab::bench::run_sync()?,
         ["load", "--iface", iface] => carp_lab::inspect::load(iface)?,
-        _ => bail!("usage: carp-lab up | down [ID] | demo | bench [xdp] | load --iface IF"),
+        _ => bail!("usage: carp-lab up | down [ID] | demo | bench [xdp|sync] | load --iface IF"),
     }
     Ok(())
 }

@@ -1,0 +1,321 @@
+//! Sync benchmarks: how fast flows reach the peer's kernel conntrack through a real carp
+//! daemon (bulk, live, lag at 10,000 new flows/s) and what a flow costs in memory. The
+//! sending side is this process on gw1's end of the sync link, speaking the real protocol
+//! with the real key; the receiving side is `carp run` on gw2, installing through ctnetlink.
+
+use crate::{Host, Lab, NodeOptions, SYNC_SECRET, WAN_VIP, carp_bin, cluster::backup_opts};
+use anyhow::{Context, Result};
+use carp::{
+    conntrack::Conntrack,
+    sync::{
+        proto::{FlowKey, FlowRecord, Frame, TcpPeer, upsert_frames},
+        transport::{self, SharedKey, SyncStream},
+    },
+};
+use carp_common::flow::{IPPROTO_TCP, tcp_phase};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+/// Flows in the bulk transfer and in the live burst.
+pub const BULK_FLOWS: u32 = 100_000;
+pub const LIVE_FLOWS: u32 = 50_000;
+/// The lag test: new flows per second, for how long.
+pub const LAG_RATE: u32 = 10_000;
+pub const LAG_SECONDS: u32 = 2;
+
+/// The figures.
+#[derive(Debug, Clone)]
+pub struct SyncFigures {
+    pub bulk_per_s: f64,
+    pub live_per_s: f64,
+    pub lag_p50: Duration,
+    pub lag_p99: Duration,
+    pub lag_seen: usize,
+    pub daemon_bytes_per_flow: f64,
+    pub map_bytes_per_flow: f64,
+}
+
+/// Flow `i` of a synthetic workload: an established TCP connection from the LAN, source
+/// NATed to the WAN VIP (unique tuples both ways, all inside 198.18.0.0/15).
+pub fn synthetic(i: u32) -> FlowRecord {
+    let client = Ipv4Addr::new(198, 19, (i / 250 % 250) as u8, (i % 250 + 1) as u8);
+    let server = Ipv4Addr::new(198, 18, 2, 100 + (i / 60_000) as u8);
+    let port = 1024 + (i % 60_000) as u16;
+    let peer = TcpPeer {
+        phase: tcp_phase::ESTABLISHED,
+        wscale: 7,
+        max_win: 502,
+        seqlo: i,
+        seqhi: i + 64_000,
+    };
+    FlowRecord {
+        key: FlowKey {
+            proto: IPPROTO_TCP,
+            src: IpAddr::V4(client),
+            dst: IpAddr::V4(server),
+            src_port: 40_000 + (i / 62_500) as u16,
+            dst_port: 5001,
+        },
+        reply: FlowKey {
+            proto: IPPROTO_TCP,
+            src: IpAddr::V4(server),
+            dst: WAN_VIP.parse().expect("valid"),
+            src_port: 5001,
+            dst_port: port,
+        },
+        tcp: [peer; 2],
+        packets: [10, 10],
+        bytes: [1000, 1000],
+        timeout_s: 432_000,
+    }
+}
+
+/// Runs `f` on a thread inside `ns` (sockets it opens live there).
+fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<Result<T>> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).with_context(|| path.clone())?;
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        Ok(f())
+    })
+}
+
+fn conntrack_count(ns: &str) -> Result<u64> {
+    in_netns(ns, || {
+        std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count")
+            .map(|s| s.trim().parse::<u64>().unwrap_or(0))
+    })
+    .join()
+    .expect("no panic")?
+    .map_err(Into::into)
+}
+
+fn rss_bytes(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS")?;
+    Ok(kb * 1024)
+}
+
+/// Waits until `ns` holds `target` connections; the time it took from `since`.
+fn wait_count(ns: &str, target: u64, since: Instant) -> Result<Duration> {
+    let ns = ns.to_string();
+    in_netns(&ns, move || -> Result<Duration> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let n: u64 = std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count")?
+                .trim()
+                .parse()?;
+            if n >= target {
+                return Ok(since.elapsed());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "only {n} of {target} connections arrived"
+            );
+            std::thread::sleep(Duration::from_micros(500));
+        }
+    })
+    .join()
+    .expect("no panic")?
+}
+
+/// Connects to gw2's sync port as its peer and waits for its bulk request.
+async fn connect_as_peer() -> Result<SyncStream> {
+    let key = SharedKey::from_secret(SYNC_SECRET.as_bytes())?;
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind("198.18.3.1:0".parse()?)?;
+    let stream = socket
+        .connect(SocketAddr::new([198, 18, 3, 2].into(), crate::SYNC_PORT))
+        .await?;
+    let mut session = transport::initiate(stream, &key).await?;
+    session
+        .send(&[Frame::Hello {
+            node: "bench".into(),
+        }])
+        .await?;
+    loop {
+        if session.recv().await? == Frame::BulkRequest {
+            return Ok(session);
+        }
+    }
+}
+
+pub fn measure() -> Result<SyncFigures> {
+    let lab = Lab::up()?;
+    lab.enable_nat()?;
+    let gw2 = lab.start_carp(
+        &carp_bin()?,
+        Host::Gw2,
+        &NodeOptions {
+            sync_key: Some(SYNC_SECRET.into()),
+            ..backup_opts()
+        },
+    )?;
+    let gw1_ns = lab.ns(Host::Gw1);
+    let gw2_ns = lab.ns(Host::Gw2);
+    let rss_before = rss_bytes(gw2.pid)?;
+    let base = conntrack_count(&gw2_ns)?;
+
+    // Events of the lag phase, stamped as the kernel announces them.
+    let seen: Arc<Mutex<HashMap<FlowKey, Instant>>> = Arc::default();
+    let listening = Arc::new(AtomicBool::new(true));
+    // Subscribed only for the lag phase: the bulk's 100,000 events would overflow it.
+    let lag_phase = Arc::new(AtomicBool::new(false));
+    let (events_seen, events_on, events_start) =
+        (seen.clone(), listening.clone(), lag_phase.clone());
+    let events = in_netns(&gw2_ns, move || -> Result<()> {
+        while !events_start.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut conntrack = Conntrack::subscribe_new()?;
+        while events_on.load(Ordering::Relaxed) {
+            // A burst may overflow the socket (ENOBUFS): those flows just go unmeasured.
+            let Ok(batch) = conntrack.next_events() else {
+                continue;
+            };
+            let now = Instant::now();
+            let mut seen = events_seen.lock().expect("not poisoned");
+            for entry in batch {
+                seen.entry(entry.orig).or_insert(now);
+            }
+        }
+        Ok(())
+    });
+
+    let ns = gw2_ns.clone();
+    let lag_phase_sender = lag_phase.clone();
+    let sender = in_netns(
+        &gw1_ns,
+        move || -> Result<(Duration, Duration, HashMap<FlowKey, Instant>)> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let mut session = connect_as_peer().await?;
+                // Bulk: start, every record, end; timed until all are in gw2's kernel.
+                let records: Vec<FlowRecord> = (0..BULK_FLOWS).map(synthetic).collect();
+                let mut frames = vec![Frame::BulkStart { generation: 1 }];
+                frames.extend(upsert_frames(&records));
+                frames.push(Frame::BulkEnd {
+                    generation: 1,
+                    count: u64::from(BULK_FLOWS),
+                });
+                let started = Instant::now();
+                session.send(&frames).await?;
+                let ns2 = ns.clone();
+                let bulk = tokio::task::spawn_blocking(move || {
+                    wait_count(&ns2, base + u64::from(BULK_FLOWS), started)
+                })
+                .await??;
+                // Live: the same volume as deltas outside a bulk transfer.
+                let live: Vec<FlowRecord> = (BULK_FLOWS..BULK_FLOWS + LIVE_FLOWS)
+                    .map(synthetic)
+                    .collect();
+                let frames: Vec<Frame> = upsert_frames(&live).collect();
+                let started = Instant::now();
+                session.send(&frames).await?;
+                let ns3 = ns.clone();
+                let target = base + u64::from(BULK_FLOWS + LIVE_FLOWS);
+                let live_time =
+                    tokio::task::spawn_blocking(move || wait_count(&ns3, target, started))
+                        .await??;
+                // Lag: 10 new flows every millisecond.
+                lag_phase_sender.store(true, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let first = BULK_FLOWS + LIVE_FLOWS;
+                let mut sent = HashMap::new();
+                let mut tick = tokio::time::interval(Duration::from_millis(1));
+                let per_tick = LAG_RATE / 1000;
+                for t in 0..LAG_SECONDS * 1000 {
+                    tick.tick().await;
+                    let batch: Vec<FlowRecord> = (0..per_tick)
+                        .map(|j| synthetic(first + t * per_tick + j))
+                        .collect();
+                    let now = Instant::now();
+                    for r in &batch {
+                        sent.insert(r.key, now);
+                    }
+                    session.send(&[Frame::Upsert { records: batch }]).await?;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                Ok((bulk, live_time, sent))
+            })
+        },
+    );
+    let (bulk, live, sent) = sender.join().expect("no panic")??;
+    listening.store(false, Ordering::Relaxed);
+    // One more event wakes the listener: the sync session's own connection ending would
+    // do, but a short flow is simpler.
+    let _ = lab.output(
+        Host::Gw2,
+        &[
+            "conntrack",
+            "-I",
+            "-p",
+            "udp",
+            "-s",
+            "198.18.3.9",
+            "-d",
+            "198.18.3.8",
+            "--sport",
+            "1",
+            "--dport",
+            "2",
+            "-t",
+            "5",
+        ],
+    );
+    let _ = events.join();
+    let seen = seen.lock().expect("not poisoned");
+    let mut lags: Vec<Duration> = sent
+        .iter()
+        .filter_map(|(key, at)| {
+            seen.get(key)
+                .map(|landed| landed.saturating_duration_since(*at))
+        })
+        .collect();
+    lags.sort();
+    let pick = |q: f64| {
+        lags.get(((lags.len() as f64 * q) as usize).min(lags.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
+    let total = BULK_FLOWS + LIVE_FLOWS + LAG_RATE * LAG_SECONDS;
+    let rss_after = rss_bytes(gw2.pid)?;
+    let map_bytes = map_memlock(&gw2.name)?;
+    Ok(SyncFigures {
+        bulk_per_s: f64::from(BULK_FLOWS) / bulk.as_secs_f64(),
+        live_per_s: f64::from(LIVE_FLOWS) / live.as_secs_f64(),
+        lag_p50: pick(0.50),
+        lag_p99: pick(0.99),
+        lag_seen: lags.len(),
+        daemon_bytes_per_flow: rss_after.saturating_sub(rss_before) as f64 / f64::from(total),
+        map_bytes_per_flow: map_bytes.0 as f64 / map_bytes.1 as f64,
+    })
+}
+
+/// The flow map's locked memory and its capacity, from bpftool.
+fn map_memlock(node: &str) -> Result<(u64, u64)> {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "show", "pinned"])
+        .arg(format!("/sys/fs/bpf/carp/{node}/CARP_FLOWS"))
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("bpftool map show")?;
+    let bytes = v["bytes_memlock"].as_u64().context("bytes_memlock")?;
+    let entries = v["max_entries"].as_u64().context("max_entries")?;
+    Ok((bytes, entries))
+}
