@@ -104,6 +104,24 @@ fn delta_kinds(l: &mut Loaded) -> Vec<u8> {
         .collect()
 }
 
+/// Behind a NAT, each side of the gateway sees one direction of a connection under its own
+/// key: the client's ACK after its SYN still establishes its direction there.
+#[test]
+fn one_direction_seen_alone_reaches_established() {
+    let mut l = capturing(Duration::from_secs(60));
+    let k = key(6, [40000, 80]);
+    pass(&mut l, &segment(true, 1000, 0, SYN, 0));
+    pass(&mut l, &segment(true, 1001, 5001, ACK, 0));
+    let e = l.dataplane.flow(&k).expect("flow tracked");
+    assert_eq!(
+        [e.tcp[0].phase, e.tcp[1].phase],
+        [tcp_phase::ESTABLISHED, tcp_phase::NONE]
+    );
+    assert_eq!(e.packets, [2, 0]);
+    // Born, then one change; the unseen direction stays untouched.
+    assert_eq!(delta_kinds(&mut l), [DELTA_BORN, DELTA_CHANGED]);
+}
+
 #[test]
 fn a_tcp_connection_moves_through_its_phases_with_one_delta_per_change() {
     let mut l = capturing(Duration::from_secs(60));
