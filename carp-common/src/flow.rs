@@ -20,6 +20,11 @@ pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_ICMPV6: u8 = 58;
 
+/// ICMP or ICMPv6: flows keyed by the echo id, whose tuples carry the echo type.
+pub const fn is_icmp(proto: u8) -> bool {
+    matches!(proto, IPPROTO_ICMP | IPPROTO_ICMPV6)
+}
+
 /// [`FlowDelta::kind`]: the flow was first seen.
 pub const DELTA_BORN: u8 = 1;
 /// A TCP direction changed phase.

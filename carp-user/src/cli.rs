@@ -5,6 +5,7 @@ use crate::{
     control::{self, Request, Response, Status},
     sync::{merge::Origin, service::FlowRow, service::SyncStatus},
 };
+use carp_common::flow::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::{Path, PathBuf};
 
@@ -184,10 +185,10 @@ pub fn format_flows(flows: &[FlowRow]) -> String {
     let mut out = String::new();
     for f in flows {
         let name = match f.proto {
-            6 => "tcp".to_string(),
-            17 => "udp".to_string(),
-            1 => "icmp".to_string(),
-            58 => "icmpv6".to_string(),
+            IPPROTO_TCP => "tcp".to_string(),
+            IPPROTO_UDP => "udp".to_string(),
+            IPPROTO_ICMP => "icmp".to_string(),
+            IPPROTO_ICMPV6 => "icmpv6".to_string(),
             n => n.to_string(),
         };
         let origin = match f.origin {

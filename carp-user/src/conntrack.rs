@@ -4,7 +4,9 @@
 //! sequence number, so a batch of thousands costs a few system calls.
 
 use crate::sync::proto::{FlowKey, FlowRecord};
-use carp_common::flow::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, tcp_phase};
+use carp_common::flow::{
+    IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, is_icmp, tcp_phase,
+};
 use netlink_sys::{Socket, protocols::NETLINK_NETFILTER};
 use std::{io, net::IpAddr};
 
@@ -308,7 +310,7 @@ fn encode_change(out: &mut Vec<u8>, change: &Change, seq: u32) {
 
 /// The tuple of the other direction, untranslated.
 pub fn invert(key: &FlowKey) -> FlowKey {
-    let icmp = matches!(key.proto, IPPROTO_ICMP | IPPROTO_ICMPV6);
+    let icmp = is_icmp(key.proto);
     FlowKey {
         proto: key.proto,
         src: key.dst,

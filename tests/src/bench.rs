@@ -3,7 +3,7 @@
 
 use crate::{
     Host, LAN_VIP, Lab, NodeOptions, SERVER_IP, carp_bin,
-    cluster::{backup_opts, carp_cli, wait_state},
+    cluster::{backup_opts, carp_cli, wait_all, wait_state},
     end_process, kill_hard, ping,
     probe::{self, ArpProbe},
     unix_us, wait_exit, wait_for,
@@ -496,10 +496,8 @@ fn planned_carp() -> Result<Vec<Planned>> {
     for trigger in ["maintenance on", "SIGTERM"] {
         let gw1 = lab.start_carp(&bin, Host::Gw1, &NodeOptions::default())?;
         let gw2 = lab.start_carp(&bin, Host::Gw2, &backup_opts())?;
-        for vhid in [1, 2] {
-            wait_state(&gw1, vhid, State::Master, Duration::from_secs(10))?;
-            wait_state(&gw2, vhid, State::Backup, Duration::from_secs(10))?;
-        }
+        wait_all(&gw1, State::Master, Duration::from_secs(10))?;
+        wait_all(&gw2, State::Backup, Duration::from_secs(10))?;
         let log = lab.dir.join(format!("bench-ping-{}.log", unix_us()));
         let ping_pid = lab.ping_background(Host::Client, SERVER_IP, 0.01, 300, &log)?;
         std::thread::sleep(Duration::from_secs(1));

@@ -17,6 +17,17 @@ pub fn wait_state(node: &Node, vhid: u8, state: State, timeout: Duration) -> Res
     })
 }
 
+/// The lab's vhids: 1 holds the LAN VIP, 2 the WAN VIP.
+pub const LAB_VHIDS: [u8; 2] = [1, 2];
+
+/// Waits until `node` reports `state` for both lab VIPs.
+pub fn wait_all(node: &Node, state: State, timeout: Duration) -> Result<()> {
+    for vhid in LAB_VHIDS {
+        wait_state(node, vhid, state, timeout)?;
+    }
+    Ok(())
+}
+
 /// The MACs that answered each ARP request for `target` from the client.
 pub fn arp_answers(lab: &Lab, target: &str, count: u32) -> Result<Vec<Vec<String>>> {
     let exchanges = lab.arp_probe(&crate::probe::ArpProbe::from_client(target, 50, count * 50))?;
@@ -29,13 +40,21 @@ pub fn arp_answers(lab: &Lab, target: &str, count: u32) -> Result<Vec<Vec<String
 /// gw1 (skew 0) and gw2 (skew 100), started in that order; returns once gw1 is master of
 /// both VIPs and gw2 backup.
 pub fn pair(lab: &Lab) -> Result<(Node, Node)> {
+    pair_with(lab, &NodeOptions::default(), &backup_opts())
+}
+
+/// gw1 with `primary` and gw2 with `secondary`, started in that order; returns once gw1 is
+/// master of both VIPs and gw2 backup.
+pub fn pair_with(
+    lab: &Lab,
+    primary: &NodeOptions,
+    secondary: &NodeOptions,
+) -> Result<(Node, Node)> {
     let bin = crate::carp_bin()?;
-    let gw1 = lab.start_carp(&bin, crate::Host::Gw1, &NodeOptions::default())?;
-    let gw2 = lab.start_carp(&bin, crate::Host::Gw2, &backup_opts())?;
-    for vhid in [1, 2] {
-        wait_state(&gw1, vhid, State::Master, Duration::from_secs(10))?;
-        wait_state(&gw2, vhid, State::Backup, Duration::from_secs(2))?;
-    }
+    let gw1 = lab.start_carp(&bin, crate::Host::Gw1, primary)?;
+    let gw2 = lab.start_carp(&bin, crate::Host::Gw2, secondary)?;
+    wait_all(&gw1, State::Master, Duration::from_secs(10))?;
+    wait_all(&gw2, State::Backup, Duration::from_secs(2))?;
     Ok((gw1, gw2))
 }
 

@@ -3,7 +3,7 @@
 
 use crate::{
     Host, LAN_VIP, Lab, NodeOptions, SERVER_IP, carp_bin,
-    cluster::{backup_opts, wait_state},
+    cluster::{backup_opts, wait_all, wait_state},
     kill_hard, ping, wait_exit,
 };
 use anyhow::{Context, Result};
@@ -22,10 +22,8 @@ pub fn run() -> Result<()> {
     let gw1 = lab.start_carp(&bin, Host::Gw1, &NodeOptions::default())?;
     let gw2 = lab.start_carp(&bin, Host::Gw2, &backup_opts())?;
     println!("    waiting for the election (master-down timer: 3 s)");
-    for vhid in [1, 2] {
-        wait_state(&gw1, vhid, State::Master, Duration::from_secs(10))?;
-        wait_state(&gw2, vhid, State::Backup, Duration::from_secs(2))?;
-    }
+    wait_all(&gw1, State::Master, Duration::from_secs(10))?;
+    wait_all(&gw2, State::Backup, Duration::from_secs(2))?;
     println!(
         "\n--- carp status on gw1 ---\n{}",
         format_status(&gw1.status()?)

@@ -90,14 +90,17 @@ fn in_netns<T: Send + 'static>(
     })
 }
 
+/// Connections in the calling thread's namespace.
+fn read_count() -> Result<u64> {
+    Ok(
+        std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count")?
+            .trim()
+            .parse()?,
+    )
+}
+
 fn conntrack_count(ns: &str) -> Result<u64> {
-    in_netns(ns, || {
-        std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count")
-            .map(|s| s.trim().parse::<u64>().unwrap_or(0))
-    })
-    .join()
-    .expect("no panic")?
-    .map_err(Into::into)
+    in_netns(ns, read_count).join().expect("no panic")?
 }
 
 fn rss_bytes(pid: u32) -> Result<u64> {
@@ -116,9 +119,7 @@ fn wait_count(ns: &str, target: u64, since: Instant) -> Result<Duration> {
     in_netns(&ns, move || -> Result<Duration> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let n: u64 = std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count")?
-                .trim()
-                .parse()?;
+            let n = read_count()?;
             if n >= target {
                 return Ok(since.elapsed());
             }

@@ -4,7 +4,7 @@
 use anyhow::Result;
 use carp::carp::fsm::State;
 use carp_lab::cluster::{
-    assert_answered_once_by, assert_never_two_answers, carp_cli, pair, wait_state,
+    assert_answered_once_by, assert_never_two_answers, carp_cli, pair, wait_all, wait_state,
 };
 use carp_lab::{Host, LAN_VIP, Lab, NodeOptions, carp_bin, end_process, kill_hard, probe};
 use std::time::{Duration, Instant};
@@ -79,10 +79,8 @@ fn killed_master_is_replaced_within_master_down_and_preempts_back_after_restart(
         gw1.name.clone(),
         gw1.config.clone(),
     )?;
-    for vhid in [1, 2] {
-        wait_state(&gw1, vhid, State::Master, Duration::from_secs(8))?;
-        wait_state(&gw2, vhid, State::Backup, Duration::from_secs(2))?;
-    }
+    wait_all(&gw1, State::Master, Duration::from_secs(8))?;
+    wait_all(&gw2, State::Backup, Duration::from_secs(2))?;
     assert_answered_once_by(&lab, LAN_VIP, VMAC_LAN, 5)?;
     Ok(())
 }
@@ -109,9 +107,7 @@ fn master_losing_a_link_demotes_and_every_vip_moves_together() -> Result<()> {
     assert!(!lab.sh(Host::Gw1, "ip -4 addr show")?.contains(LAN_VIP));
     // Cable back: demotion gone, gw1 preempts both back.
     lab.sh(Host::Switch, "ip link set gw1-lan up")?;
-    for vhid in [1, 2] {
-        wait_state(&gw1, vhid, State::Master, Duration::from_secs(8))?;
-    }
+    wait_all(&gw1, State::Master, Duration::from_secs(8))?;
     assert_eq!(gw1.status()?.demotion, 0);
     Ok(())
 }
@@ -124,9 +120,7 @@ fn maintenance_mode_moves_the_vips_at_once_and_persists_across_restart() -> Resu
     let started = Instant::now();
     let table = carp_cli(&["maintenance", "on", "--socket", &socket])?;
     assert!(table.contains("maintenance ON"), "{table}");
-    for vhid in [1, 2] {
-        wait_state(&gw2, vhid, State::Master, Duration::from_secs(1))?;
-    }
+    wait_all(&gw2, State::Master, Duration::from_secs(1))?;
     assert!(started.elapsed() < Duration::from_secs(1));
     // Restart gw1: still in maintenance, so gw2 keeps the VIPs.
     end_process(gw1.pid, Duration::from_secs(5));
@@ -145,9 +139,7 @@ fn maintenance_mode_moves_the_vips_at_once_and_persists_across_restart() -> Resu
     // The CLI finds the socket through -c too.
     let config = gw1.config.to_string_lossy().into_owned();
     carp_cli(&["maintenance", "off", "-c", &config])?;
-    for vhid in [1, 2] {
-        wait_state(&gw1, vhid, State::Master, Duration::from_secs(3))?;
-    }
+    wait_all(&gw1, State::Master, Duration::from_secs(3))?;
     let json: serde_json::Value =
         serde_json::from_str(&carp_cli(&["status", "--json", "-c", &config])?)?;
     assert_eq!(json["maintenance"], false);

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use carp::{carp::fsm::State, sync::service::SyncStatus};
 use carp_lab::{
     Host, Lab, Node, NodeOptions, SYNC_SECRET, carp_bin,
-    cluster::{backup_opts, wait_state},
+    cluster::{backup_opts, pair_with, wait_all},
     kill_hard, streams, unix_us, wait_for,
 };
 use std::time::Duration;
@@ -71,30 +71,26 @@ fn diagnose(lab: &Lab, nodes: &[&Node]) -> String {
 fn cluster(lab: &Lab, sync: bool) -> Result<(Node, Node)> {
     lab.enable_nat()?;
     streams::start_server(lab)?;
-    let bin = carp_bin()?;
     let (o1, o2) = if sync {
         (sync_opts(NodeOptions::default()), sync_opts(backup_opts()))
     } else {
         (NodeOptions::default(), backup_opts())
     };
-    let gw1 = lab.start_carp(&bin, Host::Gw1, &o1)?;
-    let gw2 = lab.start_carp(&bin, Host::Gw2, &o2)?;
+    let (gw1, gw2) = pair_with(lab, &o1, &o2)?;
     if sync {
         wait_synced(&gw1)?;
         wait_synced(&gw2)?;
     }
-    for vhid in [1, 2] {
-        wait_state(&gw1, vhid, State::Master, Duration::from_secs(10))?;
-        wait_state(&gw2, vhid, State::Backup, Duration::from_secs(2))?;
-    }
     Ok((gw1, gw2))
 }
 
-/// The master dies the hard way: daemon SIGKILLed and both links cut.
-fn kill_node(lab: &Lab, node: &Node) -> Result<u128> {
+/// The master dies the hard way (daemon SIGKILLed, both links cut) and the survivor takes
+/// both VIPs; returns when it died.
+fn take_over(lab: &Lab, dead: &Node, survivor: &Node) -> Result<u128> {
     let at = unix_us();
-    kill_hard(node.pid);
-    lab.sh(node.host, "ip link set lan down; ip link set wan down")?;
+    kill_hard(dead.pid);
+    lab.sh(dead.host, "ip link set lan down; ip link set wan down")?;
+    wait_all(survivor, State::Master, Duration::from_secs(6))?;
     Ok(at)
 }
 
@@ -141,10 +137,7 @@ fn failover_under_load(
             "{natted} NATed flows listed: {flows:?}"
         );
     }
-    let killed = kill_node(lab, gw1)?;
-    for vhid in [1, 2] {
-        wait_state(gw2, vhid, State::Master, Duration::from_secs(6))?;
-    }
+    let killed = take_over(lab, gw1, gw2)?;
     Ok((client.finish()?, killed))
 }
 
@@ -217,10 +210,7 @@ fn restarted_backup_gets_every_flow_back_by_bulk_before_it_may_master() -> Resul
     );
     // Everything came back by the bulk update, then the master dies.
     wait_conntrack(&lab, Host::Gw2, CONNECTIONS)?;
-    let killed = kill_node(&lab, &gw1)?;
-    for vhid in [1, 2] {
-        wait_state(&gw2, vhid, State::Master, Duration::from_secs(6))?;
-    }
+    let killed = take_over(&lab, &gw1, &gw2)?;
     assert_all_survived(&client.finish()?, killed);
     Ok(())
 }
@@ -253,10 +243,7 @@ fn sync_link_cut_and_restored_resyncs_without_loss() -> Result<()> {
     wait_conntrack(&lab, Host::Gw2, CONNECTIONS)?;
     // A resync after a flap does not demote anyone: the VIPs stayed put.
     assert_eq!(gw1.state(1), Some(State::Master));
-    let killed = kill_node(&lab, &gw1)?;
-    for vhid in [1, 2] {
-        wait_state(&gw2, vhid, State::Master, Duration::from_secs(6))?;
-    }
+    let killed = take_over(&lab, &gw1, &gw2)?;
     assert_all_survived(&client.finish()?, killed);
     Ok(())
 }

@@ -8,7 +8,7 @@ use super::{
     view::{self, Side, ViewOf},
 };
 use crate::conntrack::{Conntrack, Direction, Entry, invert};
-use carp_common::flow::{self as xdp, DELTA_BORN, DELTA_ENDED, FlowDelta, FlowEntry};
+use carp_common::flow::{self as xdp, DELTA_BORN, DELTA_ENDED, FlowDelta, FlowEntry, is_icmp};
 use std::{
     collections::HashMap,
     time::{Duration, Instant},
@@ -179,23 +179,29 @@ impl Capture {
         }
     }
 
-    /// For each view: its tuples both ways. The kernel finds a connection by either of its
-    /// tuples, so which side the view is comes from comparing the tuple with the answer.
-    /// (The direction only matters to ICMP, whose tuples carry the echo type.)
+    /// For each view: its tuple both ways. The kernel finds a connection by either of its
+    /// tuples, so which side the view is comes from comparing the tuple with the answer; only
+    /// ICMP, whose tuples carry the echo type, is asked for in each direction.
     fn lookup(
         &mut self,
         conntrack: &mut Conntrack,
         keys: &[xdp::FlowKey],
     ) -> Vec<Option<(ViewOf, Entry)>> {
-        let mut queries = Vec::with_capacity(keys.len() * 4);
-        let mut senders = Vec::with_capacity(keys.len() * 4);
-        for key in keys {
+        let mut queries = Vec::with_capacity(keys.len() * 2);
+        // For each query: which key it is for, and the endpoint sending its tuple.
+        let mut owners = Vec::with_capacity(keys.len() * 2);
+        for (index, key) in keys.iter().enumerate() {
+            let directions: &[Direction] = if is_icmp(key.proto) {
+                &[Direction::Original, Direction::Reply]
+            } else {
+                &[Direction::Original]
+            };
             let first = self.unresolved[key].sender;
             for sender in [first, first ^ 1] {
                 let tuple = view::tuple_of(key, sender);
-                for direction in [Direction::Original, Direction::Reply] {
-                    queries.push((tuple, direction));
-                    senders.push(sender);
+                for direction in directions {
+                    queries.push((tuple, *direction));
+                    owners.push((index, sender));
                 }
             }
         }
@@ -209,32 +215,26 @@ impl Capture {
         };
         self.stats.conntrack_lookups += queries.len() as u64;
         self.stats.lookup_ns += started.elapsed().as_nanos() as u64;
-        answers
-            .chunks(4)
-            .zip(queries.chunks(4).zip(senders.chunks(4)))
-            .map(|(answers, (queries, senders))| {
-                answers.iter().zip(queries.iter().zip(senders)).find_map(
-                    |(answer, ((tuple, _), sender))| {
-                        let entry = (*answer)?;
-                        let side = if *tuple == entry.orig {
-                            Side::Original
-                        } else if *tuple == entry.reply {
-                            Side::Reply
-                        } else {
-                            return None;
-                        };
-                        Some((
-                            ViewOf {
-                                connection: entry.orig,
-                                side,
-                                sender: *sender,
-                            },
-                            entry,
-                        ))
-                    },
-                )
-            })
-            .collect()
+        let mut found = vec![None; keys.len()];
+        for ((answer, (tuple, _)), (index, sender)) in answers.iter().zip(&queries).zip(owners) {
+            let Some(entry) = *answer else { continue };
+            let side = if *tuple == entry.orig {
+                Side::Original
+            } else if *tuple == entry.reply {
+                Side::Reply
+            } else {
+                continue;
+            };
+            found[index].get_or_insert((
+                ViewOf {
+                    connection: entry.orig,
+                    side,
+                    sender,
+                },
+                entry,
+            ));
+        }
+        found
     }
 
     /// Forgets connections whose timeout passed without a delta (XDP refreshes live ones).

@@ -111,7 +111,7 @@ impl Installer {
     fn upsert(&mut self, records: &[FlowRecord]) {
         let now_ns = monotonic_ns();
         // Create what the kernel lacks; a create that finds one, or an update that finds
-        // none (it expired there), is retried the other way.
+        // none (it expired there), is tried once more the other way.
         let mut changes = Vec::with_capacity(records.len());
         for record in records {
             let entries = view::entries_of(record, now_ns);
@@ -135,46 +135,42 @@ impl Installer {
         let Some(conntrack) = &mut self.conntrack else {
             return;
         };
-        let results = match conntrack.apply(&changes) {
-            Ok(results) => results,
-            Err(e) => {
-                return self
-                    .report
-                    .failed(records.len() as u64, format!("ctnetlink: {e}"));
-            }
-        };
-        let mut retry = Vec::new();
         let (mut ok_created, mut ok_updated) = (0u64, 0u64);
-        for (change, result) in changes.iter().zip(results) {
-            match (result, change) {
-                (Ok(()), Change::Create(_)) => ok_created += 1,
-                (Ok(()), _) => ok_updated += 1,
-                (Err(libc::EEXIST), Change::Create(r)) => retry.push(Change::Update(r)),
-                (Err(libc::ENOENT), Change::Update(r)) => retry.push(Change::Create(r)),
-                (Err(errno), _) => {
-                    let what = std::io::Error::from_raw_os_error(errno);
-                    self.report.failed(1, format!("conntrack: {what}"));
-                }
+        for retrying in [false, true] {
+            if changes.is_empty() {
+                break;
             }
-        }
-        if !retry.is_empty() {
-            match conntrack.apply(&retry) {
-                Ok(results) => {
-                    for (change, result) in retry.iter().zip(results) {
-                        match (result, change) {
-                            (Ok(()), Change::Create(_)) => ok_created += 1,
-                            (Ok(()), _) => ok_updated += 1,
-                            (Err(errno), _) => {
-                                let what = std::io::Error::from_raw_os_error(errno);
-                                self.report.failed(1, format!("conntrack retry: {what}"));
-                            }
-                        }
+            let results = match conntrack.apply(&changes) {
+                Ok(results) => results,
+                Err(e) => {
+                    let count = changes.len() as u64;
+                    self.report.failed(count, format!("ctnetlink: {e}"));
+                    break;
+                }
+            };
+            let mut again = Vec::new();
+            for (change, result) in changes.iter().zip(results) {
+                match (result, change) {
+                    (Ok(()), Change::Create(_)) => ok_created += 1,
+                    (Ok(()), _) => ok_updated += 1,
+                    (Err(libc::EEXIST), Change::Create(r)) if !retrying => {
+                        again.push(Change::Update(r));
+                    }
+                    (Err(libc::ENOENT), Change::Update(r)) if !retrying => {
+                        again.push(Change::Create(r));
+                    }
+                    (Err(errno), _) => {
+                        let what = std::io::Error::from_raw_os_error(errno);
+                        let label = if retrying {
+                            "conntrack retry"
+                        } else {
+                            "conntrack"
+                        };
+                        self.report.failed(1, format!("{label}: {what}"));
                     }
                 }
-                Err(e) => self
-                    .report
-                    .failed(retry.len() as u64, format!("ctnetlink: {e}")),
             }
+            changes = again;
         }
         let mut stats = self.report.stats.lock().expect("not poisoned");
         stats.conntrack_created += ok_created;

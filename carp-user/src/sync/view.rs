@@ -6,8 +6,7 @@
 use super::proto::{FlowKey, FlowRecord, TcpPeer};
 use crate::conntrack::tcp_state;
 use carp_common::flow::{
-    self as xdp, FlowEntry, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, TcpTrack,
-    tcp_phase,
+    self as xdp, FlowEntry, IPPROTO_TCP, IPPROTO_UDP, TcpTrack, is_icmp, tcp_phase,
 };
 use std::net::IpAddr;
 
@@ -28,10 +27,6 @@ pub struct ViewOf {
     pub side: Side,
     /// The endpoint (0 or 1 of the XDP key) that sends that side's tuple.
     pub sender: usize,
-}
-
-fn is_icmp(proto: u8) -> bool {
-    matches!(proto, IPPROTO_ICMP | IPPROTO_ICMPV6)
 }
 
 fn ip_of(bytes: &[u8; 16], family: u8) -> IpAddr {
@@ -156,27 +151,17 @@ pub fn fold(record: &mut FlowRecord, entry: &FlowEntry, view: &ViewOf) {
 /// the far side of a NAT when the connection is translated.
 pub fn entries_of(record: &FlowRecord, now_ns: u64) -> Vec<(xdp::FlowKey, FlowEntry)> {
     let mut out = Vec::with_capacity(2);
-    let reply_view = {
-        let (key, sender) = key_of(&record.reply);
-        (
-            key,
-            ViewOf {
-                connection: record.key,
-                side: Side::Reply,
-                sender,
-            },
-        )
-    };
-    let (key, sender) = key_of(&record.key);
-    let original = ViewOf {
-        connection: record.key,
-        side: Side::Original,
-        sender,
-    };
-    for (key, view) in [(key, original), reply_view] {
+    for (tuple, side) in [(record.key, Side::Original), (record.reply, Side::Reply)] {
+        let (key, sender) = key_of(&tuple);
+        // An untranslated flow is one XDP key for both tuples.
         if out.iter().any(|(k, _)| *k == key) {
             continue;
         }
+        let view = ViewOf {
+            connection: record.key,
+            side,
+            sender,
+        };
         let mut entry = FlowEntry {
             first_ns: now_ns,
             last_ns: now_ns,
@@ -225,6 +210,7 @@ pub fn kernel_timeout(record: &FlowRecord) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use carp_common::flow::IPPROTO_ICMP;
     use proptest::prelude::*;
 
     fn tuple(proto: u8, src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> FlowKey {
