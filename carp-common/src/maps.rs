@@ -2,7 +2,8 @@
 
 use core::mem::size_of;
 
-/// Name of the VIP map: [`VipKey`] -> [`VipEntry`], one entry per IPv4 virtual IP.
+/// Name of the VIP table: an array of [`VipSlot`], one per IPv4 virtual IP, open addressing
+/// from [`vip_home`].
 pub const VIP_MAP: &str = "CARP_VIPS";
 /// Name of the virtual-MAC map: [`VmacKey`] -> [`VmacEntry`], one entry per (interface, vhid).
 pub const VMAC_MAP: &str = "CARP_VMACS";
@@ -25,8 +26,16 @@ pub const ALL_MAPS: [&str; 7] = [
     crate::flow::CAPTURE_MAP,
 ];
 
-/// Most virtual IPs one node can hold (CARP_MAXVHID per interface, a few interfaces).
+/// Most virtual MACs one node can hold (CARP_MAXVHID per interface, a few interfaces).
 pub const MAX_VIPS: u32 = 1024;
+
+/// Slots of the VIP table. An array, not a hash map: XDP finds a VIP with the verifier's
+/// inlined array lookups instead of a jhash helper call, which halves the cost of an ARP
+/// answer. A power of two, so the home slot is a mask away.
+pub const VIP_SLOTS: u32 = 512;
+/// How many slots after its home a VIP may sit (linear probing). The daemon refuses a VIP
+/// that finds no room that close; with a few hundred VIPs at most that does not happen.
+pub const VIP_PROBES: u32 = 8;
 
 /// `VipEntry::role` / `VmacEntry::role`: this node is not master for the vhid.
 pub const ROLE_BACKUP: u8 = 0;
@@ -58,7 +67,7 @@ pub const STAT_SLOTS: u32 = 16;
 
 /// Key of the VIP map.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct VipKey {
     /// Interface the VIP lives on (the XDP `ingress_ifindex`).
     pub ifindex: u32,
@@ -69,7 +78,7 @@ const _: () = assert!(size_of::<VipKey>() == 8);
 
 /// Value of the VIP map.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct VipEntry {
     /// MAC put in ARP replies for the VIP: the virtual MAC or the interface's own.
     pub mac: [u8; 6],
@@ -79,6 +88,33 @@ pub struct VipEntry {
     pub vhid: u8,
 }
 const _: () = assert!(size_of::<VipEntry>() == 8);
+
+/// One slot of the VIP table. `key.ifindex == 0` marks a slot never used; a used slot is
+/// never emptied again (a released VIP keeps its slot as backup), so probe chains stay whole.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipSlot {
+    pub key: VipKey,
+    pub entry: VipEntry,
+}
+const _: () = assert!(size_of::<VipSlot>() == 16);
+
+impl VipSlot {
+    /// Whether the slot was ever used.
+    #[inline(always)]
+    pub fn is_used(&self) -> bool {
+        self.key.ifindex != 0
+    }
+}
+
+/// The slot a VIP's probe sequence starts at (Fibonacci hashing of interface and address);
+/// the daemon places VIPs and XDP finds them with this one function.
+#[inline(always)]
+pub fn vip_home(key: &VipKey) -> u32 {
+    const GOLDEN: u32 = 0x9e37_79b9;
+    let mixed = u32::from_be_bytes(key.addr) ^ key.ifindex.wrapping_mul(GOLDEN);
+    mixed.wrapping_mul(GOLDEN) >> (32 - VIP_SLOTS.trailing_zeros())
+}
 
 /// Key of the virtual-MAC map.
 #[repr(C)]

@@ -2,13 +2,12 @@
 
 use crate::{
     flow::{CaptureConfig, FlowDelta, FlowEntry, FlowKey},
-    maps::{Heartbeat, VipEntry, VipKey, VmacEntry, VmacKey},
+    maps::{Heartbeat, VipSlot, VmacEntry, VmacKey},
 };
 
 // SAFETY: all of these are `#[repr(C)]`, `Copy`, made only of integers and byte arrays, with
 // explicit padding, so every bit pattern is valid.
-unsafe impl aya::Pod for VipKey {}
-unsafe impl aya::Pod for VipEntry {}
+unsafe impl aya::Pod for VipSlot {}
 unsafe impl aya::Pod for VmacKey {}
 unsafe impl aya::Pod for VmacEntry {}
 unsafe impl aya::Pod for Heartbeat {}

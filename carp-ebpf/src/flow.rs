@@ -7,7 +7,6 @@
 use crate::{count, ptr_at};
 use aya_ebpf::{
     btf_maps::{Array, LruHashMap, RingBuf},
-    helpers::bpf_ktime_get_coarse_ns,
     macros::btf_map,
     programs::XdpContext,
 };
@@ -213,8 +212,7 @@ fn update(p: &mut Packet, refresh_ns: u64) {
         1usize
     };
     let key = &p.key;
-    // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = crate::clock::coarse_now_ns();
     count(STAT_FLOW_PACKETS);
     if let Some(entry) = CARP_FLOWS.get_ptr_mut(key) {
         // SAFETY: the map value stays valid for this program run.

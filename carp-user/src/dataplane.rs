@@ -17,7 +17,8 @@ use carp_common::flow::{
 };
 use carp_common::maps::{
     ALL_MAPS, HEARTBEAT_MAP, Heartbeat, ROLE_BACKUP, ROLE_MASTER, STAT_SLOTS, STATS_MAP, VIP_MAP,
-    VMAC_MAP, VipEntry, VipKey, VmacEntry, VmacKey, XDP_PROGRAM,
+    VIP_PROBES, VIP_SLOTS, VMAC_MAP, VipEntry, VipKey, VipSlot, VmacEntry, VmacKey, XDP_PROGRAM,
+    vip_home,
 };
 use std::{
     net::Ipv4Addr,
@@ -54,6 +55,10 @@ pub enum DataplaneError {
         #[source]
         source: MapError,
     },
+    #[error(
+        "no room for VIP {addr} in the XDP VIP table: {VIP_PROBES} slots after its home are taken ({VIP_SLOTS} slots in all)"
+    )]
+    VipTableFull { addr: Ipv4Addr },
     #[error("the XDP object has no {name}")]
     Missing { name: &'static str },
     #[error("pinning {path}: {source}")]
@@ -91,7 +96,7 @@ pub struct Dataplane {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     links: Vec<(String, PinnedLink)>,
-    vips: HashMap<MapData, VipKey, VipEntry>,
+    vips: Array<MapData, VipSlot>,
     vmacs: HashMap<MapData, VmacKey, VmacEntry>,
     heartbeat: Array<MapData, Heartbeat>,
     stats: PerCpuArray<MapData, u64>,
@@ -122,7 +127,7 @@ impl Dataplane {
         let mut ebpf = loader.load(crate::EBPF_OBJECT)?;
         let program: &mut Xdp = program_mut(&mut ebpf)?;
         program.load()?;
-        let vips = take_map(&mut ebpf, VIP_MAP, HashMap::try_from)?;
+        let vips = take_map(&mut ebpf, VIP_MAP, Array::try_from)?;
         let vmacs = take_map(&mut ebpf, VMAC_MAP, HashMap::try_from)?;
         let heartbeat = take_map(&mut ebpf, HEARTBEAT_MAP, Array::try_from)?;
         let stats = take_map(&mut ebpf, STATS_MAP, PerCpuArray::try_from)?;
@@ -204,7 +209,25 @@ impl Dataplane {
             role: role.as_u8(),
             vhid,
         };
-        self.vips.insert(key, entry, 0).map_err(map_error(VIP_MAP))
+        let index = self.vip_slot(&key)?;
+        self.vips
+            .set(index, VipSlot { key, entry }, 0)
+            .map_err(map_error(VIP_MAP))
+    }
+
+    /// The VIP table slot `key` holds, or the first never-used one on its probe sequence.
+    fn vip_slot(&self, key: &VipKey) -> Result<u32, DataplaneError> {
+        let home = vip_home(key);
+        for probe in 0..VIP_PROBES {
+            let index = (home + probe) & (VIP_SLOTS - 1);
+            let slot = self.vips.get(&index, 0).map_err(map_error(VIP_MAP))?;
+            if !slot.is_used() || slot.key == *key {
+                return Ok(index);
+            }
+        }
+        Err(DataplaneError::VipTableFull {
+            addr: Ipv4Addr::from(key.addr),
+        })
     }
 
     /// Tells XDP whether frames to vhid's virtual MAC on `ifindex` are ours.

@@ -10,9 +10,10 @@ use support::{Loaded, XDP_PASS, load, run};
 
 const XDP_DROP: u32 = 1;
 const XDP_TX: u32 = 3;
+use carp::dataplane::DataplaneError;
 use carp_common::maps::{
     STAT_ARP_DROPPED_BACKUP, STAT_ARP_DROPPED_STALE, STAT_ARP_REPLIED, STAT_MALFORMED,
-    STAT_VMAC_ACCEPTED, STAT_VMAC_IGNORED, virtual_mac,
+    STAT_VMAC_ACCEPTED, STAT_VMAC_IGNORED, VIP_PROBES, VipKey, vip_home, virtual_mac,
 };
 use std::{net::Ipv4Addr, time::Duration};
 
@@ -145,6 +146,51 @@ fn arp_for_other_addresses_and_other_interfaces_passes_untouched() {
     // ARP replies about the VIP are not ours to judge.
     let reply = arp_frame(2, VIP);
     assert_eq!(run(&mut l, &reply), (XDP_PASS, reply.clone()));
+}
+
+#[test]
+fn vips_sharing_a_home_slot_are_all_answered_and_a_full_probe_window_is_refused() {
+    let mut l = load();
+    master(&mut l);
+    let key = |addr: Ipv4Addr| VipKey {
+        ifindex: TEST_IFINDEX,
+        addr: addr.octets(),
+    };
+    let home = vip_home(&key(VIP));
+    let same_home: Vec<Ipv4Addr> = (0..=u16::MAX)
+        .map(|i| Ipv4Addr::new(198, 19, (i >> 8) as u8, i as u8))
+        .filter(|addr| vip_home(&key(*addr)) == home)
+        .take(VIP_PROBES as usize + 1)
+        .collect();
+    // VIP sits at home; the next VIP_PROBES - 1 fill the rest of its probe window.
+    let (fits, rest) = same_home.split_at(VIP_PROBES as usize - 1);
+    for addr in fits {
+        l.dataplane
+            .set_vip(TEST_IFINDEX, *addr, VHID, virtual_mac(VHID), Role::Master)
+            .unwrap();
+    }
+    for addr in fits.iter().chain([&VIP]) {
+        let (action, out) = run(&mut l, &arp_frame(1, *addr));
+        assert_eq!(action, XDP_TX, "{addr}");
+        assert_eq!(&out[28..32], &addr.octets(), "answered for {addr}");
+    }
+    // Changing a placed VIP finds its own slot again, even with the window full.
+    l.dataplane
+        .set_vip(TEST_IFINDEX, fits[3], VHID, virtual_mac(VHID), Role::Backup)
+        .unwrap();
+    assert_eq!(run(&mut l, &arp_frame(1, fits[3])).0, XDP_DROP);
+    // One more with the same home has no room, and is named in the error.
+    let err = l
+        .dataplane
+        .set_vip(TEST_IFINDEX, rest[0], VHID, virtual_mac(VHID), Role::Master)
+        .unwrap_err();
+    assert!(
+        matches!(err, DataplaneError::VipTableFull { addr } if addr == rest[0]),
+        "{err}"
+    );
+    // An unplaced address whose probe runs through the full window is not ours.
+    let other = arp_frame(1, rest[1]);
+    assert_eq!(run(&mut l, &other), (XDP_PASS, other.clone()));
 }
 
 #[test]
