@@ -74,12 +74,19 @@ pub struct TcpTrack {
     pub seqhi: u32,
     /// Largest window the endpoint advertised (unscaled).
     pub max_win: u16,
-    /// Window scale from the endpoint's SYN; 0 when unknown.
+    /// Window scale from the endpoint's SYN: [`WSCALE_SEEN`] | shift, or 0 without the option.
     pub wscale: u8,
     /// A `tcp_phase` value.
     pub phase: u8,
 }
 const _: () = assert!(size_of::<TcpTrack>() == 12);
+
+/// [`TcpTrack::wscale`] flag: the SYN carried the window-scale option (pf's PF_WSCALE_FLAG),
+/// whose shift is in the bits of [`WSCALE_SHIFT`]. Scaling is on only when both SYNs have it.
+pub const WSCALE_SEEN: u8 = 0x80;
+pub const WSCALE_SHIFT: u8 = 0x0f;
+/// Largest shift RFC 7323 allows; larger values are read as 14.
+pub const WSCALE_MAX: u8 = 14;
 
 /// Value of the flow map.
 #[repr(C)]

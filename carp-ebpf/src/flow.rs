@@ -14,7 +14,7 @@ use carp_common::{
     flow::{
         CaptureConfig, DEFAULT_FLOWS_MAX, DELTA_BORN, DELTA_CHANGED, DELTA_ENDED, DELTA_REFRESH,
         DELTA_RING_BYTES, FlowDelta, FlowEntry, FlowKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
-        IPPROTO_UDP, TcpTrack, tcp_phase,
+        IPPROTO_UDP, TcpTrack, WSCALE_MAX, WSCALE_SEEN, tcp_phase,
     },
     maps::{STAT_DELTA_LOST, STAT_FLOW_INSERT_FAILED, STAT_FLOW_PACKETS, STAT_FLOW_UNTRACKED},
 };
@@ -52,6 +52,8 @@ struct Packet {
 #[derive(Default)]
 struct Segment {
     flags: u8,
+    /// `WSCALE_SEEN | shift` from a SYN's options, else 0.
+    wscale: u8,
     seq: u32,
     ack: u32,
     win: u16,
@@ -157,8 +159,14 @@ fn parse_l4(
             let t = unsafe { &*t };
             packet.key.port = [[t[0], t[1]], [t[2], t[3]]];
             let header = u32::from(t[12] >> 4) * 4;
+            let wscale = if t[13] & TCP_SYN != 0 {
+                syn_wscale(ctx, offset + 20, offset + header as usize)
+            } else {
+                0
+            };
             packet.tcp = Segment {
                 flags: t[13],
+                wscale,
                 seq: u32::from_be_bytes([t[4], t[5], t[6], t[7]]),
                 ack: u32::from_be_bytes([t[8], t[9], t[10], t[11]]),
                 win: u16::from_be_bytes([t[14], t[15]]),
@@ -188,6 +196,44 @@ fn parse_l4(
         _ => return Ok(None),
     }
     Ok(Some(packet))
+}
+
+/// Option walks stop after this many options; a SYN carries five or six.
+const TCP_MAX_OPTIONS: usize = 16;
+const TCPOPT_EOL: u8 = 0;
+const TCPOPT_NOP: u8 = 1;
+const TCPOPT_WSCALE: u8 = 3;
+
+/// The window-scale option among the TCP options in `[at, end)` of a SYN, as
+/// `WSCALE_SEEN | shift`, or 0 without one (or with options cut short by the frame).
+#[inline(always)]
+fn syn_wscale(ctx: &XdpContext, mut at: usize, end: usize) -> u8 {
+    for _ in 0..TCP_MAX_OPTIONS {
+        if at >= end {
+            break;
+        }
+        // Two bytes even for a one-byte option: only a NOP or EOL can be the frame's last
+        // byte, and a one-byte bounds check reads to LLVM as `>=`, which the verifier misses.
+        let Ok(head) = ptr_at::<[u8; 2]>(ctx, at) else {
+            break;
+        };
+        // SAFETY: bounds-checked by ptr_at.
+        let [kind, len] = unsafe { *head };
+        match kind {
+            TCPOPT_EOL => break,
+            TCPOPT_NOP => at += 1,
+            _ if len < 2 => break,
+            TCPOPT_WSCALE if len == 3 => {
+                let Ok(option) = ptr_at::<[u8; 3]>(ctx, at) else {
+                    break;
+                };
+                // SAFETY: bounds-checked by ptr_at.
+                return WSCALE_SEEN | unsafe { (*option)[2] }.min(WSCALE_MAX);
+            }
+            _ => at += usize::from(len),
+        }
+    }
+    0
 }
 
 /// Whether endpoint (a, pa) sorts before (b, pb).
@@ -296,6 +342,7 @@ fn track_tcp(tcp: &mut [TcpTrack; 2], me: usize, s: &Segment) {
             sender.max_win = s.win;
         }
         if syn != 0 {
+            sender.wscale = s.wscale;
             let phase = if s.flags & TCP_ACK != 0 {
                 tcp_phase::SYN_RECEIVED
             } else {

@@ -5,7 +5,8 @@
 
 use crate::sync::proto::{FlowKey, FlowRecord};
 use carp_common::flow::{
-    IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, is_icmp, tcp_phase,
+    IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, WSCALE_SEEN, WSCALE_SHIFT, is_icmp,
+    tcp_phase,
 };
 use netlink_sys::{Socket, protocols::NETLINK_NETFILTER};
 use std::{io, net::IpAddr};
@@ -337,13 +338,21 @@ fn put_state(out: &mut Vec<u8>, record: &FlowRecord) {
         let tcp = begin_nest(out, CTA_PROTOINFO_TCP);
         put(out, CTA_PROTOINFO_TCP_STATE, &[tcp_state(record)]);
         let [orig, reply] = &record.tcp;
-        put(out, CTA_PROTOINFO_TCP_WSCALE_ORIGINAL, &[orig.wscale]);
-        put(out, CTA_PROTOINFO_TCP_WSCALE_REPLY, &[reply.wscale]);
+        put(
+            out,
+            CTA_PROTOINFO_TCP_WSCALE_ORIGINAL,
+            &[orig.wscale & WSCALE_SHIFT],
+        );
+        put(
+            out,
+            CTA_PROTOINFO_TCP_WSCALE_REPLY,
+            &[reply.wscale & WSCALE_SHIFT],
+        );
         for (attr, side) in [
             (CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, orig),
             (CTA_PROTOINFO_TCP_FLAGS_REPLY, reply),
         ] {
-            let scale = if side.wscale > 0 {
+            let scale = if side.wscale & WSCALE_SEEN != 0 {
                 TCP_FLAG_WINDOW_SCALE
             } else {
                 0

@@ -7,7 +7,9 @@ mod support;
 
 use aya::programs::{TestRun, TestRunOptions};
 use carp_common::{
-    flow::{DELTA_BORN, DELTA_CHANGED, DELTA_ENDED, DELTA_REFRESH, FlowKey, tcp_phase},
+    flow::{
+        DELTA_BORN, DELTA_CHANGED, DELTA_ENDED, DELTA_REFRESH, FlowKey, WSCALE_SEEN, tcp_phase,
+    },
     maps::{STAT_DELTA_LOST, STAT_FLOW_UNTRACKED, STAT_MALFORMED},
 };
 use std::time::Duration;
@@ -41,13 +43,21 @@ fn ipv4(proto: u8, src: [u8; 4], dst: [u8; 4], frag: u16, l4: &[u8]) -> Vec<u8> 
 }
 
 fn tcp(sport: u16, dport: u16, seq: u32, ack: u32, flags: u8, payload: usize) -> Vec<u8> {
+    let mut t = tcp_header(sport, dport, seq, ack, flags, &[]);
+    t.resize(20 + payload, 0);
+    t
+}
+
+/// A TCP header with `options` (a multiple of 4 bytes) and no payload.
+fn tcp_header(sport: u16, dport: u16, seq: u32, ack: u32, flags: u8, options: &[u8]) -> Vec<u8> {
     let mut t = Vec::new();
     t.extend_from_slice(&sport.to_be_bytes());
     t.extend_from_slice(&dport.to_be_bytes());
     t.extend_from_slice(&seq.to_be_bytes());
     t.extend_from_slice(&ack.to_be_bytes());
-    t.extend_from_slice(&[0x50, flags, 0xfa, 0xf0, 0, 0, 0, 0]);
-    t.resize(20 + payload, 0);
+    let words = (20 + options.len()) as u8 / 4;
+    t.extend_from_slice(&[words << 4, flags, 0xfa, 0xf0, 0, 0, 0, 0]);
+    t.extend_from_slice(options);
     t
 }
 
@@ -173,6 +183,54 @@ fn seqhi_follows_the_peers_ack_and_window() {
         "client may send up to ack + window"
     );
     assert_eq!(e.tcp[1].max_win, 0xfaf0);
+}
+
+#[test]
+fn window_scale_is_taken_from_each_syn() {
+    let mut l = capturing(Duration::from_secs(60));
+    // Linux's SYN: MSS, SACK permitted, timestamps, NOP, window scale 7.
+    let linux = [
+        2, 4, 0x05, 0xb4, 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 7,
+    ];
+    // Windows' SYN-ACK: MSS, NOP, window scale 0 (present: scaling is on), NOP, NOP, SACK.
+    let windows = [2, 4, 0x05, 0xb4, 1, 3, 3, 0, 1, 1, 4, 2];
+    let syn = tcp_header(40000, 80, 1000, 0, SYN, &linux);
+    let syn_ack = tcp_header(80, 40000, 5000, 1001, SYN | ACK, &windows);
+    pass(&mut l, &ipv4(6, CLIENT, SERVER, 0x4000, &syn));
+    pass(&mut l, &ipv4(6, SERVER, CLIENT, 0x4000, &syn_ack));
+    let e = l.dataplane.flow(&key(6, [40000, 80])).unwrap();
+    assert_eq!(e.tcp[0].wscale, WSCALE_SEEN | 7);
+    assert_eq!(e.tcp[1].wscale, WSCALE_SEEN);
+    // Without the option, or with options the frame cuts short, the scale is unknown (0).
+    let bare = tcp_header(40001, 80, 1000, 0, SYN, &[2, 4, 0x05, 0xb4]);
+    pass(&mut l, &ipv4(6, CLIENT, SERVER, 0x4000, &bare));
+    assert_eq!(
+        l.dataplane.flow(&key(6, [40001, 80])).unwrap().tcp[0].wscale,
+        0
+    );
+    let cut = ipv4(
+        6,
+        CLIENT,
+        SERVER,
+        0x4000,
+        &tcp_header(40002, 80, 1, 0, SYN, &linux),
+    );
+    pass(&mut l, &cut[..cut.len() - 2]);
+    let e = l.dataplane.flow(&key(6, [40002, 80])).unwrap();
+    assert_eq!(e.tcp[0].wscale, 0);
+    // A zero-length option cannot stall the walk; a shift over 14 is read as 14.
+    let looping = tcp_header(40003, 80, 1, 0, SYN, &[8, 0, 1, 1]);
+    pass(&mut l, &ipv4(6, CLIENT, SERVER, 0x4000, &looping));
+    let huge = tcp_header(40004, 80, 1, 0, SYN, &[3, 3, 30, 0]);
+    pass(&mut l, &ipv4(6, CLIENT, SERVER, 0x4000, &huge));
+    assert_eq!(
+        l.dataplane.flow(&key(6, [40003, 80])).unwrap().tcp[0].wscale,
+        0
+    );
+    assert_eq!(
+        l.dataplane.flow(&key(6, [40004, 80])).unwrap().tcp[0].wscale,
+        WSCALE_SEEN | 14
+    );
 }
 
 #[test]

@@ -51,6 +51,7 @@ pub struct FlowKey {
 pub struct TcpPeer {
     /// [`TcpPhase`] as a byte.
     pub phase: u8,
+    /// `WSCALE_SEEN | shift` when the direction's SYN carried the option, else 0.
     pub wscale: u8,
     pub max_win: u16,
     pub seqlo: u32,
