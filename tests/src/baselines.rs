@@ -2,7 +2,7 @@
 //! an up-script or config that puts the VIP on the LAN interface as their users do.
 
 use crate::{Host, LAN_VIP, Lab};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use std::path::PathBuf;
 
 /// A started baseline daemon: the pids we started and how to tell if it holds the VIP.
@@ -143,5 +143,72 @@ impl Lab {
             pid_files: vec![vrrp],
             state_file: None,
         })
+    }
+}
+
+/// A conntrackd started by [`Lab::start_conntrackd`]: its config, for `conntrackd -C` commands.
+pub struct Conntrackd {
+    pub host: Host,
+    pub config: PathBuf,
+}
+
+impl Lab {
+    /// conntrackd (FTFW, the reliable mode) on `host`, syncing over the dedicated sync link to
+    /// the other gateway, as conntrack-tools' own example config sets it up. External cache on:
+    /// states from the peer wait there until `conntrackd -c` commits them to the kernel.
+    pub fn start_conntrackd(&self, host: Host) -> Result<Conntrackd> {
+        let (me, peer) = match host {
+            Host::Gw1 => ("198.18.3.1", "198.18.3.2"),
+            _ => ("198.18.3.2", "198.18.3.1"),
+        };
+        let tag = format!("{host:?}").to_lowercase();
+        let file = |ext: &str| self.dir.join(format!("conntrackd-{tag}.{ext}"));
+        let config = file("conf");
+        std::fs::write(
+            &config,
+            format!(
+                "Sync {{\n  Mode FTFW {{\n  }}\n  UDP {{\n    IPv4_address {me}\n    \
+                 IPv4_Destination_Address {peer}\n    Port 3780\n    Interface sync\n    \
+                 Checksum on\n  }}\n}}\n\
+                 General {{\n  HashSize 65536\n  HashLimit 524288\n  LogFile {log}\n  \
+                 LockFile {lock}\n  UNIX {{\n    Path {ctl}\n  }}\n  NetlinkBufferSize 2097152\n  \
+                 NetlinkBufferSizeMaxGrowth 67108864\n  NetlinkOverrunResync on\n}}\n",
+                log = file("log").display(),
+                lock = file("lock").display(),
+                ctl = file("ctl").display(),
+            ),
+        )?;
+        let config_arg = config.display().to_string();
+        self.spawn(host, &["conntrackd", "-C", &config_arg], &file("out"))?;
+        let daemon = Conntrackd { host, config };
+        crate::wait_for(std::time::Duration::from_secs(10), || {
+            self.conntrackd(&daemon, &["-s", "cache"]).ok()
+        })
+        .with_context(|| format!("conntrackd on {host:?} did not come up"))?;
+        Ok(daemon)
+    }
+
+    /// Runs `conntrackd -C <its config> args` in its namespace; its output.
+    pub fn conntrackd(&self, daemon: &Conntrackd, args: &[&str]) -> Result<String> {
+        let config = daemon.config.display().to_string();
+        let mut full = vec!["conntrackd", "-C", &config];
+        full.extend_from_slice(args);
+        let out = self.output(daemon.host, &full)?;
+        anyhow::ensure!(
+            out.status.success(),
+            "conntrackd {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The objects in a conntrackd's external cache (the states its peer sent).
+    pub fn conntrackd_external(&self, daemon: &Conntrackd) -> Result<u64> {
+        let stats = self.conntrackd(daemon, &["-s", "cache"])?;
+        stats
+            .lines()
+            .find(|l| l.starts_with("cache:external"))
+            .and_then(|l| l.split_whitespace().last()?.parse().ok())
+            .context("no external cache line in conntrackd -s cache")
     }
 }

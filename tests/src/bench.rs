@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: failover times against ucarp and keepalived on the same lab, planned
 //! failover loss, and XDP cost per frame against a bare XDP_PASS program, all in one run.
 
+use crate::syncbench::{ConntrackdFigures, SyncFigures};
 use crate::{
     Host, LAN_VIP, Lab, NodeOptions, SERVER_IP, carp_bin,
     cluster::{backup_opts, carp_cli, wait_all, wait_state},
@@ -37,21 +38,44 @@ pub fn run_xdp() -> Result<()> {
 
 /// Only the state-sync figures (`carp-lab bench sync`).
 pub fn run_sync() -> Result<()> {
-    print_sync(&crate::syncbench::measure()?);
+    let (carp, conntrackd) = measure_sync()?;
+    print_sync(&carp, &conntrackd);
     Ok(())
 }
 
-fn print_sync(s: &crate::syncbench::SyncFigures) {
+fn measure_sync() -> Result<(SyncFigures, ConntrackdFigures)> {
+    say("state sync: carp (bulk, live, lag, memory)");
+    let carp = crate::syncbench::measure()?;
+    say("state sync: conntrackd FTFW on the same workload (bulk, live)");
+    let conntrackd = crate::syncbench::measure_conntrackd()?;
+    Ok((carp, conntrackd))
+}
+
+fn print_sync(s: &SyncFigures, c: &ConntrackdFigures) {
     use crate::syncbench::{BULK_FLOWS, LAG_RATE, LAG_SECONDS, LIVE_FLOWS};
     println!("\nState sync into the peer's kernel conntrack (carp run on gw2, real ctnetlink)");
     println!(
-        "  bulk update, {BULK_FLOWS} NATed TCP flows: {:.0} states/s (target >= 200000: {})",
+        "  bulk update, {BULK_FLOWS} NATed TCP flows: {:.0} states/s (target >= 200000: {}; {:.1}x conntrackd, target >= 5x: {})",
         s.bulk_per_s,
-        verdict(s.bulk_per_s >= 200_000.0)
+        verdict(s.bulk_per_s >= 200_000.0),
+        s.bulk_per_s / c.bulk_per_s,
+        verdict(s.bulk_per_s >= 5.0 * c.bulk_per_s)
+    );
+    println!(
+        "    conntrackd: {:.0} states/s (resync to the external cache {:.2} s + commit {:.2} s)",
+        c.bulk_per_s,
+        c.bulk_transfer.as_secs_f64(),
+        c.bulk_commit.as_secs_f64()
     );
     println!(
         "  live deltas, {LIVE_FLOWS} flows: {:.0} states/s",
         s.live_per_s
+    );
+    println!(
+        "    conntrackd, {BULK_FLOWS} flows created in gw1's kernel: {:.0} states/s (events to the external cache {:.2} s + commit {:.2} s; includes its capture)",
+        c.live_per_s,
+        c.live_transfer.as_secs_f64(),
+        c.live_commit.as_secs_f64()
     );
     println!(
         "  lag send -> peer conntrack at {LAG_RATE} new flows/s for {LAG_SECONDS} s: p50 {:.2} ms, p99 {:.2} ms ({} flows seen; target p99 < 10 ms: {})",
@@ -77,8 +101,7 @@ pub fn run() -> Result<()> {
     let keepalived = unplanned_baseline(System::Keepalived)?;
     say("planned failover: carp, ping 100/s through the gateways");
     let planned = planned_carp()?;
-    say("state sync: bulk, live, lag, memory");
-    let sync = crate::syncbench::measure()?;
+    let (sync, conntrackd) = measure_sync()?;
 
     println!("\n==================== carp benchmark results ====================");
     xdp.print();
@@ -134,7 +157,7 @@ pub fn run() -> Result<()> {
         "  target: under 50 ms and at most one lost ping: {}",
         verdict(ok)
     );
-    print_sync(&sync);
+    print_sync(&sync, &conntrackd);
     Ok(())
 }
 

@@ -6,7 +6,7 @@
 use crate::{Host, Lab, NodeOptions, SYNC_SECRET, WAN_VIP, carp_bin, cluster::backup_opts};
 use anyhow::{Context, Result};
 use carp::{
-    conntrack::Conntrack,
+    conntrack::{Change, Conntrack},
     sync::{
         proto::{FlowKey, FlowRecord, Frame, TcpPeer, upsert_frames},
         transport::{self, SharedKey, SyncStream},
@@ -319,4 +319,98 @@ fn map_memlock(node: &str) -> Result<(u64, u64)> {
     let bytes = v["bytes_memlock"].as_u64().context("bytes_memlock")?;
     let entries = v["max_entries"].as_u64().context("max_entries")?;
     Ok((bytes, entries))
+}
+
+/// conntrackd's figures on the same workload, each split into its two steps: the states
+/// reaching the peer's external cache, and `conntrackd -c` committing them to its kernel
+/// (conntrackd's states are in the kernel only after the commit, which its users run at
+/// failover from a keepalived notify script).
+#[derive(Debug, Clone)]
+pub struct ConntrackdFigures {
+    pub bulk_per_s: f64,
+    pub bulk_transfer: Duration,
+    pub bulk_commit: Duration,
+    pub live_per_s: f64,
+    pub live_transfer: Duration,
+    pub live_commit: Duration,
+}
+
+/// Two conntrackd (FTFW over the sync link) in a lab of their own. Live: the synthetic flows
+/// are created in gw1's kernel (the events conntrackd listens to) and timed until gw2 has
+/// committed them. Bulk: gw2 forgets them all (external cache and kernel) and asks gw1 for
+/// a resync (`conntrackd -n`, FTFW's bulk), timed until committed again.
+pub fn measure_conntrackd() -> Result<ConntrackdFigures> {
+    let lab = Lab::up()?;
+    lab.enable_nat()?;
+    let gw1 = lab.start_conntrackd(Host::Gw1)?;
+    let gw2 = lab.start_conntrackd(Host::Gw2)?;
+    let gw1_ns = lab.ns(Host::Gw1);
+    let gw2_ns = lab.ns(Host::Gw2);
+    let flows = u64::from(BULK_FLOWS);
+
+    let started = Instant::now();
+    in_netns(&gw1_ns, || -> Result<()> {
+        let records: Vec<FlowRecord> = (0..BULK_FLOWS).map(synthetic).collect();
+        let changes: Vec<Change> = records.iter().map(Change::Create).collect();
+        let results = Conntrack::open()?.apply(&changes)?;
+        let failed = results.iter().filter(|r| r.is_err()).count();
+        anyhow::ensure!(failed == 0, "{failed} creates failed on gw1");
+        Ok(())
+    })
+    .join()
+    .expect("no panic")??;
+    let live_transfer = wait_external(&lab, &gw2, flows, started)?;
+    let live_commit = commit(&lab, &gw2, &gw2_ns, flows)?;
+
+    lab.output(Host::Gw2, &["conntrack", "-F"])?;
+    lab.conntrackd(&gw2, &["-f", "external"])?;
+    let started = Instant::now();
+    lab.conntrackd(&gw2, &["-n"])?;
+    let bulk_transfer = wait_external(&lab, &gw2, flows, started)?;
+    let bulk_commit = commit(&lab, &gw2, &gw2_ns, flows)?;
+    drop(gw1);
+    let rate = |d: Duration| flows as f64 / d.as_secs_f64();
+    Ok(ConntrackdFigures {
+        bulk_per_s: rate(bulk_transfer + bulk_commit),
+        bulk_transfer,
+        bulk_commit,
+        live_per_s: rate(live_transfer + live_commit),
+        live_transfer,
+        live_commit,
+    })
+}
+
+/// Waits until `daemon`'s external cache holds `target` states; the time since `since`.
+fn wait_external(
+    lab: &Lab,
+    daemon: &crate::baselines::Conntrackd,
+    target: u64,
+    since: Instant,
+) -> Result<Duration> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let n = lab.conntrackd_external(daemon)?;
+        if n >= target {
+            return Ok(since.elapsed());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "conntrackd's external cache holds only {n} of {target} states"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `conntrackd -c`, timed until the kernel in `ns` holds `target` more connections than
+/// before it.
+fn commit(
+    lab: &Lab,
+    daemon: &crate::baselines::Conntrackd,
+    ns: &str,
+    target: u64,
+) -> Result<Duration> {
+    let base = conntrack_count(ns)?;
+    let started = Instant::now();
+    lab.conntrackd(daemon, &["-c"])?;
+    wait_count(ns, base + target, started)
 }

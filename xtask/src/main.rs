@@ -49,12 +49,12 @@ fn main() -> Result<()> {
         Task::Setup => setup::ensure(),
         Task::BuildAndLoad { iface } => {
             setup::ensure()?;
-            build()?;
+            build(Profile::Debug)?;
             lab_tool(&root, &["load", "--iface", &iface])
         }
         Task::Lab { action } => {
             setup::ensure()?;
-            build()?;
+            build(Profile::Debug)?;
             lab_tool(
                 &root,
                 &[match action {
@@ -65,18 +65,19 @@ fn main() -> Result<()> {
         }
         Task::Demo => {
             setup::ensure()?;
-            build()?;
+            build(Profile::Debug)?;
             lab_tool(&root, &["demo"])
         }
         Task::Test => {
             setup::ensure()?;
-            build()?;
+            build(Profile::Debug)?;
             test(&root)
         }
         Task::Bench => {
             setup::ensure()?;
-            build()?;
-            lab_tool(&root, &["bench"])
+            // Figures of optimised code: the daemon and the bench's own protocol sender.
+            build(Profile::Release)?;
+            lab_tool_in(&root, Profile::Release, &["bench"])
         }
     }
 }
@@ -89,24 +90,51 @@ fn workspace_root() -> Result<PathBuf> {
         .to_owned())
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Profile {
+    Debug,
+    Release,
+}
+
+impl Profile {
+    fn dir(self) -> &'static str {
+        match self {
+            Profile::Debug => "target/debug",
+            Profile::Release => "target/release",
+        }
+    }
+}
+
 /// Builds the daemon and the lab tools (the XDP object with them, through aya-build).
-fn build() -> Result<()> {
-    step("building carp and the lab tools");
-    run(Command::new("cargo").args(["build", "-p", "carp-user", "-p", "carp-tests"]))
+fn build(profile: Profile) -> Result<()> {
+    let mut cmd = Command::new("cargo");
+    cmd.args(["build", "-p", "carp-user", "-p", "carp-tests"]);
+    if profile == Profile::Release {
+        step("building carp and the lab tools, optimised (a few minutes the first time)");
+        cmd.arg("--release");
+    } else {
+        step("building carp and the lab tools");
+    }
+    run(&mut cmd)
 }
 
 fn lab_tool(root: &Path, args: &[&str]) -> Result<()> {
-    run(Command::new(root.join("target/debug/carp-lab"))
-        .args(args)
-        .envs(binaries(root)))
+    lab_tool_in(root, Profile::Debug, args)
 }
 
-/// Where the tests find the binaries this run built.
-fn binaries(root: &Path) -> [(&'static str, PathBuf); 3] {
+fn lab_tool_in(root: &Path, profile: Profile, args: &[&str]) -> Result<()> {
+    run(Command::new(root.join(profile.dir()).join("carp-lab"))
+        .args(args)
+        .envs(binaries(root, profile)))
+}
+
+/// Where the tests find the binaries a build of `profile` made.
+fn binaries(root: &Path, profile: Profile) -> [(&'static str, PathBuf); 3] {
+    let dir = root.join(profile.dir());
     [
-        ("CARP_BIN", root.join("target/debug/carp")),
-        ("CARP_PROBE_BIN", root.join("target/debug/carp-probe")),
-        ("CARP_TRAFFIC_BIN", root.join("target/debug/carp-traffic")),
+        ("CARP_BIN", dir.join("carp")),
+        ("CARP_PROBE_BIN", dir.join("carp-probe")),
+        ("CARP_TRAFFIC_BIN", dir.join("carp-traffic")),
     ]
 }
 
@@ -153,7 +181,7 @@ fn test(root: &Path) -> Result<()> {
                 "--exclude",
                 "carp-tests",
             ])
-            .envs(binaries(root)),
+            .envs(binaries(root, Profile::Debug)),
         &mut total,
     );
     // One namespace test at a time: they time failovers, which two cores shared by
@@ -162,7 +190,7 @@ fn test(root: &Path) -> Result<()> {
     let namespaces = run_tests(
         Command::new("cargo")
             .args(["test", "-p", "carp-tests", "--", "--test-threads=1"])
-            .envs(binaries(root)),
+            .envs(binaries(root, Profile::Debug)),
         &mut total,
     );
     step(&format!(
