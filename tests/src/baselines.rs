@@ -154,7 +154,8 @@ pub struct Conntrackd {
 
 impl Lab {
     /// conntrackd (FTFW, the reliable mode) on `host`, syncing over the dedicated sync link to
-    /// the other gateway, as conntrack-tools' own example config sets it up. External cache on:
+    /// the other gateway, as conntrack-tools' own example config sets it up (its own sync
+    /// traffic ignored). External cache on:
     /// states from the peer wait there until `conntrackd -c` commits them to the kernel.
     pub fn start_conntrackd(&self, host: Host) -> Result<Conntrackd> {
         let (me, peer) = match host {
@@ -172,7 +173,9 @@ impl Lab {
                  Checksum on\n  }}\n}}\n\
                  General {{\n  HashSize 65536\n  HashLimit 524288\n  LogFile {log}\n  \
                  LockFile {lock}\n  UNIX {{\n    Path {ctl}\n  }}\n  NetlinkBufferSize 2097152\n  \
-                 NetlinkBufferSizeMaxGrowth 67108864\n  NetlinkOverrunResync on\n}}\n",
+                 NetlinkBufferSizeMaxGrowth 67108864\n  NetlinkOverrunResync on\n  \
+                 Filter From Userspace {{\n    Address Ignore {{\n      IPv4_address 127.0.0.1\n      \
+                 IPv4_address {me}\n      IPv4_address {peer}\n    }}\n  }}\n}}\n",
                 log = file("log").display(),
                 lock = file("lock").display(),
                 ctl = file("ctl").display(),
@@ -202,13 +205,15 @@ impl Lab {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// The objects in a conntrackd's external cache (the states its peer sent).
-    pub fn conntrackd_external(&self, daemon: &Conntrackd) -> Result<u64> {
+    /// The objects in a conntrackd's `cache`: "internal" (its own kernel's states) or
+    /// "external" (the states its peer sent).
+    pub fn conntrackd_cache(&self, daemon: &Conntrackd, cache: &str) -> Result<u64> {
         let stats = self.conntrackd(daemon, &["-s", "cache"])?;
+        let label = format!("cache:{cache}");
         stats
             .lines()
-            .find(|l| l.starts_with("cache:external"))
+            .find(|l| l.starts_with(&label))
             .and_then(|l| l.split_whitespace().last()?.parse().ok())
-            .context("no external cache line in conntrackd -s cache")
+            .with_context(|| format!("no {label} line in conntrackd -s cache"))
     }
 }

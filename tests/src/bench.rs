@@ -72,10 +72,11 @@ fn print_sync(s: &SyncFigures, c: &ConntrackdFigures) {
         s.live_per_s
     );
     println!(
-        "    conntrackd, {BULK_FLOWS} flows created in gw1's kernel: {:.0} states/s (events to the external cache {:.2} s + commit {:.2} s; includes its capture)",
+        "    conntrackd, {BULK_FLOWS} flows created in gw1's kernel: {:.0} states/s (events to the external cache {:.2} s + commit {:.2} s; includes its capture; {} states lost)",
         c.live_per_s,
         c.live_transfer.as_secs_f64(),
-        c.live_commit.as_secs_f64()
+        c.live_commit.as_secs_f64(),
+        c.live_lost
     );
     println!(
         "  lag send -> peer conntrack at {LAG_RATE} new flows/s for {LAG_SECONDS} s: p50 {:.2} ms, p99 {:.2} ms ({} flows seen; target p99 < 10 ms: {})",
