@@ -107,13 +107,20 @@ impl VipSlot {
     }
 }
 
-/// The slot a VIP's probe sequence starts at (Fibonacci hashing of interface and address);
-/// the daemon places VIPs and XDP finds them with this one function.
+/// The slot a VIP's probe sequence starts at (Fibonacci hashing of interface and address).
 #[inline(always)]
 pub fn vip_home(key: &VipKey) -> u32 {
     const GOLDEN: u32 = 0x9e37_79b9;
     let mixed = u32::from_be_bytes(key.addr) ^ key.ifindex.wrapping_mul(GOLDEN);
     mixed.wrapping_mul(GOLDEN) >> (32 - VIP_SLOTS.trailing_zeros())
+}
+
+/// The slots a VIP may sit in, in probe order: the daemon places VIPs and XDP finds them
+/// along this one sequence.
+#[inline(always)]
+pub fn vip_probe_slots(key: &VipKey) -> impl Iterator<Item = u32> {
+    let home = vip_home(key);
+    (0..VIP_PROBES).map(move |probe| (home + probe) & (VIP_SLOTS - 1))
 }
 
 /// Key of the virtual-MAC map.

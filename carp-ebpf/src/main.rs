@@ -15,9 +15,8 @@ use aya_ebpf::{
 };
 use carp_common::maps::{
     Heartbeat, MAX_VIPS, ROLE_MASTER, STAT_ARP_DROPPED_BACKUP, STAT_ARP_DROPPED_STALE,
-    STAT_ARP_REPLIED, STAT_MALFORMED, STAT_SLOTS, STAT_VMAC_ACCEPTED, STAT_VMAC_IGNORED,
-    VIP_PROBES, VIP_SLOTS, VipEntry, VipKey, VipSlot, VmacEntry, VmacKey, vhid_of_virtual_mac,
-    vip_home,
+    STAT_ARP_REPLIED, STAT_MALFORMED, STAT_SLOTS, STAT_VMAC_ACCEPTED, STAT_VMAC_IGNORED, VIP_SLOTS,
+    VipEntry, VipKey, VipSlot, VmacEntry, VmacKey, vhid_of_virtual_mac, vip_probe_slots,
 };
 use core::mem::size_of;
 use network_types::eth::{EthHdr, EtherType};
@@ -139,13 +138,12 @@ fn answer_arp(ctx: &XdpContext) -> Result<u32, ()> {
 /// slot turns up, as the daemon placed it.
 #[inline(always)]
 fn find_vip(key: &VipKey) -> Option<&'static VipEntry> {
-    let home = vip_home(key);
-    for probe in 0..VIP_PROBES {
-        let slot = CARP_VIPS.get((home + probe) & (VIP_SLOTS - 1))?;
+    for index in vip_probe_slots(key) {
+        let slot = CARP_VIPS.get(index)?;
         if !slot.is_used() {
             return None;
         }
-        if slot.key.ifindex == key.ifindex && slot.key.addr == key.addr {
+        if slot.key == *key {
             return Some(&slot.entry);
         }
     }

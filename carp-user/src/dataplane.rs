@@ -18,7 +18,7 @@ use carp_common::flow::{
 use carp_common::maps::{
     ALL_MAPS, HEARTBEAT_MAP, Heartbeat, ROLE_BACKUP, ROLE_MASTER, STAT_SLOTS, STATS_MAP, VIP_MAP,
     VIP_PROBES, VIP_SLOTS, VMAC_MAP, VipEntry, VipKey, VipSlot, VmacEntry, VmacKey, XDP_PROGRAM,
-    vip_home,
+    vip_probe_slots,
 };
 use std::{
     net::Ipv4Addr,
@@ -217,9 +217,7 @@ impl Dataplane {
 
     /// The VIP table slot `key` holds, or the first never-used one on its probe sequence.
     fn vip_slot(&self, key: &VipKey) -> Result<u32, DataplaneError> {
-        let home = vip_home(key);
-        for probe in 0..VIP_PROBES {
-            let index = (home + probe) & (VIP_SLOTS - 1);
+        for index in vip_probe_slots(key) {
             let slot = self.vips.get(&index, 0).map_err(map_error(VIP_MAP))?;
             if !slot.is_used() || slot.key == *key {
                 return Ok(index);

@@ -158,10 +158,7 @@ impl Lab {
     /// traffic ignored). External cache on:
     /// states from the peer wait there until `conntrackd -c` commits them to the kernel.
     pub fn start_conntrackd(&self, host: Host) -> Result<Conntrackd> {
-        let (me, peer) = match host {
-            Host::Gw1 => ("198.18.3.1", "198.18.3.2"),
-            _ => ("198.18.3.2", "198.18.3.1"),
-        };
+        let (me, peer) = crate::sync_addresses(host);
         let tag = format!("{host:?}").to_lowercase();
         let file = |ext: &str| self.dir.join(format!("conntrackd-{tag}.{ext}"));
         let config = file("conf");

@@ -22,6 +22,7 @@ use anyhow::{Context, Result, bail};
 use std::{
     fmt::Write as _,
     fs,
+    net::Ipv4Addr,
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
     sync::{Mutex, Once, atomic::AtomicU32},
@@ -549,14 +550,11 @@ impl Lab {
         if let Some(secret) = &opts.sync_key {
             let key_file = self.dir.join(format!("{name}.key"));
             fs::write(&key_file, format!("{secret}\n"))?;
-            let (me, peer) = match host {
-                Host::Gw2 => (2, 1),
-                _ => (1, 2),
-            };
+            let (me, peer) = sync_addresses(host);
             write!(
                 text,
-                "\n[sync]\ninterface = \"sync\"\nlisten = \"198.18.3.{me}:{SYNC_PORT}\"\n\
-                 peer = \"198.18.3.{peer}:{SYNC_PORT}\"\nkey_file = \"{}\"\n",
+                "\n[sync]\ninterface = \"sync\"\nlisten = \"{me}:{SYNC_PORT}\"\n\
+                 peer = \"{peer}:{SYNC_PORT}\"\nkey_file = \"{}\"\n",
                 key_file.display()
             )?;
         }
@@ -628,6 +626,15 @@ impl Node {
 }
 
 /// The `carp` binary under test: $CARP_BIN, or target/<profile>/carp.
+/// A gateway's address on the sync link and its peer's (gw1 198.18.3.1, gw2 198.18.3.2).
+pub fn sync_addresses(host: Host) -> (Ipv4Addr, Ipv4Addr) {
+    let (gw1, gw2) = (Ipv4Addr::new(198, 18, 3, 1), Ipv4Addr::new(198, 18, 3, 2));
+    match host {
+        Host::Gw2 => (gw2, gw1),
+        _ => (gw1, gw2),
+    }
+}
+
 pub fn carp_bin() -> Result<PathBuf> {
     built_binary("CARP_BIN", "carp", "cargo build -p carp-user")
 }
