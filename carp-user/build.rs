@@ -7,6 +7,17 @@ fn main() -> anyhow::Result<()> {
         .no_deps()
         .exec()
         .context("MetadataCommand::exec")?;
+    let package_dir = |name: &str| {
+        packages
+            .iter()
+            .find(|package| package.name.as_str() == name)
+            .and_then(|package| package.manifest_path.parent())
+            .map(|dir| dir.to_string())
+            .ok_or_else(|| anyhow!("{name} package not found"))
+    };
+    // aya-build watches carp-ebpf's own sources; the types it shares with the daemon change
+    // the object too.
+    println!("cargo:rerun-if-changed={}", package_dir("carp-common")?);
     let ebpf = packages
         .into_iter()
         .find(|package| package.name.as_str() == "carp-ebpf")

@@ -48,8 +48,9 @@ pub mod tcp_phase {
 }
 
 /// A connection's identity regardless of direction: endpoint 0 is the lower (address, port)
-/// of the two, so both directions of an untranslated flow share one entry.
-#[repr(C)]
+/// of the two, so both directions of an untranslated flow share one entry. 8-byte aligned so
+/// that XDP builds, compares and swaps it in whole words.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey {
     /// The endpoints' addresses, network byte order; IPv4 in the first 4 bytes, rest zero.
@@ -81,6 +82,39 @@ pub struct TcpTrack {
 }
 const _: () = assert!(size_of::<TcpTrack>() == 12);
 
+impl TcpTrack {
+    /// The endpoint sent up to `end` (sequence number plus length): pf's seqlo. A side not yet
+    /// tracked takes any value; after that it only moves forward.
+    #[inline(always)]
+    pub fn sent_up_to(&mut self, end: u32) {
+        if self.phase == tcp_phase::NONE || seq_after(end, self.seqlo) {
+            self.seqlo = end;
+        }
+    }
+
+    /// The other side allowed the endpoint up to `allowed` (its ack plus window): pf's seqhi.
+    #[inline(always)]
+    pub fn allowed_up_to(&mut self, allowed: u32) {
+        if self.seqhi == 0 || seq_after(allowed, self.seqhi) {
+            self.seqhi = allowed;
+        }
+    }
+
+    /// The endpoint advertised window `win`.
+    #[inline(always)]
+    pub fn advertised(&mut self, win: u16) {
+        if win > self.max_win {
+            self.max_win = win;
+        }
+    }
+}
+
+/// Whether sequence number `a` is after `b`, modulo 2^32.
+#[inline(always)]
+pub const fn seq_after(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) > 0
+}
+
 /// [`TcpTrack::wscale`] flag: the SYN carried the window-scale option (pf's PF_WSCALE_FLAG),
 /// whose shift is in the bits of [`WSCALE_SHIFT`]. Scaling is on only when both SYNs have it.
 pub const WSCALE_SEEN: u8 = 0x80;
@@ -107,6 +141,151 @@ pub struct FlowEntry {
 }
 const _: () = assert!(size_of::<FlowEntry>() == 88);
 
+/// Name of the per-CPU flow cache: [`FLOW_CACHE_SLOTS`] of [`FlowCacheSlot`] per CPU.
+pub const FLOW_CACHE_MAP: &str = "CARP_FLOW_CACHE";
+/// Slots per CPU, a power of two (32 KiB per CPU).
+pub const FLOW_CACHE_SLOTS: u32 = 256;
+
+impl FlowKey {
+    /// The flow cache slot of this key: its 64-bit words folded and spread by a
+    /// multiplicative hash. XDP and the daemon both use it.
+    #[inline(always)]
+    pub fn cache_slot(&self) -> u32 {
+        // SAFETY: FlowKey is 40 bytes of plain integers, 8-byte aligned.
+        let q = unsafe { &*(self as *const FlowKey as *const [u64; 5]) };
+        let folded = q[0] ^ q[1].rotate_left(16) ^ q[2].rotate_left(32) ^ q[3] ^ q[4];
+        (folded.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u32 & (FLOW_CACHE_SLOTS - 1)
+    }
+}
+
+/// [`FlowCacheSlot::seen`]: endpoint `d` sent a TCP segment (`SENT << d`) or an ACK
+/// (`ACKED << d`) since the last write-back.
+pub const CACHE_SENT: u8 = 0x01;
+pub const CACHE_ACKED: u8 = 0x04;
+
+/// One slot of XDP's per-CPU write-back cache. Plain segments of a settled flow (no SYN, FIN
+/// or RST, no handshake in progress) are summed here instead of in the flow map, whose hash
+/// lookup costs more than the bare XDP program; the sums go to the map with the flow's first
+/// packet in the next jiffy, with any packet that can change its state, or when another flow
+/// takes the slot. Readers add the slot's sums to the map entry ([`FlowCacheSlot::fold_into`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowCacheSlot {
+    pub key: FlowKey,
+    /// The tick (jiffies) of the last write-back: packets in the same tick are summed, the
+    /// first one after it writes back. 0: the slot holds no flow.
+    pub jiffies: u64,
+    /// The coarse clock in that tick: the last-seen time of every packet summed.
+    pub since_ns: u64,
+    /// Packets and bytes sent by endpoint 0 and 1 since the write-back.
+    pub packets: [u64; 2],
+    pub bytes: [u64; 2],
+    /// Per sending endpoint: the furthest sequence end, the furthest ack + window, the largest
+    /// window, each valid per [`FlowCacheSlot::seen`].
+    pub sent_up_to: [u32; 2],
+    pub allowed_up_to: [u32; 2],
+    pub max_win: [u16; 2],
+    pub seen: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<FlowCacheSlot>() == 112);
+
+impl FlowCacheSlot {
+    /// Whether the slot holds sums for `key`.
+    #[inline(always)]
+    pub fn holds(&self, key: &FlowKey) -> bool {
+        // Word by word: `==` on the key would be a byte-wise memcmp call in BPF.
+        // SAFETY: FlowKey is 40 bytes of plain integers, 8-byte aligned.
+        let (a, b) = unsafe {
+            (
+                &*(&self.key as *const FlowKey as *const [u64; 5]),
+                &*(key as *const FlowKey as *const [u64; 5]),
+            )
+        };
+        self.jiffies != 0
+            && a[0] == b[0]
+            && a[1] == b[1]
+            && a[2] == b[2]
+            && a[3] == b[3]
+            && a[4] == b[4]
+    }
+
+    /// Whether anything was summed since the last write-back.
+    #[inline(always)]
+    pub fn pending(&self) -> bool {
+        self.packets[0] | self.packets[1] != 0
+    }
+
+    /// Sums a packet of `len` bytes from endpoint `dir`.
+    #[inline(always)]
+    pub fn add_packet(&mut self, dir: usize, len: u64) {
+        self.packets[dir & 1] += 1;
+        self.bytes[dir & 1] += len;
+    }
+
+    /// Sums a TCP segment from endpoint `dir` that ends at `end` and advertises `win`.
+    #[inline(always)]
+    pub fn add_segment(&mut self, dir: usize, end: u32, win: u16) {
+        let d = dir & 1;
+        if self.seen & (CACHE_SENT << d) == 0 || seq_after(end, self.sent_up_to[d]) {
+            self.sent_up_to[d] = end;
+        }
+        if self.seen & (CACHE_SENT << d) == 0 || win > self.max_win[d] {
+            self.max_win[d] = win;
+        }
+        self.seen |= CACHE_SENT << d;
+    }
+
+    /// Sums an ACK from endpoint `dir` that allows the other side up to `allowed`.
+    #[inline(always)]
+    pub fn add_ack(&mut self, dir: usize, allowed: u32) {
+        let d = dir & 1;
+        if self.seen & (CACHE_ACKED << d) == 0 || seq_after(allowed, self.allowed_up_to[d]) {
+            self.allowed_up_to[d] = allowed;
+        }
+        self.seen |= CACHE_ACKED << d;
+    }
+
+    /// Adds the slot's sums to the flow's map entry, by the rules the per-packet tracking
+    /// applies (counters add up, sequence bounds only move forward).
+    #[inline(always)]
+    pub fn fold_into(&self, entry: &mut FlowEntry) {
+        if self.pending() && self.since_ns > entry.last_ns {
+            entry.last_ns = self.since_ns;
+        }
+        for d in 0..2 {
+            entry.packets[d] += self.packets[d];
+            entry.bytes[d] += self.bytes[d];
+            if self.seen & (CACHE_SENT << d) != 0 {
+                entry.tcp[d].sent_up_to(self.sent_up_to[d]);
+                entry.tcp[d].advertised(self.max_win[d]);
+            }
+            if self.seen & (CACHE_ACKED << d) != 0 {
+                entry.tcp[d ^ 1].allowed_up_to(self.allowed_up_to[d]);
+            }
+        }
+    }
+
+    /// Forgets the sums (they are in the map now), keeping the flow for packets in tick
+    /// `jiffies` at coarse time `now` (0, 0: holding none).
+    #[inline(always)]
+    pub fn clear(&mut self, jiffies: u64, now: u64) {
+        // Volatile: in BPF, LLVM merges these stores into a call to memset, a byte-wise loop
+        // that costs more than the whole cache saves.
+        let set = |word: &mut u64, value: u64| {
+            // SAFETY: a valid, aligned u64.
+            unsafe { core::ptr::write_volatile(word, value) }
+        };
+        set(&mut self.jiffies, jiffies);
+        set(&mut self.since_ns, now);
+        set(&mut self.packets[0], 0);
+        set(&mut self.packets[1], 0);
+        set(&mut self.bytes[0], 0);
+        set(&mut self.bytes[1], 0);
+        self.seen = 0;
+    }
+}
+
 /// A ring-buffer event: the flow as it is after the packet that caused the event.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -130,3 +309,76 @@ pub struct CaptureConfig {
     pub refresh_ns: u64,
 }
 const _: () = assert!(size_of::<CaptureConfig>() == 16);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Segments from endpoint 0 across the sequence wrap, acked by endpoint 1.
+    const SEGMENTS: [(u32, u16); 3] = [(u32::MAX - 99, 1000), (u32::MAX - 9, 3000), (90, 2000)];
+    const ACKS: [u32; 2] = [u32::MAX - 50, 10];
+
+    fn established() -> FlowEntry {
+        let mut entry = FlowEntry::default();
+        entry.tcp[0].phase = tcp_phase::ESTABLISHED;
+        entry.tcp[0].seqlo = u32::MAX - 200;
+        entry.tcp[1].phase = tcp_phase::ESTABLISHED;
+        entry.tcp[0].seqhi = u32::MAX - 100;
+        entry
+    }
+
+    #[test]
+    fn folded_sums_equal_tracking_each_packet() {
+        let mut each = established();
+        let mut slot = FlowCacheSlot::default();
+        slot.clear(7, 1_000);
+        for (end, win) in SEGMENTS {
+            each.tcp[0].sent_up_to(end);
+            each.tcp[0].advertised(win);
+            each.packets[0] += 1;
+            each.bytes[0] += 100;
+            slot.add_packet(0, 100);
+            slot.add_segment(0, end, win);
+        }
+        for allowed in ACKS {
+            each.tcp[0].allowed_up_to(allowed);
+            each.packets[1] += 1;
+            each.bytes[1] += 54;
+            slot.add_packet(1, 54);
+            slot.add_ack(1, allowed);
+        }
+        each.last_ns = 1_000;
+        let mut folded = established();
+        slot.fold_into(&mut folded);
+        assert_eq!(folded, each);
+        assert_eq!(folded.tcp[0].seqlo, 90, "past the wrap");
+        assert_eq!(folded.tcp[0].seqhi, 10);
+        assert_eq!(folded.tcp[0].max_win, 3000);
+    }
+
+    #[test]
+    fn a_cleared_slot_folds_nothing_and_an_empty_one_holds_no_flow() {
+        let key = FlowKey {
+            proto: IPPROTO_UDP,
+            family: 4,
+            ..FlowKey::default()
+        };
+        let mut slot = FlowCacheSlot {
+            key,
+            ..FlowCacheSlot::default()
+        };
+        assert!(!slot.holds(&key), "jiffies 0: empty");
+        slot.clear(7, 1_000);
+        assert!(slot.holds(&key));
+        let other = FlowKey {
+            port: [[0, 1], [0, 2]],
+            ..key
+        };
+        assert!(!slot.holds(&other));
+        slot.add_packet(1, 60);
+        slot.clear(8, 2_000);
+        let mut entry = established();
+        slot.fold_into(&mut entry);
+        assert_eq!(entry, established());
+    }
+}

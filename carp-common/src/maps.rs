@@ -16,7 +16,7 @@ pub const XDP_PROGRAM: &str = "carp_xdp";
 /// Name of the pass-everything XDP program (benchmark baseline, lab veth peers).
 pub const XDP_PASS_PROGRAM: &str = "xdp_pass";
 /// Every map of the object, each pinned under its own name in the node's pin directory.
-pub const ALL_MAPS: [&str; 7] = [
+pub const ALL_MAPS: [&str; 8] = [
     VIP_MAP,
     VMAC_MAP,
     HEARTBEAT_MAP,
@@ -24,6 +24,7 @@ pub const ALL_MAPS: [&str; 7] = [
     crate::flow::FLOW_MAP,
     crate::flow::DELTA_RING,
     crate::flow::CAPTURE_MAP,
+    crate::flow::FLOW_CACHE_MAP,
 ];
 
 /// Most virtual MACs one node can hold (CARP_MAXVHID per interface, a few interfaces).
@@ -54,7 +55,7 @@ pub const STAT_VMAC_ACCEPTED: u32 = 3;
 pub const STAT_VMAC_IGNORED: u32 = 4;
 /// Frames too short or malformed to classify, passed untouched.
 pub const STAT_MALFORMED: u32 = 5;
-/// Packets that updated the flow map.
+/// Packets the flow capture tracked (those summed in a CPU's flow cache count once written back).
 pub const STAT_FLOW_PACKETS: u32 = 6;
 /// Deltas lost because the ring buffer was full (repaired by the next refresh).
 pub const STAT_DELTA_LOST: u32 = 7;

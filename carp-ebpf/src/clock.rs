@@ -24,8 +24,19 @@ static CARP_CLOCK: PerCpuArray<ClockMemo, 1> = PerCpuArray::new();
 /// CLOCK_MONOTONIC_COARSE in nanoseconds, the clock the daemon writes its heartbeat with.
 #[inline(always)]
 pub fn coarse_now_ns() -> u64 {
+    coarse_ns_at(jiffies())
+}
+
+/// The tick counter: a plain load once the verifier inlines it.
+#[inline(always)]
+pub fn jiffies() -> u64 {
     // SAFETY: bpf_jiffies64 has no preconditions.
-    let jiffies = unsafe { bpf_jiffies64() };
+    unsafe { bpf_jiffies64() }
+}
+
+/// CLOCK_MONOTONIC_COARSE in nanoseconds during tick `jiffies` (the current one).
+#[inline(always)]
+pub fn coarse_ns_at(jiffies: u64) -> u64 {
     let Some(memo) = CARP_CLOCK.get_ptr_mut(0) else {
         // SAFETY: as below.
         return unsafe { bpf_ktime_get_coarse_ns() };

@@ -189,9 +189,14 @@ fn ingress_ifindex(ctx: &XdpContext) -> u32 {
 
 #[inline(always)]
 pub(crate) fn count(slot: u32) {
+    count_n(slot, 1);
+}
+
+#[inline(always)]
+pub(crate) fn count_n(slot: u32, n: u64) {
     if let Some(counter) = CARP_STATS.get_ptr_mut(slot) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-        unsafe { *counter += 1 };
+        unsafe { *counter += n };
     }
 }
 

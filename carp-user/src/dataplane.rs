@@ -13,7 +13,8 @@ use aya::{
     },
 };
 use carp_common::flow::{
-    CAPTURE_MAP, CaptureConfig, DELTA_RING, FLOW_MAP, FlowDelta, FlowEntry, FlowKey,
+    CAPTURE_MAP, CaptureConfig, DELTA_RING, FLOW_CACHE_MAP, FLOW_MAP, FlowCacheSlot, FlowDelta,
+    FlowEntry, FlowKey,
 };
 use carp_common::maps::{
     ALL_MAPS, HEARTBEAT_MAP, Heartbeat, ROLE_BACKUP, ROLE_MASTER, STAT_SLOTS, STATS_MAP, VIP_MAP,
@@ -101,6 +102,7 @@ pub struct Dataplane {
     heartbeat: Array<MapData, Heartbeat>,
     stats: PerCpuArray<MapData, u64>,
     flows: HashMap<MapData, FlowKey, FlowEntry>,
+    flow_cache: PerCpuArray<MapData, FlowCacheSlot>,
     capture: Array<MapData, CaptureConfig>,
     /// Handed to the sync service when sync is configured.
     deltas: Option<RingBuf<MapData>>,
@@ -132,10 +134,12 @@ impl Dataplane {
         let heartbeat = take_map(&mut ebpf, HEARTBEAT_MAP, Array::try_from)?;
         let stats = take_map(&mut ebpf, STATS_MAP, PerCpuArray::try_from)?;
         let flows = take_map(&mut ebpf, FLOW_MAP, HashMap::try_from)?;
+        let flow_cache = take_map(&mut ebpf, FLOW_CACHE_MAP, PerCpuArray::try_from)?;
         let capture = take_map(&mut ebpf, CAPTURE_MAP, Array::try_from)?;
         let deltas = take_map(&mut ebpf, DELTA_RING, RingBuf::try_from)?;
         Ok(Self {
             flows,
+            flow_cache,
             capture,
             deltas: Some(deltas),
             ebpf,
@@ -281,9 +285,16 @@ impl Dataplane {
             .map_err(map_error(CAPTURE_MAP))
     }
 
-    /// The flow map's entry for `key`.
+    /// The flow map's entry for `key`, with what XDP's per-CPU caches still hold for it (a
+    /// read racing XDP's write-back may count those packets twice; the next read is right).
     pub fn flow(&self, key: &FlowKey) -> Option<FlowEntry> {
-        self.flows.get(key, 0).ok()
+        let mut entry = self.flows.get(key, 0).ok()?;
+        if let Ok(slots) = self.flow_cache.get(&key.cache_slot(), 0) {
+            for slot in slots.iter().filter(|slot| slot.holds(key)) {
+                slot.fold_into(&mut entry);
+            }
+        }
+        Some(entry)
     }
 
     /// How many flows the map holds.

@@ -12,6 +12,10 @@ use carp_common::{
     },
     maps::{STAT_DELTA_LOST, STAT_FLOW_UNTRACKED, STAT_MALFORMED},
 };
+use nix::{
+    sched::{CpuSet, sched_setaffinity},
+    unistd::Pid,
+};
 use std::time::Duration;
 use support::{Loaded, XDP_PASS, load, run};
 
@@ -63,13 +67,25 @@ fn tcp_header(sport: u16, dport: u16, seq: u32, ack: u32, flags: u8, options: &[
 
 /// A TCP segment between the client (port 40000) and the server (port 80).
 fn segment(from_client: bool, seq: u32, ack: u32, flags: u8, payload: usize) -> Vec<u8> {
+    segment_on(40000, from_client, seq, ack, flags, payload)
+}
+
+/// A TCP segment between the client's `port` and the server's port 80.
+fn segment_on(
+    port: u16,
+    from_client: bool,
+    seq: u32,
+    ack: u32,
+    flags: u8,
+    payload: usize,
+) -> Vec<u8> {
     if from_client {
         ipv4(
             6,
             CLIENT,
             SERVER,
             0x4000,
-            &tcp(40000, 80, seq, ack, flags, payload),
+            &tcp(port, 80, seq, ack, flags, payload),
         )
     } else {
         ipv4(
@@ -77,7 +93,7 @@ fn segment(from_client: bool, seq: u32, ack: u32, flags: u8, payload: usize) -> 
             SERVER,
             CLIENT,
             0x4000,
-            &tcp(80, 40000, seq, ack, flags, payload),
+            &tcp(80, port, seq, ack, flags, payload),
         )
     }
 }
@@ -169,6 +185,89 @@ fn a_tcp_connection_moves_through_its_phases_with_one_delta_per_change() {
         ],
         "no delta for plain data segments"
     );
+}
+
+/// Keeps this test on one CPU, so every run meets the same per-CPU flow cache.
+fn stay_on_one_cpu() {
+    let mut cpus = CpuSet::new();
+    cpus.set(0).unwrap();
+    sched_setaffinity(Pid::from_raw(0), &cpus).unwrap();
+}
+
+/// Longer than a tick at any HZ.
+const NEXT_TICK: Duration = Duration::from_millis(30);
+
+/// Handshake on the client's `port`, then `n` client data segments of 100 bytes.
+fn established_with_data(l: &mut Loaded, port: u16, n: u32) {
+    pass(l, &segment_on(port, true, 1000, 0, SYN, 0));
+    pass(l, &segment_on(port, false, 5000, 1001, SYN | ACK, 0));
+    pass(l, &segment_on(port, true, 1001, 5001, ACK, 0));
+    for i in 0..n {
+        pass(l, &segment_on(port, true, 1001 + i * 100, 5001, ACK, 100));
+    }
+}
+
+#[test]
+fn plain_segments_wait_in_the_cpu_cache_until_a_flag_or_the_next_tick() {
+    stay_on_one_cpu();
+    let mut l = capturing(Duration::from_secs(60));
+    let map = l.dataplane.open_flow_map().unwrap();
+    let in_map = |port: u16| map.get(&key(6, [port, 80]), 0).unwrap();
+    // BPF_PROG_TEST_RUN runs take microseconds, so these land in one tick, unless a tick
+    // boundary falls in between: a few tries on fresh flows make that chance nil.
+    let port = (40100..40103)
+        .find(|&port| {
+            established_with_data(&mut l, port, 5);
+            in_map(port).packets[0] < 7
+        })
+        .expect("plain segments are summed in the per-CPU cache, not in the map");
+    // Readers fold the cache in: they see every packet and the furthest sequence.
+    let seen = l.dataplane.flow(&key(6, [port, 80])).unwrap();
+    assert_eq!(seen.packets, [7, 1]);
+    assert_eq!(seen.bytes[0], 2 * 54 + 5 * 154);
+    assert_eq!(seen.tcp[0].seqlo, 1501);
+    while l.dataplane.next_delta().is_some() {}
+    // A FIN takes the map path and brings the sums along, also into its delta.
+    pass(&mut l, &segment_on(port, true, 1501, 5001, FIN | ACK, 0));
+    let e = in_map(port);
+    assert_eq!(e.packets, [8, 1]);
+    assert_eq!(e.tcp[0].seqlo, 1502);
+    let delta = l.dataplane.next_delta().expect("FIN is a phase change");
+    assert_eq!((delta.kind, delta.entry.packets), (DELTA_CHANGED, [8, 1]));
+    // Plain segments again (the flow is settled in FIN_WAIT): the first one of the next tick
+    // writes back what the previous tick summed.
+    for _ in 0..3 {
+        pass(&mut l, &segment_on(port, false, 5001, 1502, ACK, 0));
+    }
+    std::thread::sleep(NEXT_TICK);
+    pass(&mut l, &segment_on(port, false, 5001, 1502, ACK, 0));
+    assert_eq!(in_map(port).packets, [8, 5]);
+}
+
+#[test]
+fn a_flow_sharing_a_cache_slot_never_loses_the_other_flows_sums() {
+    stay_on_one_cpu();
+    let mut l = capturing(Duration::from_secs(60));
+    let map = l.dataplane.open_flow_map().unwrap();
+    let first = 40200;
+    let slot = key(6, [first, 80]).cache_slot();
+    let second = (first + 1..u16::MAX)
+        .find(|&port| key(6, [port, 80]).cache_slot() == slot)
+        .expect("another port with the same slot");
+    established_with_data(&mut l, first, 5);
+    // The second flow meets the slot taken in this tick: it goes to the map every time.
+    established_with_data(&mut l, second, 3);
+    for (port, packets) in [(first, [7, 1]), (second, [5, 1])] {
+        assert_eq!(
+            l.dataplane.flow(&key(6, [port, 80])).unwrap().packets,
+            packets
+        );
+    }
+    // Next tick: the second flow takes the slot and writes the first one's sums back.
+    std::thread::sleep(NEXT_TICK);
+    pass(&mut l, &segment_on(second, true, 1301, 5001, ACK, 0));
+    assert_eq!(map.get(&key(6, [first, 80]), 0).unwrap().packets, [7, 1]);
+    assert_eq!(map.get(&key(6, [second, 80]), 0).unwrap().packets, [6, 1]);
 }
 
 #[test]
