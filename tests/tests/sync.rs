@@ -1,8 +1,9 @@
 //! State sync in the namespace lab, with outbound NAT to the WAN VIP on both gateways: the
 //! WAN server pushes data to dozens of LAN client connections through the master; they must
 //! survive its death, a restarted backup must get them back by bulk update, the sync link
-//! may flap, and the sync port shrugs off wrong keys and garbage. The same failover without
-//! sync must break them, so the survival test is known to be able to fail. Needs root.
+//! may flap (flows that end meanwhile are deleted on the peer when it returns), and the sync
+//! port shrugs off wrong keys and garbage. The same failover without sync must break them, so
+//! the survival test is known to be able to fail. Needs root.
 
 use anyhow::{Context, Result, bail};
 use carp::{carp::fsm::State, sync::service::SyncStatus};
@@ -245,6 +246,66 @@ fn sync_link_cut_and_restored_resyncs_without_loss() -> Result<()> {
     assert_eq!(gw1.state(1), Some(State::Master));
     let killed = take_over(&lab, &gw1, &gw2)?;
     assert_all_survived(&client.finish()?, killed);
+    Ok(())
+}
+
+#[test]
+fn flows_that_end_while_the_sync_link_is_down_are_deleted_on_the_peer_when_it_returns() -> Result<()>
+{
+    let lab = Lab::up()?;
+    let (gw1, gw2) = cluster(&lab, true)?;
+    let client = streams::start_client(&lab, CONNECTIONS, 6)?;
+    wait_conntrack(&lab, Host::Gw2, CONNECTIONS)?;
+    let sessions = sync_status(&gw2)?.sessions;
+    lab.sh(Host::Gw1, "ip link set sync down")?;
+    wait_for(Duration::from_secs(10), || {
+        sync_status(&gw2).ok().filter(|s| !s.connected)
+    })
+    .context("gw2 never noticed the cut")?;
+    // The connections end while gw2 cannot hear of it: gw2 still holds them all. The client's
+    // UDP flow has no end; it stays until it times out.
+    const UDP_FLOWS: u64 = 1;
+    client.finish()?;
+    wait_for(Duration::from_secs(10), || {
+        sync_status(&gw1)
+            .ok()
+            .filter(|s| s.flows_local == UDP_FLOWS)
+    })
+    .with_context(|| {
+        format!(
+            "gw1 never saw the connections end
+{}",
+            diagnose(&lab, &[&gw1, &gw2])
+        )
+    })?;
+    assert_eq!(natted_conntrack(&lab, Host::Gw2)?, CONNECTIONS);
+    lab.sh(Host::Gw1, "ip link set sync up")?;
+    wait_for(Duration::from_secs(10), || {
+        sync_status(&gw2)
+            .ok()
+            .filter(|s| s.connected && s.sessions > sessions)
+    })
+    .context("the session never came back")?;
+    // Told first thing on reconnect: gone from gw2's table and kernel, and gw2's bulk answer
+    // does not bring them back to gw1.
+    wait_for(Duration::from_secs(10), || {
+        let gone = natted_conntrack(&lab, Host::Gw2).ok()? == 0
+            && sync_status(&gw2).ok()?.flows_held == UDP_FLOWS;
+        gone.then_some(())
+    })
+    .with_context(|| {
+        format!(
+            "ended flows linger on gw2
+{}",
+            diagnose(&lab, &[&gw1, &gw2])
+        )
+    })?;
+    wait_synced(&gw1)?;
+    assert_eq!(
+        sync_status(&gw1)?.flows_held,
+        UDP_FLOWS,
+        "nothing came back to gw1"
+    );
     Ok(())
 }
 

@@ -259,6 +259,14 @@ pub fn upsert_frames(records: &[FlowRecord]) -> impl Iterator<Item = Frame> + '_
     })
 }
 
+/// Splits `keys` into Delete frames that each fit [`MAX_PAYLOAD`].
+pub fn delete_frames(keys: &[FlowKey]) -> impl Iterator<Item = Frame> + '_ {
+    const PER_FRAME: usize = (MAX_PAYLOAD - 2) / MAX_KEY_LEN;
+    keys.chunks(PER_FRAME).map(|chunk| Frame::Delete {
+        keys: chunk.to_vec(),
+    })
+}
+
 fn encode_key(k: &FlowKey, out: &mut Vec<u8>) {
     let family = if k.src.is_ipv4() && k.dst.is_ipv4() {
         4
@@ -530,6 +538,26 @@ pub(crate) mod tests {
             total += records.len();
         }
         assert_eq!(total, 2000);
+    }
+
+    #[test]
+    fn many_deletes_split_into_frames_that_fit() {
+        let keys: Vec<_> = (0..5000)
+            .map(|i| tcp_record(i, TcpPhase::Established, 1).key)
+            .collect();
+        let frames: Vec<Frame> = delete_frames(&keys).collect();
+        assert!(frames.len() > 1);
+        let mut decoded = Vec::new();
+        for f in &frames {
+            let mut buf = Vec::new();
+            f.encode(&mut buf);
+            assert!(buf.len() - HEADER_LEN <= MAX_PAYLOAD);
+            let Some((Frame::Delete { keys }, _)) = Frame::decode(&buf).unwrap() else {
+                panic!("a delete frame decodes as one");
+            };
+            decoded.extend(keys);
+        }
+        assert_eq!(decoded, keys);
     }
 
     proptest! {

@@ -8,7 +8,7 @@ use super::{
     capture::{Capture, Local},
     install::{self, FlowMap, InstallStats, Job},
     merge::{FlowTable, Origin, Verdict},
-    proto::{FlowKey, FlowRecord, Frame, upsert_frames},
+    proto::{FlowKey, FlowRecord, Frame, delete_frames, upsert_frames},
     transport::{self, SharedKey, SyncStream, TransportError},
 };
 use crate::{
@@ -18,7 +18,7 @@ use crate::{
 use aya::maps::{MapData, RingBuf};
 use serde::{Deserialize, Serialize};
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet, VecDeque},
     net::SocketAddr,
     os::fd::AsRawFd,
     sync::{
@@ -42,6 +42,12 @@ const SEND_BATCH: usize = 8192;
 /// Keepalives go out this often; a session silent for [`DEAD_AFTER`] is dropped.
 const KEEPALIVE: Duration = Duration::from_secs(1);
 const DEAD_AFTER: Duration = Duration::from_secs(4);
+/// Deletes kept for a peer that is away; beyond this, ended flows linger on the peer until
+/// their timeout.
+const MAX_UNSENT_DELETES: usize = 1 << 18;
+/// Deletes sent this recently are told again after a lost session: longer than it takes to
+/// notice a dead link.
+const RESEND_DELETES_WITHIN: Duration = Duration::from_secs(10);
 /// A send that takes longer means the peer stopped reading.
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -184,6 +190,9 @@ pub fn start(
             last_rx: Instant::now(),
             generation: 0,
             outbox: Vec::new(),
+            unsent_deletes: HashSet::new(),
+            unsent_overflow: 0,
+            recent_deletes: VecDeque::new(),
         }
         .run(listener, local_rx),
     );
@@ -338,6 +347,14 @@ struct Session {
     generation: u64,
     /// Frames to send after the current event.
     outbox: Vec<Frame>,
+    /// Flows that ended here while the peer was away. A bulk update carries what exists, not
+    /// what ended: these go to the peer first thing on reconnect, before its bulk answer to
+    /// us could send them back.
+    unsent_deletes: HashSet<FlowKey>,
+    /// Ended flows beyond [`MAX_UNSENT_DELETES`]: they linger on the peer until they expire.
+    unsent_overflow: u64,
+    /// Deletes sent within [`RESEND_DELETES_WITHIN`], oldest first.
+    recent_deletes: VecDeque<(Instant, FlowKey)>,
 }
 
 type Handshake = Result<(SyncStream, SocketAddr), (SocketAddr, TransportError)>;
@@ -410,6 +427,21 @@ impl Session {
         self.outbox.push(Frame::Hello {
             node: self.node.clone(),
         });
+        if !self.unsent_deletes.is_empty() {
+            let keys: Vec<FlowKey> = self.unsent_deletes.drain().collect();
+            info!(
+                flows = keys.len(),
+                "telling the peer of flows that ended while it was away"
+            );
+            self.outbox.extend(delete_frames(&keys));
+        }
+        if self.unsent_overflow > 0 {
+            warn!(
+                flows = std::mem::take(&mut self.unsent_overflow),
+                limit = MAX_UNSENT_DELETES,
+                "more flows ended while the peer was away than are kept: those linger there until they time out"
+            );
+        }
         self.bulk.handle_connected(Instant::now());
         let mut status = self.shared.status.lock().expect("not poisoned");
         status.connected = true;
@@ -430,6 +462,18 @@ impl Session {
         warn!(error = %e, "sync session lost");
         self.bulk.handle_disconnected();
         self.outbox.clear();
+        // The peer may have missed the last deletes: told again on reconnect (a delete of a
+        // flow it no longer holds is harmless), unless the flow is alive here again.
+        let recent: Vec<FlowKey> = self.recent_deletes.drain(..).map(|(_, key)| key).collect();
+        let table = self.shared.table.lock().expect("not poisoned");
+        let resend: Vec<FlowKey> = recent
+            .into_iter()
+            .filter(|key| table.get(key).is_none())
+            .collect();
+        drop(table);
+        for key in resend {
+            self.keep_unsent_delete(key);
+        }
         let mut status = self.shared.status.lock().expect("not poisoned");
         status.connected = false;
         if !matches!(e, TransportError::Closed) {
@@ -443,6 +487,8 @@ impl Session {
         let key = match event {
             Local::Upsert(record) => {
                 table.hold(record, Origin::Local, now);
+                // Alive again (the same tuple reused): the bulk update carries it.
+                self.unsent_deletes.remove(&record.key);
                 record.key
             }
             Local::Delete(key) => {
@@ -532,8 +578,12 @@ impl Session {
             self.outbox.push(frame);
         }
         let Some(stream) = &mut self.stream else {
-            // No peer: the bulk update on reconnect carries the table.
-            pending.clear();
+            // No peer: the bulk update on reconnect carries the table, the deletes wait.
+            for (key, event) in pending.drain() {
+                if matches!(event, Local::Delete(_)) {
+                    self.keep_unsent_delete(key);
+                }
+            }
             self.outbox.clear();
             return;
         };
@@ -547,20 +597,38 @@ impl Session {
         }
         let sent = (upserts.len() + deletes.len()) as u64;
         self.outbox.extend(upsert_frames(&upserts));
-        if !deletes.is_empty() {
-            self.outbox.push(Frame::Delete { keys: deletes });
-        }
+        self.outbox.extend(delete_frames(&deletes));
         if self.outbox.is_empty() {
             return;
         }
         let frames = std::mem::take(&mut self.outbox);
         let result = tokio::time::timeout(SEND_TIMEOUT, stream.send(&frames)).await;
+        // Sent or not, the deletes are kept a while: bytes in flight when the link dies are
+        // lost without an error, and the session notices only DEAD_AFTER later.
+        let now = Instant::now();
+        self.recent_deletes
+            .extend(deletes.into_iter().map(|key| (now, key)));
+        while self
+            .recent_deletes
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > RESEND_DELETES_WITHIN)
+        {
+            self.recent_deletes.pop_front();
+        }
         match result {
             Ok(Ok(())) => {
                 self.shared.status.lock().expect("not poisoned").deltas_sent += sent;
             }
             Ok(Err(e)) => self.disconnected(&e),
             Err(_) => self.disconnected(&TransportError::SendStalled(SEND_TIMEOUT)),
+        }
+    }
+
+    fn keep_unsent_delete(&mut self, key: FlowKey) {
+        if self.unsent_deletes.len() < MAX_UNSENT_DELETES {
+            self.unsent_deletes.insert(key);
+        } else {
+            self.unsent_overflow += 1;
         }
     }
 
