@@ -109,6 +109,29 @@ fn wait_conntrack(lab: &Lab, host: Host, want: usize) -> Result<()> {
     })
 }
 
+/// Takes gw1's sync link down until `peer` notices; returns the sessions it had seen.
+fn cut_sync_link(lab: &Lab, peer: &Node) -> Result<u64> {
+    let sessions = sync_status(peer)?.sessions;
+    lab.sh(Host::Gw1, "ip link set sync down")?;
+    wait_for(Duration::from_secs(10), || {
+        sync_status(peer).ok().filter(|s| !s.connected)
+    })
+    .context("the peer never noticed the cut")?;
+    Ok(sessions)
+}
+
+/// Brings gw1's sync link back and waits for a new session on `peer`.
+fn restore_sync_link(lab: &Lab, peer: &Node, sessions: u64) -> Result<()> {
+    lab.sh(Host::Gw1, "ip link set sync up")?;
+    wait_for(Duration::from_secs(10), || {
+        sync_status(peer)
+            .ok()
+            .filter(|s| s.connected && s.sessions > sessions)
+    })
+    .map(drop)
+    .context("the session never came back")
+}
+
 /// Kills the master mid-stream and returns the client's report and the kill time.
 fn failover_under_load(
     lab: &Lab,
@@ -220,12 +243,7 @@ fn restarted_backup_gets_every_flow_back_by_bulk_before_it_may_master() -> Resul
 fn sync_link_cut_and_restored_resyncs_without_loss() -> Result<()> {
     let lab = Lab::up()?;
     let (gw1, gw2) = cluster(&lab, true)?;
-    let sessions = sync_status(&gw2)?.sessions;
-    lab.sh(Host::Gw1, "ip link set sync down")?;
-    wait_for(Duration::from_secs(10), || {
-        sync_status(&gw2).ok().filter(|s| !s.connected)
-    })
-    .context("gw2 never noticed the cut")?;
+    let sessions = cut_sync_link(&lab, &gw2)?;
     // Connections born while the link is down reach gw2 only by the resync.
     let client = streams::start_client(&lab, CONNECTIONS, 16)?;
     std::thread::sleep(Duration::from_secs(2));
@@ -234,13 +252,7 @@ fn sync_link_cut_and_restored_resyncs_without_loss() -> Result<()> {
         0,
         "nothing can arrive while cut"
     );
-    lab.sh(Host::Gw1, "ip link set sync up")?;
-    wait_for(Duration::from_secs(10), || {
-        sync_status(&gw2)
-            .ok()
-            .filter(|s| s.connected && s.sessions > sessions)
-    })
-    .context("the session never came back")?;
+    restore_sync_link(&lab, &gw2, sessions)?;
     wait_conntrack(&lab, Host::Gw2, CONNECTIONS)?;
     // A resync after a flap does not demote anyone: the VIPs stayed put.
     assert_eq!(gw1.state(1), Some(State::Master));
@@ -256,12 +268,7 @@ fn flows_that_end_while_the_sync_link_is_down_are_deleted_on_the_peer_when_it_re
     let (gw1, gw2) = cluster(&lab, true)?;
     let client = streams::start_client(&lab, CONNECTIONS, 6)?;
     wait_conntrack(&lab, Host::Gw2, CONNECTIONS)?;
-    let sessions = sync_status(&gw2)?.sessions;
-    lab.sh(Host::Gw1, "ip link set sync down")?;
-    wait_for(Duration::from_secs(10), || {
-        sync_status(&gw2).ok().filter(|s| !s.connected)
-    })
-    .context("gw2 never noticed the cut")?;
+    let sessions = cut_sync_link(&lab, &gw2)?;
     // The connections end while gw2 cannot hear of it: gw2 still holds them all. The client's
     // UDP flow has no end; it stays until it times out.
     const UDP_FLOWS: u64 = 1;
@@ -273,19 +280,12 @@ fn flows_that_end_while_the_sync_link_is_down_are_deleted_on_the_peer_when_it_re
     })
     .with_context(|| {
         format!(
-            "gw1 never saw the connections end
-{}",
+            "gw1 never saw the connections end\n{}",
             diagnose(&lab, &[&gw1, &gw2])
         )
     })?;
     assert_eq!(natted_conntrack(&lab, Host::Gw2)?, CONNECTIONS);
-    lab.sh(Host::Gw1, "ip link set sync up")?;
-    wait_for(Duration::from_secs(10), || {
-        sync_status(&gw2)
-            .ok()
-            .filter(|s| s.connected && s.sessions > sessions)
-    })
-    .context("the session never came back")?;
+    restore_sync_link(&lab, &gw2, sessions)?;
     // Told first thing on reconnect: gone from gw2's table and kernel, and gw2's bulk answer
     // does not bring them back to gw1.
     wait_for(Duration::from_secs(10), || {
@@ -295,8 +295,7 @@ fn flows_that_end_while_the_sync_link_is_down_are_deleted_on_the_peer_when_it_re
     })
     .with_context(|| {
         format!(
-            "ended flows linger on gw2
-{}",
+            "ended flows linger on gw2\n{}",
             diagnose(&lab, &[&gw1, &gw2])
         )
     })?;
