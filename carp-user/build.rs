@@ -18,18 +18,11 @@ fn main() -> anyhow::Result<()> {
     // aya-build watches carp-ebpf's own sources; the types it shares with the daemon change
     // the object too.
     println!("cargo:rerun-if-changed={}", package_dir("carp-common")?);
-    let ebpf = packages
-        .into_iter()
-        .find(|package| package.name.as_str() == "carp-ebpf")
-        .ok_or_else(|| anyhow!("carp-ebpf package not found"))?;
-    let root_dir = ebpf
-        .manifest_path
-        .parent()
-        .ok_or_else(|| anyhow!("carp-ebpf manifest has no parent"))?;
+    let ebpf_dir = package_dir("carp-ebpf")?;
     aya_build::build_ebpf(
         [Package {
-            name: ebpf.name.as_str(),
-            root_dir: root_dir.as_str(),
+            name: "carp-ebpf",
+            root_dir: &ebpf_dir,
             ..Default::default()
         }],
         Toolchain::default(),

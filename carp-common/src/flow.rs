@@ -147,12 +147,25 @@ pub const FLOW_CACHE_MAP: &str = "CARP_FLOW_CACHE";
 pub const FLOW_CACHE_SLOTS: u32 = 256;
 
 impl FlowKey {
+    /// The key as 64-bit words (each endpoint's address is two of them): XDP compares,
+    /// swaps and hashes it in words, where `==` or a field copy would be byte-wise.
+    #[inline(always)]
+    pub fn quads(&self) -> &[u64; 5] {
+        // SAFETY: FlowKey is 40 bytes of plain integers, 8-byte aligned.
+        unsafe { &*(self as *const FlowKey as *const [u64; 5]) }
+    }
+
+    #[inline(always)]
+    pub fn quads_mut(&mut self) -> &mut [u64; 5] {
+        // SAFETY: as in `quads`; every bit pattern is a valid FlowKey.
+        unsafe { &mut *(self as *mut FlowKey as *mut [u64; 5]) }
+    }
+
     /// The flow cache slot of this key: its 64-bit words folded and spread by a
     /// multiplicative hash. XDP and the daemon both use it.
     #[inline(always)]
     pub fn cache_slot(&self) -> u32 {
-        // SAFETY: FlowKey is 40 bytes of plain integers, 8-byte aligned.
-        let q = unsafe { &*(self as *const FlowKey as *const [u64; 5]) };
+        let q = self.quads();
         let folded = q[0] ^ q[1].rotate_left(16) ^ q[2].rotate_left(32) ^ q[3] ^ q[4];
         (folded.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u32 & (FLOW_CACHE_SLOTS - 1)
     }
@@ -195,13 +208,7 @@ impl FlowCacheSlot {
     #[inline(always)]
     pub fn holds(&self, key: &FlowKey) -> bool {
         // Word by word: `==` on the key would be a byte-wise memcmp call in BPF.
-        // SAFETY: FlowKey is 40 bytes of plain integers, 8-byte aligned.
-        let (a, b) = unsafe {
-            (
-                &*(&self.key as *const FlowKey as *const [u64; 5]),
-                &*(key as *const FlowKey as *const [u64; 5]),
-            )
-        };
+        let (a, b) = (self.key.quads(), key.quads());
         self.jiffies != 0
             && a[0] == b[0]
             && a[1] == b[1]

@@ -281,20 +281,13 @@ fn syn_wscale(ctx: &XdpContext, mut at: usize, end: usize) -> u8 {
     0
 }
 
-/// The key as 64-bit words: each endpoint's address is two of them.
-#[inline(always)]
-fn key_quads(key: &mut FlowKey) -> &mut [u64; 5] {
-    // SAFETY: FlowKey is 40 bytes of plain integers, 8-byte aligned.
-    unsafe { &mut *(key as *mut FlowKey as *mut [u64; 5]) }
-}
-
 /// Orders the key's endpoints (lower address, then lower port, first) and says which
 /// endpoint sent the packet: 0 if it was already in order.
 #[inline(always)]
 fn normalise(key: &mut FlowKey) -> usize {
     let words = key_words(key);
     let ports = (u16::from_be(words[KW_PORT0]), u16::from_be(words[KW_PORT1]));
-    let q = key_quads(key);
+    let q = key.quads_mut();
     let a = (u64::from_be(q[0]), u64::from_be(q[1]), ports.0);
     let b = (u64::from_be(q[2]), u64::from_be(q[3]), ports.1);
     if a <= b {
@@ -334,17 +327,8 @@ fn update(p: &mut Packet, refresh_ns: u64) {
     if let Some(entry) = CARP_FLOWS.get_ptr_mut(key) {
         // SAFETY: the map value stays valid for this program run.
         let entry = unsafe { &mut *entry };
-        let cached = slot.holds(key);
-        if cached {
-            write_back_into(slot, entry);
-        }
-        entry.last_ns = now;
-        entry.packets[dir] += 1;
-        entry.bytes[dir] += len;
         let before = [entry.tcp[0].phase, entry.tcp[1].phase];
-        if key.proto == IPPROTO_TCP {
-            track_tcp(&mut entry.tcp, dir, &p.tcp);
-        }
+        let cached = account(entry, slot, p, dir, now);
         let after = [entry.tcp[0].phase, entry.tcp[1].phase];
         cache(slot, cached, key, entry, tick);
         let kind = if ended(after) && !ended(before) {
@@ -363,16 +347,8 @@ fn update(p: &mut Packet, refresh_ns: u64) {
             last_ns: now,
             ..FlowEntry::default()
         };
-        // A slot still holding the flow's sums: the map evicted the flow since.
-        let cached = slot.holds(key);
-        if cached {
-            write_back_into(slot, &mut entry);
-        }
-        entry.packets[dir] += 1;
-        entry.bytes[dir] += len;
-        if key.proto == IPPROTO_TCP {
-            track_tcp(&mut entry.tcp, dir, &p.tcp);
-        }
+        // A slot may still hold the flow's sums if the map evicted the flow since.
+        let cached = account(&mut entry, slot, p, dir, now);
         emit(key, &mut entry, DELTA_BORN, now);
         #[expect(
             clippy::needless_borrows_for_generic_args,
@@ -384,6 +360,29 @@ fn update(p: &mut Packet, refresh_ns: u64) {
         }
         cache(slot, cached, key, &entry, tick);
     }
+}
+
+/// Moves the slot's sums for the packet's flow, if it holds them, and then the packet itself
+/// into `entry`; returns whether the slot held the flow.
+#[inline(always)]
+fn account(
+    entry: &mut FlowEntry,
+    slot: &mut FlowCacheSlot,
+    p: &Packet,
+    dir: usize,
+    now: u64,
+) -> bool {
+    let cached = slot.holds(&p.key);
+    if cached {
+        write_back_into(slot, entry);
+    }
+    entry.last_ns = now;
+    entry.packets[dir] += 1;
+    entry.bytes[dir] += p.len;
+    if p.key.proto == IPPROTO_TCP {
+        track_tcp(&mut entry.tcp, dir, &p.tcp);
+    }
+    cached
 }
 
 /// The current tick and the coarse clock in it.

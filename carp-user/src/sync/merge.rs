@@ -3,7 +3,7 @@
 //! (and answers with it). UDP and ICMP flows, which have no phases, go by packet counts.
 
 use super::proto::{FlowKey, FlowRecord};
-use carp_common::flow::IPPROTO_TCP;
+use carp_common::flow::{IPPROTO_TCP, seq_after};
 use std::{
     collections::HashMap,
     time::{Duration, Instant},
@@ -22,11 +22,6 @@ pub enum Verdict {
     Stale,
 }
 
-/// Whether sequence number `a` comes before `b` (RFC 1982 serial arithmetic, 32 bits).
-pub fn seq_before(a: u32, b: u32) -> bool {
-    (a.wrapping_sub(b) as i32) < 0
-}
-
 /// Judges `incoming` against the local copy.
 pub fn judge(local: Option<&FlowRecord>, incoming: &FlowRecord) -> Verdict {
     let Some(local) = local else {
@@ -40,7 +35,7 @@ pub fn judge(local: Option<&FlowRecord>, incoming: &FlowRecord) -> Verdict {
             }
             if theirs.phase > ours.phase {
                 ahead = true;
-            } else if seq_before(theirs.seqhi, ours.seqhi) {
+            } else if seq_after(ours.seqhi, theirs.seqhi) {
                 return Verdict::Stale;
             } else if theirs.seqhi != ours.seqhi {
                 ahead = true;
@@ -257,9 +252,9 @@ mod tests {
         }
 
         #[test]
-        fn seq_before_is_antisymmetric(a: u32, b: u32) {
+        fn seq_after_is_antisymmetric(a: u32, b: u32) {
             prop_assume!(a != b && a.wrapping_sub(b) != 1 << 31);
-            prop_assert_ne!(seq_before(a, b), seq_before(b, a));
+            prop_assert_ne!(seq_after(a, b), seq_after(b, a));
         }
     }
 }
