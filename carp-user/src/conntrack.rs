@@ -1,7 +1,8 @@
 //! The kernel's connection tracking through ctnetlink (`NETLINK_NETFILTER`): look up a
 //! connection's NAT mapping, and install, refresh and remove the connections the peer
-//! syncs. Requests go out in batches, one datagram each, and every one is answered by
-//! sequence number, so a batch of thousands costs a few system calls.
+//! syncs. Requests go out in batches, one datagram each, answered by sequence number, so a
+//! batch of hundreds costs two system calls. Changes ask no acknowledgement but the batch's
+//! last: the kernel reports failures anyway, in order, so the last one's ACK fences them.
 
 use crate::sync::proto::{FlowKey, FlowRecord};
 use carp_common::flow::{
@@ -111,6 +112,14 @@ pub struct Conntrack {
     buf: Vec<u8>,
 }
 
+/// Which requests of a batch the kernel answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answered {
+    Each,
+    /// Only failures, and the last request (it asks for an ACK).
+    FailuresAndLast,
+}
+
 /// The kernel's answer to one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Answer {
@@ -127,8 +136,8 @@ impl Conntrack {
         socket.bind_auto()?;
         // Errors echo only the header, not the whole request.
         socket.set_cap_ack(true)?;
-        // A full batch of answers must not overflow (best effort: the limit is rmem_max).
-        let _ = socket.set_rx_buf_sz(RECV_BUFFER);
+        // A full batch of answers must not overflow: past rmem_max where allowed (root).
+        force_rx_buf(&socket, RECV_BUFFER);
         Ok(Self {
             socket,
             seq: 1,
@@ -175,7 +184,7 @@ impl Conntrack {
                 end_message(&mut self.out, at, family(tuple));
                 self.seq = self.seq.wrapping_add(1);
             }
-            for answer in self.exchange(first, batch.len())? {
+            for answer in self.exchange(first, batch.len(), Answered::Each)? {
                 found.push(match answer {
                     Answer::Entry(entry) => Some(entry),
                     _ => None,
@@ -191,11 +200,12 @@ impl Conntrack {
         for batch in changes.chunks(BATCH) {
             let first = self.seq;
             self.out.clear();
-            for change in batch {
-                encode_change(&mut self.out, change, self.seq);
+            for (index, change) in batch.iter().enumerate() {
+                let fence = index + 1 == batch.len();
+                encode_change(&mut self.out, change, self.seq, fence);
                 self.seq = self.seq.wrapping_add(1);
             }
-            for answer in self.exchange(first, batch.len())? {
+            for answer in self.exchange(first, batch.len(), Answered::FailuresAndLast)? {
                 results.push(match answer {
                     Answer::Errno(errno) => Err(errno),
                     _ => Ok(()),
@@ -205,11 +215,20 @@ impl Conntrack {
         Ok(results)
     }
 
-    /// Sends the batch in `self.out` and collects one answer per sequence number.
-    fn exchange(&mut self, first: u32, count: usize) -> io::Result<Vec<Answer>> {
+    /// Sends the batch in `self.out` and collects its answers by sequence number; requests
+    /// the kernel need not answer count as done once the last one is.
+    fn exchange(
+        &mut self,
+        first: u32,
+        count: usize,
+        answered: Answered,
+    ) -> io::Result<Vec<Answer>> {
         self.socket.send(&self.out, 0)?;
         let mut answers = vec![Answer::Pending; count];
-        let mut pending = count;
+        let mut pending = match answered {
+            Answered::Each => count,
+            Answered::FailuresAndLast => 1,
+        };
         while pending > 0 {
             self.buf.clear();
             self.socket.recv(&mut self.buf, 0)?;
@@ -219,11 +238,26 @@ impl Conntrack {
                     && *slot == Answer::Pending
                 {
                     *slot = answer;
-                    pending -= 1;
+                    if answered == Answered::Each || index + 1 == count {
+                        pending -= 1;
+                    }
                 }
             }
         }
+        for slot in &mut answers {
+            if *slot == Answer::Pending {
+                *slot = Answer::Done;
+            }
+        }
         Ok(answers)
+    }
+}
+
+/// Sets the receive buffer with SO_RCVBUFFORCE (CAP_NET_ADMIN), else as far as rmem_max allows.
+fn force_rx_buf(socket: &Socket, bytes: usize) {
+    use nix::sys::socket::{setsockopt, sockopt::RcvBufForce};
+    if setsockopt(socket, RcvBufForce, &bytes).is_err() {
+        let _ = socket.set_rx_buf_sz(bytes);
     }
 }
 
@@ -277,8 +311,13 @@ pub fn tcp_state_name(state: u8) -> &'static str {
     }
 }
 
-fn encode_change(out: &mut Vec<u8>, change: &Change, seq: u32) {
-    let flags = NLM_F_REQUEST | NLM_F_ACK;
+/// Encodes one change; only a `fence` asks for an ACK (failures are reported regardless).
+fn encode_change(out: &mut Vec<u8>, change: &Change, seq: u32, fence: bool) {
+    let flags = if fence {
+        NLM_F_REQUEST | NLM_F_ACK
+    } else {
+        NLM_F_REQUEST
+    };
     match change {
         Change::Create(record) => {
             let at = begin_message(

@@ -8,6 +8,7 @@ pub mod control;
 pub mod daemon;
 pub mod dataplane;
 pub mod interfaces;
+pub mod map_batch;
 pub mod netlink;
 pub mod pins;
 pub mod sockets;

@@ -40,6 +40,9 @@ pub struct SyncFigures {
     pub lag_seen: usize,
     pub daemon_bytes_per_flow: f64,
     pub map_bytes_per_flow: f64,
+    /// The kernel's ceiling: the bulk's creates sent straight to ctnetlink on one socket in
+    /// gw2's namespace (no daemon, no listener), before carp starts there.
+    pub ctnetlink_create_per_s: f64,
 }
 
 /// Flow `i` of a synthetic workload: an established TCP connection from the LAN, source
@@ -158,6 +161,7 @@ async fn connect_as_peer() -> Result<SyncStream> {
 pub fn measure() -> Result<SyncFigures> {
     let lab = Lab::up()?;
     lab.enable_nat()?;
+    let ctnetlink_create_per_s = ctnetlink_ceiling(&lab)?;
     let gw2 = lab.start_carp(
         &carp_bin()?,
         Host::Gw2,
@@ -306,7 +310,35 @@ pub fn measure() -> Result<SyncFigures> {
         lag_seen: lags.len(),
         daemon_bytes_per_flow: rss_after.saturating_sub(rss_before) as f64 / f64::from(total),
         map_bytes_per_flow: map_bytes.0 as f64 / map_bytes.1 as f64,
+        ctnetlink_create_per_s,
     })
+}
+
+/// The bulk's creates straight into gw2's conntrack on one socket, in states/s; gw2's table
+/// is flushed again afterwards.
+fn ctnetlink_ceiling(lab: &Lab) -> Result<f64> {
+    let took = create_in(&lab.ns(Host::Gw2))?;
+    lab.output(Host::Gw2, &["conntrack", "-F"])?;
+    Ok(f64::from(BULK_FLOWS) / took.as_secs_f64())
+}
+
+/// Creates the bulk's flows in `ns`'s conntrack through one ctnetlink socket; how long the
+/// kernel took.
+fn create_in(ns: &str) -> Result<Duration> {
+    let ns_name = ns.to_string();
+    in_netns(ns, move || -> Result<Duration> {
+        let records: Vec<FlowRecord> = (0..BULK_FLOWS).map(synthetic).collect();
+        let changes: Vec<Change> = records.iter().map(Change::Create).collect();
+        let mut conntrack = Conntrack::open()?;
+        let started = Instant::now();
+        let results = conntrack.apply(&changes)?;
+        let took = started.elapsed();
+        let failed = results.iter().filter(|r| r.is_err()).count();
+        anyhow::ensure!(failed == 0, "{failed} creates failed in {ns_name}");
+        Ok(took)
+    })
+    .join()
+    .expect("no panic")?
 }
 
 /// The flow map's locked memory and its capacity, from bpftool.
@@ -336,9 +368,6 @@ pub struct ConntrackdFigures {
     /// States created on gw1 that never reached gw2 in the live phase (kernel events lost
     /// to conntrackd's netlink socket; FTFW only makes the link reliable).
     pub live_lost: u64,
-    /// The kernel's own ceiling: the same creates sent straight to ctnetlink on one socket
-    /// (gw1's, to feed conntrackd), nothing else done per state.
-    pub ctnetlink_create_per_s: f64,
 }
 
 /// Two conntrackd (FTFW over the sync link) in a lab of their own. Live: the synthetic flows
@@ -354,19 +383,7 @@ pub fn measure_conntrackd() -> Result<ConntrackdFigures> {
     let flows = u64::from(BULK_FLOWS);
 
     let started = Instant::now();
-    let creating = in_netns(&lab.ns(Host::Gw1), || -> Result<Duration> {
-        let records: Vec<FlowRecord> = (0..BULK_FLOWS).map(synthetic).collect();
-        let changes: Vec<Change> = records.iter().map(Change::Create).collect();
-        let mut conntrack = Conntrack::open()?;
-        let started = Instant::now();
-        let results = conntrack.apply(&changes)?;
-        let took = started.elapsed();
-        let failed = results.iter().filter(|r| r.is_err()).count();
-        anyhow::ensure!(failed == 0, "{failed} creates failed on gw1");
-        Ok(took)
-    })
-    .join()
-    .expect("no panic")??;
+    create_in(&lab.ns(Host::Gw1))?;
     let (arrived, live_transfer) = wait_external(&lab, &gw2, flows, started)?;
     let live_commit = commit(&lab, &gw2, &gw2_ns, arrived)?;
 
@@ -390,7 +407,6 @@ pub fn measure_conntrackd() -> Result<ConntrackdFigures> {
         live_transfer,
         live_commit,
         live_lost: flows - arrived.min(flows),
-        ctnetlink_create_per_s: flows as f64 / creating.as_secs_f64(),
     })
 }
 

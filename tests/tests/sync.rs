@@ -132,6 +132,23 @@ fn restore_sync_link(lab: &Lab, peer: &Node, sessions: u64) -> Result<()> {
     .context("the session never came back")
 }
 
+/// Flows in `node`'s pinned XDP flow map learned from the peer with an endpoint on `port`.
+fn learned_in_map(node: &Node, port: u16) -> Result<usize> {
+    use aya::maps::{HashMap, Map, MapData};
+    use carp_common::flow::{FLOW_MAP, FlowEntry, FlowKey};
+    let pin = format!("/sys/fs/bpf/carp/{}/{FLOW_MAP}", node.name);
+    let data = MapData::from_pin(&pin).with_context(|| pin.clone())?;
+    let map: HashMap<_, FlowKey, FlowEntry> = HashMap::try_from(Map::LruHashMap(data))?;
+    let mut count = 0;
+    for item in map.iter() {
+        let (key, entry) = item?;
+        if entry.learned == 1 && key.port.contains(&port.to_be_bytes()) {
+            count += 1;
+        }
+    }
+    Ok(count)
+}
+
 /// Kills the master mid-stream and returns the client's report and the kill time.
 fn failover_under_load(
     lab: &Lab,
@@ -159,6 +176,13 @@ fn failover_under_load(
         assert!(
             natted >= CONNECTIONS,
             "{natted} NATed flows listed: {flows:?}"
+        );
+        // XDP's map on the backup holds both sides of each, marked learned.
+        let in_map = learned_in_map(gw2, streams::PORT)?;
+        assert!(
+            in_map >= 2 * CONNECTIONS,
+            "{in_map} learned XDP flows on port {}",
+            streams::PORT
         );
     }
     let killed = take_over(lab, gw1, gw2)?;
@@ -189,6 +213,7 @@ fn connections_and_nat_survive_the_masters_death() -> Result<()> {
     assert_all_survived(&report, killed);
     let status = sync_status(&gw2)?;
     assert_eq!(status.install.conntrack_errors, 0, "{status:?}");
+    assert_eq!(status.install.map_errors, 0, "{status:?}");
     assert!(
         status.install.conntrack_created >= CONNECTIONS as u64,
         "{status:?}"

@@ -1,23 +1,19 @@
 //! Puts the peer's flows where a takeover needs them: XDP's flow map (marked learned) and the
 //! kernel's conntrack, with the NAT mapping and timeouts. Jobs run in arrival order on their
-//! own thread, so a barrier answered here means everything received before it is installed.
+//! own thread (the map writes on one more), so a barrier answered here means everything
+//! received before it is installed.
 
 use super::{
+    flow_writer::{FlowMap, FlowWriter},
     proto::{FlowKey, FlowRecord},
-    view,
 };
-use crate::{
-    conntrack::{Change, Conntrack},
-    dataplane::monotonic_ns,
-};
-use aya::maps::{HashMap as BpfHashMap, MapData};
-use carp_common::flow::{self as xdp, FlowEntry};
+use crate::conntrack::{Change, Conntrack};
 use std::{
-    collections::HashMap,
+    collections::HashSet,
     sync::{Arc, Mutex, mpsc},
     time::{Duration, Instant},
 };
-use tracing::{debug, warn};
+use tracing::warn;
 
 /// Records per conntrack batch.
 const JOB_BATCH: usize = 8192;
@@ -44,21 +40,11 @@ pub struct InstallStats {
     pub last_error: Option<String>,
 }
 
-/// The flow map as the installer writes it.
-pub type FlowMap = BpfHashMap<MapData, xdp::FlowKey, FlowEntry>;
-
-#[derive(Default)]
-struct Installed {
-    views: Vec<xdp::FlowKey>,
-    /// A create was sent: later records are updates.
-    in_kernel: bool,
-}
-
 struct Installer {
     conntrack: Option<Conntrack>,
-    flows: Option<FlowMap>,
-    /// Connections installed, with their XDP keys.
-    installed: HashMap<FlowKey, Installed>,
+    flows: Option<FlowWriter>,
+    /// Connections a create was sent for: later records are updates.
+    in_kernel: HashSet<FlowKey>,
     report: Report,
 }
 
@@ -75,10 +61,13 @@ pub fn spawn(
     jobs: mpsc::Receiver<Job>,
     stats: Arc<Mutex<InstallStats>>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let flows = flows
+        .map(|flows| FlowWriter::spawn(flows, stats.clone()))
+        .transpose()?;
     let mut installer = Installer {
         conntrack,
         flows,
-        installed: HashMap::new(),
+        in_kernel: HashSet::new(),
         report: Report {
             stats,
             last_warning: None,
@@ -97,41 +86,42 @@ impl Installer {
     fn run(&mut self, job: Job) {
         match job {
             Job::Upsert(records) => {
+                let records = Arc::new(records);
+                if let Some(flows) = &self.flows {
+                    flows.write(records.clone());
+                }
                 for batch in records.chunks(JOB_BATCH) {
                     self.upsert(batch);
                 }
             }
-            Job::Delete(keys) => self.delete(&keys),
-            Job::Barrier(done) => {
-                let _ = done.send(());
+            Job::Delete(keys) => {
+                if let Some(flows) = &self.flows {
+                    flows.remove(keys.clone());
+                }
+                self.delete(&keys);
             }
+            Job::Barrier(done) => match &self.flows {
+                Some(flows) => flows.barrier(done),
+                None => {
+                    let _ = done.send(());
+                }
+            },
         }
     }
 
     fn upsert(&mut self, records: &[FlowRecord]) {
-        let now_ns = monotonic_ns();
         // Create what the kernel lacks; a create that finds one, or an update that finds
         // none (it expired there), is tried once more the other way.
-        let mut changes = Vec::with_capacity(records.len());
-        for record in records {
-            let entries = view::entries_of(record, now_ns);
-            if let Some(flows) = &mut self.flows {
-                for (key, entry) in &entries {
-                    if let Err(e) = flows.insert(key, entry, 0) {
-                        self.report.stats.lock().expect("not poisoned").map_errors += 1;
-                        debug!(error = %e, "flow map insert failed");
-                    }
+        let mut changes: Vec<Change> = records
+            .iter()
+            .map(|record| {
+                if self.in_kernel.insert(record.key) {
+                    Change::Create(record)
+                } else {
+                    Change::Update(record)
                 }
-            }
-            let held = self.installed.entry(record.key).or_default();
-            held.views = entries.into_iter().map(|(k, _)| k).collect();
-            changes.push(if held.in_kernel {
-                Change::Update(record)
-            } else {
-                Change::Create(record)
-            });
-            held.in_kernel = true;
-        }
+            })
+            .collect();
         let Some(conntrack) = &mut self.conntrack else {
             return;
         };
@@ -179,11 +169,7 @@ impl Installer {
 
     fn delete(&mut self, keys: &[FlowKey]) {
         for key in keys {
-            if let (Some(held), Some(flows)) = (self.installed.remove(key), &mut self.flows) {
-                for k in held.views {
-                    let _ = flows.remove(&k);
-                }
-            }
+            self.in_kernel.remove(key);
         }
         let Some(conntrack) = &mut self.conntrack else {
             return;

@@ -6,7 +6,8 @@
 use super::{
     bulk::{BulkSync, Event},
     capture::{Capture, Local},
-    install::{self, FlowMap, InstallStats, Job},
+    flow_writer::FlowMap,
+    install::{self, InstallStats, Job},
     merge::{FlowTable, Origin, Verdict},
     proto::{FlowKey, FlowRecord, Frame, delete_frames, upsert_frames},
     transport::{self, SharedKey, SyncStream, TransportError},
