@@ -223,6 +223,7 @@ fn format_sync(s: &SyncStatus) -> String {
     format!(
         "sync {} -> {} ({})  peer {}  {}  bulk {}{}\n\
          flows {} held ({} local)  deltas sent {} received {} dropped {} lost-in-xdp {}  \
+         deletes waiting for the peer {}  \
          sessions {} refused {}  conntrack created {} updated {} deleted {} errors {}\n{}",
         s.listen,
         s.peer,
@@ -245,6 +246,7 @@ fn format_sync(s: &SyncStatus) -> String {
         s.deltas_received,
         s.deltas_dropped,
         s.deltas_lost_in_xdp,
+        s.deletes_waiting,
         s.sessions,
         s.refused,
         s.install.conntrack_created,

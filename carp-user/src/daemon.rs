@@ -308,8 +308,14 @@ impl Daemon {
                     name: carp_common::flow::DELTA_RING,
                 })?;
                 let flows = dataplane.open_flow_map()?;
-                let handle = service::start(sync.clone(), config.node.name.clone(), deltas, flows)
-                    .map_err(DaemonError::Sync)?;
+                let handle = service::start(
+                    sync.clone(),
+                    config.node.name.clone(),
+                    &config.node.state_dir,
+                    deltas,
+                    flows,
+                )
+                .map_err(DaemonError::Sync)?;
                 dataplane.set_capture(Some(FLOW_REFRESH))?;
                 info!(peer = %sync.peer, listen = %sync.listen, "state sync on; demoted until the first bulk update");
                 Some(handle)

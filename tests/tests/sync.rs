@@ -289,6 +289,19 @@ fn sync_link_cut_and_restored_resyncs_without_loss() -> Result<()> {
 #[test]
 fn flows_that_end_while_the_sync_link_is_down_are_deleted_on_the_peer_when_it_returns() -> Result<()>
 {
+    ended_while_the_link_is_down(false)
+}
+
+/// The deletes waiting for the peer are kept in the state directory: a crash of the daemon
+/// that holds them loses none.
+#[test]
+fn deletes_waiting_for_the_peer_survive_a_daemon_crash() -> Result<()> {
+    ended_while_the_link_is_down(true)
+}
+
+/// The client's connections end while the sync link is down (and, if `crash`, gw1's daemon
+/// then dies and starts again); once the link is back they are gone from gw2 too.
+fn ended_while_the_link_is_down(crash: bool) -> Result<()> {
     let lab = Lab::up()?;
     let (gw1, gw2) = cluster(&lab, true)?;
     let client = streams::start_client(&lab, CONNECTIONS, 6)?;
@@ -298,7 +311,7 @@ fn flows_that_end_while_the_sync_link_is_down_are_deleted_on_the_peer_when_it_re
     // UDP flow has no end; it stays until it times out.
     const UDP_FLOWS: u64 = 1;
     client.finish()?;
-    wait_for(Duration::from_secs(10), || {
+    let waiting = wait_for(Duration::from_secs(10), || {
         sync_status(&gw1)
             .ok()
             .filter(|s| s.flows_local == UDP_FLOWS)
@@ -308,8 +321,28 @@ fn flows_that_end_while_the_sync_link_is_down_are_deleted_on_the_peer_when_it_re
             "gw1 never saw the connections end\n{}",
             diagnose(&lab, &[&gw1, &gw2])
         )
-    })?;
+    })?
+    .deletes_waiting;
+    assert!(waiting >= CONNECTIONS as u64, "{waiting} deletes waiting");
     assert_eq!(natted_conntrack(&lab, Host::Gw2)?, CONNECTIONS);
+    let gw1 = if crash {
+        kill_hard(gw1.pid);
+        let gw1 = lab.start_carp_with(
+            &carp_bin()?,
+            Host::Gw1,
+            gw1.name.clone(),
+            gw1.config.clone(),
+        )?;
+        let status = wait_for(Duration::from_secs(10), || sync_status(&gw1).ok())
+            .with_context(|| format!("gw1 did not come back; log:\n{}", gw1.log()))?;
+        assert_eq!(
+            status.deletes_waiting, waiting,
+            "lost in the crash: {status:?}"
+        );
+        gw1
+    } else {
+        gw1
+    };
     restore_sync_link(&lab, &gw2, sessions)?;
     // Told first thing on reconnect: gone from gw2's table and kernel, and gw2's bulk answer
     // does not bring them back to gw1.
@@ -325,11 +358,9 @@ fn flows_that_end_while_the_sync_link_is_down_are_deleted_on_the_peer_when_it_re
         )
     })?;
     wait_synced(&gw1)?;
-    assert_eq!(
-        sync_status(&gw1)?.flows_held,
-        UDP_FLOWS,
-        "nothing came back to gw1"
-    );
+    let status = sync_status(&gw1)?;
+    assert_eq!(status.flows_held, UDP_FLOWS, "nothing came back to gw1");
+    assert_eq!(status.deletes_waiting, 0, "{status:?}");
     Ok(())
 }
 

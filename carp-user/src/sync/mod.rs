@@ -10,4 +10,5 @@ pub mod merge;
 pub mod proto;
 pub mod service;
 pub mod transport;
+pub mod unsent;
 pub mod view;

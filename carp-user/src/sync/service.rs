@@ -11,6 +11,7 @@ use super::{
     merge::{FlowTable, Origin, Verdict},
     proto::{FlowKey, FlowRecord, Frame, delete_frames, upsert_frames},
     transport::{self, SharedKey, SyncStream, TransportError},
+    unsent::{MAX_UNSENT_DELETES, UnsentDeletes},
 };
 use crate::{
     conntrack::{Conntrack, tcp_state, tcp_state_name},
@@ -19,9 +20,10 @@ use crate::{
 use aya::maps::{MapData, RingBuf};
 use serde::{Deserialize, Serialize};
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{HashMap, VecDeque},
     net::SocketAddr,
     os::fd::AsRawFd,
+    path::Path,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -43,9 +45,6 @@ const SEND_BATCH: usize = 8192;
 /// Keepalives go out this often; a session silent for [`DEAD_AFTER`] is dropped.
 const KEEPALIVE: Duration = Duration::from_secs(1);
 const DEAD_AFTER: Duration = Duration::from_secs(4);
-/// Deletes kept for a peer that is away; beyond this, ended flows linger on the peer until
-/// their timeout.
-const MAX_UNSENT_DELETES: usize = 1 << 18;
 /// Deletes sent this recently are told again after a lost session: longer than it takes to
 /// notice a dead link.
 const RESEND_DELETES_WITHIN: Duration = Duration::from_secs(10);
@@ -86,6 +85,9 @@ pub struct SyncStatus {
     pub deltas_lost_in_xdp: u64,
     /// Updates older than ours, answered with our copy.
     pub stale_answered: u64,
+    /// Flows that ended while the peer was away, kept (in the state directory too) until it
+    /// is back.
+    pub deletes_waiting: u64,
     pub sessions: u64,
     /// Connections dropped for a failed handshake, garbage or a bad frame.
     pub refused: u64,
@@ -138,6 +140,7 @@ pub struct SyncHandle {
 pub fn start(
     config: SyncConfig,
     node: String,
+    state_dir: &Path,
     deltas: RingBuf<MapData>,
     flows: FlowMap,
 ) -> std::io::Result<SyncHandle> {
@@ -191,8 +194,8 @@ pub fn start(
             last_rx: Instant::now(),
             generation: 0,
             outbox: Vec::new(),
-            unsent_deletes: HashSet::new(),
-            unsent_overflow: 0,
+            unsent: UnsentDeletes::load(state_dir),
+            last_persist_error: None,
             recent_deletes: VecDeque::new(),
         }
         .run(listener, local_rx),
@@ -351,9 +354,9 @@ struct Session {
     /// Flows that ended here while the peer was away. A bulk update carries what exists, not
     /// what ended: these go to the peer first thing on reconnect, before its bulk answer to
     /// us could send them back.
-    unsent_deletes: HashSet<FlowKey>,
-    /// Ended flows beyond [`MAX_UNSENT_DELETES`]: they linger on the peer until they expire.
-    unsent_overflow: u64,
+    unsent: UnsentDeletes,
+    /// The last failure to keep them on disk, reported once until it changes.
+    last_persist_error: Option<String>,
     /// Deletes sent within [`RESEND_DELETES_WITHIN`], oldest first.
     recent_deletes: VecDeque<(Instant, FlowKey)>,
 }
@@ -410,6 +413,7 @@ impl Session {
                             self.outbox.push(Frame::Keepalive);
                         }
                     }
+                    self.persist_unsent();
                     if dialer && self.stream.is_none() && dialing.as_ref().is_none_or(|d| d.is_finished()) {
                         dialing = Some(tokio::spawn(dial(self.config.clone(), handshakes_tx.clone())));
                     }
@@ -428,17 +432,18 @@ impl Session {
         self.outbox.push(Frame::Hello {
             node: self.node.clone(),
         });
-        if !self.unsent_deletes.is_empty() {
-            let keys: Vec<FlowKey> = self.unsent_deletes.drain().collect();
+        let keys = self.unsent.take();
+        if !keys.is_empty() {
             info!(
                 flows = keys.len(),
                 "telling the peer of flows that ended while it was away"
             );
             self.outbox.extend(delete_frames(&keys));
         }
-        if self.unsent_overflow > 0 {
+        let overflow = self.unsent.take_overflow();
+        if overflow > 0 {
             warn!(
-                flows = std::mem::take(&mut self.unsent_overflow),
+                flows = overflow,
                 limit = MAX_UNSENT_DELETES,
                 "more flows ended while the peer was away than are kept: those linger there until they time out"
             );
@@ -473,8 +478,9 @@ impl Session {
             .collect();
         drop(table);
         for key in resend {
-            self.keep_unsent_delete(key);
+            self.unsent.insert(key);
         }
+        self.persist_unsent();
         let mut status = self.shared.status.lock().expect("not poisoned");
         status.connected = false;
         if !matches!(e, TransportError::Closed) {
@@ -489,7 +495,7 @@ impl Session {
             Local::Upsert(record) => {
                 table.hold(record, Origin::Local, now);
                 // Alive again (the same tuple reused): the bulk update carries it.
-                self.unsent_deletes.remove(&record.key);
+                self.unsent.remove(&record.key);
                 record.key
             }
             Local::Delete(key) => {
@@ -582,9 +588,10 @@ impl Session {
             // No peer: the bulk update on reconnect carries the table, the deletes wait.
             for (key, event) in pending.drain() {
                 if matches!(event, Local::Delete(_)) {
-                    self.keep_unsent_delete(key);
+                    self.unsent.insert(key);
                 }
             }
+            self.persist_unsent();
             self.outbox.clear();
             return;
         };
@@ -625,11 +632,17 @@ impl Session {
         }
     }
 
-    fn keep_unsent_delete(&mut self, key: FlowKey) {
-        if self.unsent_deletes.len() < MAX_UNSENT_DELETES {
-            self.unsent_deletes.insert(key);
-        } else {
-            self.unsent_overflow += 1;
+    /// Brings the unsent deletes' file up to date; a failure is logged when it first shows.
+    fn persist_unsent(&mut self) {
+        match self.unsent.persist() {
+            Ok(()) => self.last_persist_error = None,
+            Err(e) => {
+                let message = e.to_string();
+                if self.last_persist_error.as_ref() != Some(&message) {
+                    warn!(error = %message, "cannot keep the unsent deletes on disk: a restart would lose them");
+                }
+                self.last_persist_error = Some(message);
+            }
         }
     }
 
@@ -641,6 +654,7 @@ impl Session {
         let mut status = self.shared.status.lock().expect("not poisoned");
         status.bulk = self.bulk.state().to_string();
         status.demoted = demoted;
+        status.deletes_waiting = self.unsent.len() as u64;
     }
 }
 
