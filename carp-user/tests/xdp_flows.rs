@@ -1,7 +1,8 @@
 //! Flow capture through BPF_PROG_TEST_RUN on crafted frames: a whole TCP connection's phases
 //! and the deltas it emits (birth, changes, end; not one per packet), UDP and ICMP echo in
 //! both directions on one entry, IPv6, fragments and truncated headers, capture switched off,
-//! and a full ring buffer that loses deltas without stalling packets. Needs root.
+//! a full ring buffer that loses deltas without stalling packets, and the per-CPU cache of
+//! plain segments against slot sharing and LRU eviction. Needs root.
 
 mod support;
 
@@ -207,20 +208,27 @@ fn established_with_data(l: &mut Loaded, port: u16, n: u32) {
     }
 }
 
+/// Five data segments summed in the CPU cache on a fresh flow of `ports`; which port did it.
+/// BPF_PROG_TEST_RUN runs take microseconds, so they land in one tick unless a tick boundary
+/// falls in between: a few tries on fresh flows make that chance nil.
+fn summed_in_the_cache(l: &mut Loaded, ports: std::ops::Range<u16>) -> u16 {
+    let map = l.dataplane.open_flow_map().unwrap();
+    ports
+        .into_iter()
+        .find(|&port| {
+            established_with_data(l, port, 5);
+            map.get(&key(6, [port, 80]), 0).unwrap().packets[0] < 7
+        })
+        .expect("plain segments are summed in the per-CPU cache")
+}
+
 #[test]
 fn plain_segments_wait_in_the_cpu_cache_until_a_flag_or_the_next_tick() {
     stay_on_one_cpu();
     let mut l = capturing(Duration::from_secs(60));
     let map = l.dataplane.open_flow_map().unwrap();
     let in_map = |port: u16| map.get(&key(6, [port, 80]), 0).unwrap();
-    // BPF_PROG_TEST_RUN runs take microseconds, so these land in one tick, unless a tick
-    // boundary falls in between: a few tries on fresh flows make that chance nil.
-    let port = (40100..40103)
-        .find(|&port| {
-            established_with_data(&mut l, port, 5);
-            in_map(port).packets[0] < 7
-        })
-        .expect("plain segments are summed in the per-CPU cache, not in the map");
+    let port = summed_in_the_cache(&mut l, 40100..40103);
     // Readers fold the cache in: they see every packet and the furthest sequence.
     let seen = l.dataplane.flow(&key(6, [port, 80])).unwrap();
     assert_eq!(seen.packets, [7, 1]);
@@ -268,6 +276,50 @@ fn a_flow_sharing_a_cache_slot_never_loses_the_other_flows_sums() {
     pass(&mut l, &segment_on(second, true, 1301, 5001, ACK, 0));
     assert_eq!(map.get(&key(6, [first, 80]), 0).unwrap().packets, [7, 1]);
     assert_eq!(map.get(&key(6, [second, 80]), 0).unwrap().packets, [6, 1]);
+}
+
+#[test]
+fn a_flow_the_map_evicts_while_the_cache_holds_its_sums_is_reborn_with_them() {
+    stay_on_one_cpu();
+    let mut l = capturing(Duration::from_secs(60));
+    let mut map = l.dataplane.open_flow_map().unwrap();
+    let port = summed_in_the_cache(&mut l, 40300..40303);
+    // The LRU map evicts the flow; the cache still holds its 5 segments.
+    map.remove(&key(6, [port, 80])).unwrap();
+    while l.dataplane.next_delta().is_some() {}
+    // Its FIN finds no entry: the flow is born again with the cached sums and the FIN.
+    pass(&mut l, &segment_on(port, true, 1501, 5001, FIN | ACK, 0));
+    let e = map.get(&key(6, [port, 80]), 0).unwrap();
+    assert_eq!(e.packets, [6, 0]);
+    assert_eq!(e.bytes[0], 5 * 154 + 54);
+    let delta = l.dataplane.next_delta().expect("a birth");
+    assert_eq!((delta.kind, delta.entry.packets), (DELTA_BORN, [6, 0]));
+}
+
+#[test]
+fn sums_of_an_evicted_flow_are_dropped_without_harm_to_the_flow_taking_the_slot() {
+    stay_on_one_cpu();
+    let mut l = capturing(Duration::from_secs(60));
+    let mut map = l.dataplane.open_flow_map().unwrap();
+    let evicted = summed_in_the_cache(&mut l, 40400..40403);
+    let slot = key(6, [evicted, 80]).cache_slot();
+    let other = (evicted + 3..u16::MAX)
+        .find(|&port| key(6, [port, 80]).cache_slot() == slot)
+        .expect("another port with the same slot");
+    map.remove(&key(6, [evicted, 80])).unwrap();
+    // Next tick: the other flow takes the slot; the write-back finds no entry to add to.
+    std::thread::sleep(NEXT_TICK);
+    pass(&mut l, &segment_on(other, true, 1000, 0, SYN, 0));
+    assert!(
+        map.get(&key(6, [evicted, 80]), 0).is_err(),
+        "an evicted flow is not resurrected by its sums"
+    );
+    assert_eq!(map.get(&key(6, [other, 80]), 0).unwrap().packets, [1, 0]);
+    established_with_data(&mut l, other, 0);
+    assert_eq!(
+        l.dataplane.flow(&key(6, [other, 80])).unwrap().packets,
+        [3, 1]
+    );
 }
 
 #[test]
