@@ -68,8 +68,8 @@ fn print_sync(s: &SyncFigures, c: &ConntrackdFigures) {
         c.bulk_commit.as_secs_f64()
     );
     println!(
-        "    the kernel's ceiling: the same creates straight into gw2's ctnetlink on one socket, nothing else per state: {:.0} states/s",
-        s.ctnetlink_create_per_s
+        "    the kernel's ceiling: the same creates straight into gw2's ctnetlink, nothing else per state: {:.0} states/s on one socket, {:.0} on two at once",
+        s.ctnetlink_create_per_s, s.ctnetlink_two_sockets_per_s
     );
     println!(
         "  live deltas, {LIVE_FLOWS} flows: {:.0} states/s",

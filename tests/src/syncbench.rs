@@ -43,6 +43,8 @@ pub struct SyncFigures {
     /// The kernel's ceiling: the bulk's creates sent straight to ctnetlink on one socket in
     /// gw2's namespace (no daemon, no listener), before carp starts there.
     pub ctnetlink_create_per_s: f64,
+    /// The same split over two sockets on two threads at once.
+    pub ctnetlink_two_sockets_per_s: f64,
 }
 
 /// Flow `i` of a synthetic workload: an established TCP connection from the LAN, source
@@ -161,7 +163,7 @@ async fn connect_as_peer() -> Result<SyncStream> {
 pub fn measure() -> Result<SyncFigures> {
     let lab = Lab::up()?;
     lab.enable_nat()?;
-    let ctnetlink_create_per_s = ctnetlink_ceiling(&lab)?;
+    let (ctnetlink_create_per_s, ctnetlink_two_sockets_per_s) = ctnetlink_ceiling(&lab)?;
     let gw2 = lab.start_carp(
         &carp_bin()?,
         Host::Gw2,
@@ -311,23 +313,37 @@ pub fn measure() -> Result<SyncFigures> {
         daemon_bytes_per_flow: rss_after.saturating_sub(rss_before) as f64 / f64::from(total),
         map_bytes_per_flow: map_bytes.0 as f64 / map_bytes.1 as f64,
         ctnetlink_create_per_s,
+        ctnetlink_two_sockets_per_s,
     })
 }
 
-/// The bulk's creates straight into gw2's conntrack on one socket, in states/s; gw2's table
-/// is flushed again afterwards.
-fn ctnetlink_ceiling(lab: &Lab) -> Result<f64> {
-    let took = create_in(&lab.ns(Host::Gw2))?;
+/// The bulk's creates straight into gw2's conntrack, in states/s: on one socket, and split
+/// over two sockets on two threads at once (ctnetlink serializes creates on one mutex, so
+/// this shows whether more installer threads could help). gw2's table is flushed after each.
+fn ctnetlink_ceiling(lab: &Lab) -> Result<(f64, f64)> {
+    let ns = lab.ns(Host::Gw2);
+    let one = create_in(&ns, 0..BULK_FLOWS).join().expect("no panic")??;
     lab.output(Host::Gw2, &["conntrack", "-F"])?;
-    Ok(f64::from(BULK_FLOWS) / took.as_secs_f64())
+    let started = Instant::now();
+    let halves = [0..BULK_FLOWS / 2, BULK_FLOWS / 2..BULK_FLOWS].map(|half| create_in(&ns, half));
+    for half in halves {
+        half.join().expect("no panic")??;
+    }
+    let two = started.elapsed();
+    lab.output(Host::Gw2, &["conntrack", "-F"])?;
+    let rate = |took: Duration| f64::from(BULK_FLOWS) / took.as_secs_f64();
+    Ok((rate(one), rate(two)))
 }
 
-/// Creates the bulk's flows in `ns`'s conntrack through one ctnetlink socket; how long the
-/// kernel took.
-fn create_in(ns: &str) -> Result<Duration> {
+/// Creates the synthetic flows `range` in `ns`'s conntrack through one ctnetlink socket, on a
+/// thread of its own; how long the kernel took.
+fn create_in(
+    ns: &str,
+    range: std::ops::Range<u32>,
+) -> std::thread::JoinHandle<Result<Result<Duration>>> {
     let ns_name = ns.to_string();
     in_netns(ns, move || -> Result<Duration> {
-        let records: Vec<FlowRecord> = (0..BULK_FLOWS).map(synthetic).collect();
+        let records: Vec<FlowRecord> = range.map(synthetic).collect();
         let changes: Vec<Change> = records.iter().map(Change::Create).collect();
         let mut conntrack = Conntrack::open()?;
         let started = Instant::now();
@@ -337,8 +353,6 @@ fn create_in(ns: &str) -> Result<Duration> {
         anyhow::ensure!(failed == 0, "{failed} creates failed in {ns_name}");
         Ok(took)
     })
-    .join()
-    .expect("no panic")?
 }
 
 /// The flow map's locked memory and its capacity, from bpftool.
@@ -383,7 +397,9 @@ pub fn measure_conntrackd() -> Result<ConntrackdFigures> {
     let flows = u64::from(BULK_FLOWS);
 
     let started = Instant::now();
-    create_in(&lab.ns(Host::Gw1))?;
+    create_in(&lab.ns(Host::Gw1), 0..BULK_FLOWS)
+        .join()
+        .expect("no panic")??;
     let (arrived, live_transfer) = wait_external(&lab, &gw2, flows, started)?;
     let live_commit = commit(&lab, &gw2, &gw2_ns, arrived)?;
 
