@@ -488,7 +488,7 @@ fn unplanned_carp() -> Result<Takeovers> {
         })?;
         out.secs.push(secs);
         out.double_answers += doubles;
-        gw1 = lab.start_carp_with(&bin, Host::Gw1, gw1.name.clone(), gw1.config.clone())?;
+        gw1 = lab.restart_carp(&bin, &gw1)?;
         wait_state(&gw1, 1, State::Master, Duration::from_secs(10))?;
     }
     Ok(out)

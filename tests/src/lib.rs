@@ -570,8 +570,13 @@ impl Lab {
         self.start_carp_with(carp_bin, host, name, config)
     }
 
-    /// Starts `carp run` on an existing config (a restart).
-    pub fn start_carp_with(
+    /// Starts `node` again: `carp run` on its config, pins and state directory.
+    pub fn restart_carp(&self, carp_bin: &Path, node: &Node) -> Result<Node> {
+        self.start_carp_with(carp_bin, node.host, node.name.clone(), node.config.clone())
+    }
+
+    /// Starts `carp run` on a written config.
+    fn start_carp_with(
         &self,
         carp_bin: &Path,
         host: Host,

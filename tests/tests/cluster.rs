@@ -73,12 +73,7 @@ fn killed_master_is_replaced_within_master_down_and_preempts_back_after_restart(
     );
     lab.sh(Host::Client, &format!("ping -c 2 -i 0.2 -W 1 {LAN_VIP}"))?;
     // A restarted gw1 reuses its pins, comes back as backup and preempts (skew 0 < 100).
-    let gw1 = lab.start_carp_with(
-        &carp_bin()?,
-        Host::Gw1,
-        gw1.name.clone(),
-        gw1.config.clone(),
-    )?;
+    let gw1 = lab.restart_carp(&carp_bin()?, &gw1)?;
     wait_all(&gw1, State::Master, Duration::from_secs(8))?;
     wait_all(&gw2, State::Backup, Duration::from_secs(2))?;
     assert_answered_once_by(&lab, LAN_VIP, VMAC_LAN, 5)?;
@@ -124,12 +119,7 @@ fn maintenance_mode_moves_the_vips_at_once_and_persists_across_restart() -> Resu
     assert!(started.elapsed() < Duration::from_secs(1));
     // Restart gw1: still in maintenance, so gw2 keeps the VIPs.
     end_process(gw1.pid, Duration::from_secs(5));
-    let gw1 = lab.start_carp_with(
-        &carp_bin()?,
-        Host::Gw1,
-        gw1.name.clone(),
-        gw1.config.clone(),
-    )?;
+    let gw1 = lab.restart_carp(&carp_bin()?, &gw1)?;
     let status = gw1.status()?;
     assert!(status.maintenance);
     assert_eq!(status.demotion, 240);

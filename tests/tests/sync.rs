@@ -249,7 +249,7 @@ fn restarted_backup_gets_every_flow_back_by_bulk_before_it_may_master() -> Resul
     lab.sh(Host::Gw2, "conntrack -F 2>/dev/null; true")?;
     assert_eq!(natted_conntrack(&lab, Host::Gw2)?, 0);
     let bin = carp_bin()?;
-    let gw2 = lab.start_carp_with(&bin, Host::Gw2, gw2.name.clone(), gw2.config.clone())?;
+    let gw2 = lab.restart_carp(&bin, &gw2)?;
     wait_synced(&gw2)?;
     let log = gw2.log();
     let restarted = log.rfind("carp running").context("no start line")?;
@@ -327,12 +327,7 @@ fn ended_while_the_link_is_down(crash: bool) -> Result<()> {
     assert_eq!(natted_conntrack(&lab, Host::Gw2)?, CONNECTIONS);
     let gw1 = if crash {
         kill_hard(gw1.pid);
-        let gw1 = lab.start_carp_with(
-            &carp_bin()?,
-            Host::Gw1,
-            gw1.name.clone(),
-            gw1.config.clone(),
-        )?;
+        let gw1 = lab.restart_carp(&carp_bin()?, &gw1)?;
         let status = wait_for(Duration::from_secs(10), || sync_status(&gw1).ok())
             .with_context(|| format!("gw1 did not come back; log:\n{}", gw1.log()))?;
         assert_eq!(
