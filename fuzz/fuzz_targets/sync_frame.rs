@@ -1,9 +1,13 @@
 //! Anything a peer (or an attacker past the transport) can put on the sync port: the
 //! streaming decoder, the merge rule and the bulk session must never panic, and whatever
-//! decodes must re-encode to the same frame.
+//! decodes must re-encode to the same frame. Records go on through what the installer makes of
+//! them: XDP entries and the kernel's TCP state and timeout.
 #![no_main]
 
-use carp::sync::{bulk::BulkSync, merge::FlowTable, proto::Frame};
+use carp::{
+    conntrack::tcp_state,
+    sync::{bulk::BulkSync, merge::FlowTable, proto::Frame, view},
+};
 use libfuzzer_sys::fuzz_target;
 use std::time::Instant;
 
@@ -24,6 +28,9 @@ fuzz_target!(|data: &[u8]| {
         if let Frame::Upsert { records } = &frame {
             for r in records {
                 table.merge(*r, now);
+                let entries = view::entries_of(r, u64::MAX);
+                assert!((1..=2).contains(&entries.len()));
+                let _ = (view::ended(r), view::kernel_timeout(r), tcp_state(r));
             }
         }
         bulk.handle_frame(&frame, now);

@@ -202,6 +202,10 @@ fn test(root: &Path) -> Result<()> {
             .args(["+nightly", "fuzz", "run", target, "--"])
             .arg(format!("-max_total_time={FUZZ_SECONDS}")))
     });
+    // CI shows only the end of a long log: repeat what failed where it will be seen.
+    for block in &total.failures {
+        println!("\n{block}");
+    }
     println!(
         "\nxtask test: {} passed, {} failed",
         total.passed, total.failed
@@ -213,12 +217,40 @@ fn test(root: &Path) -> Result<()> {
 const FUZZ_TARGETS: [&str; 3] = ["advert", "config", "sync_frame"];
 const FUZZ_SECONDS: u32 = 20;
 
-/// Passed and failed test counts summed over cargo's `test result:` lines.
+/// Passed and failed test counts summed over cargo's `test result:` lines, and the end of
+/// each `failures:` report.
 #[derive(Default)]
 struct Tally {
     passed: u64,
     failed: u64,
+    failures: Vec<String>,
+    /// The `failures:` report being read, up to its `test result:` line.
+    report: Option<Vec<String>>,
 }
+
+impl Tally {
+    /// Takes one line of `cargo test`'s output.
+    fn take(&mut self, line: String) {
+        if let Some((passed, failed)) = parse_test_result(&line) {
+            self.passed += passed;
+            self.failed += failed;
+            if let Some(lines) = self.report.take() {
+                let kept = &lines[lines.len().saturating_sub(FAILURE_LINES_KEPT)..];
+                self.failures.push(kept.join("\n"));
+            }
+            return;
+        }
+        if line == "failures:" && self.report.is_none() {
+            self.report = Some(Vec::new());
+        }
+        if let Some(lines) = self.report.as_mut() {
+            lines.push(line);
+        }
+    }
+}
+
+/// Lines of a failure report kept for the summary: the panic and the failed tests' names.
+const FAILURE_LINES_KEPT: usize = 60;
 
 /// Runs a `cargo test`, echoing its output and adding its results to `total`.
 fn run_tests(cmd: &mut Command, total: &mut Tally) -> Result<()> {
@@ -231,10 +263,7 @@ fn run_tests(cmd: &mut Command, total: &mut Tally) -> Result<()> {
     for line in BufReader::new(stdout).lines() {
         let line = line?;
         println!("{line}");
-        if let Some((passed, failed)) = parse_test_result(&line) {
-            total.passed += passed;
-            total.failed += failed;
-        }
+        total.take(line);
     }
     let status = child.wait()?;
     if !status.success() {
@@ -280,7 +309,48 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_test_result;
+    use super::{FAILURE_LINES_KEPT, Tally, parse_test_result};
+
+    #[test]
+    fn failure_reports_are_kept_for_the_summary() {
+        let mut total = Tally::default();
+        let noise = (0..100).map(|i| format!("lab line {i}"));
+        let output = [
+            "running 2 tests",
+            "test a ... ok",
+            "test b ... FAILED",
+            "",
+            "failures:",
+        ]
+        .map(String::from)
+        .into_iter()
+        .chain(noise)
+        .chain(
+            [
+                "thread 'b' panicked at x.rs:1:1:",
+                "flows lost",
+                "",
+                "failures:",
+                "    b",
+                "",
+            ]
+            .map(String::from),
+        )
+        .chain(["test result: FAILED. 1 passed; 1 failed; 0 ignored".into()])
+        .chain(["test result: ok. 3 passed; 0 failed".into()]);
+        for line in output {
+            total.take(line);
+        }
+        assert_eq!((total.passed, total.failed), (4, 1));
+        assert_eq!(total.failures.len(), 1);
+        let kept: Vec<&str> = total.failures[0].split('\n').collect();
+        assert_eq!(
+            kept.len(),
+            FAILURE_LINES_KEPT,
+            "the start of a long report is cut"
+        );
+        assert!(kept.contains(&"flows lost") && kept.contains(&"    b"));
+    }
 
     #[test]
     fn test_result_lines_are_tallied() {

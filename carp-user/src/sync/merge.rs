@@ -42,8 +42,8 @@ pub fn judge(local: Option<&FlowRecord>, incoming: &FlowRecord) -> Verdict {
             }
         }
     }
-    let ours: u64 = local.packets.iter().sum();
-    let theirs: u64 = incoming.packets.iter().sum();
+    let ours = packets_seen(local);
+    let theirs = packets_seen(incoming);
     if theirs < ours {
         // TCP progress with fewer packets counted is a peer that restarted its counters:
         // the phases and windows decide.
@@ -58,6 +58,15 @@ pub fn judge(local: Option<&FlowRecord>, incoming: &FlowRecord) -> Verdict {
     } else {
         Verdict::Same
     }
+}
+
+/// Both directions' packet counts. Saturating: the counters come off the wire, and a peer (or
+/// garbage past the transport) may send any value; a sum that wrapped would also misjudge.
+fn packets_seen(record: &FlowRecord) -> u64 {
+    record
+        .packets
+        .iter()
+        .fold(0, |sum, &n| sum.saturating_add(n))
 }
 
 /// Where a held flow was learned.
@@ -227,6 +236,23 @@ mod tests {
         assert_eq!(table.merge(more, at()), Verdict::Newer);
         assert!(table.remove(&udp.key));
         assert!(table.is_empty());
+    }
+
+    #[test]
+    fn counters_at_the_top_of_their_range_neither_panic_nor_wrap() {
+        let mut udp = tcp_record(1, TcpPhase::None, 0);
+        udp.key.proto = 17;
+        udp.tcp = Default::default();
+        udp.packets = [u64::MAX, 1];
+        let mut table = FlowTable::default();
+        table.merge(udp, at());
+        // A wrapping sum would make this look like 0 packets, and the small one newer.
+        let mut small = udp;
+        small.packets = [5, 5];
+        assert_eq!(table.merge(small, at()), Verdict::Stale);
+        let mut top = udp;
+        top.packets = [u64::MAX, u64::MAX];
+        assert_eq!(table.merge(top, at()), Verdict::Same);
     }
 
     proptest! {

@@ -32,6 +32,8 @@ pub enum ProtoError {
     Family { family: u8 },
     #[error("node name is not UTF-8")]
     NodeName,
+    #[error("a record's reply tuple is not of its connection's address family and protocol")]
+    ReplyMismatch,
     #[error("{extra} bytes after the last record")]
     Trailing { extra: usize },
 }
@@ -335,6 +337,11 @@ fn decode_key(r: &mut Reader) -> Result<FlowKey, ProtoError> {
 fn decode_record(r: &mut Reader) -> Result<FlowRecord, ProtoError> {
     let key = decode_key(r)?;
     let reply = decode_key(r)?;
+    // Netfilter translates neither between families nor protocols: such a pair is not a
+    // connection, and the kernel would only refuse it after it had travelled this far.
+    if reply.proto != key.proto || reply.src.is_ipv4() != key.src.is_ipv4() {
+        return Err(ProtoError::ReplyMismatch);
+    }
     let mut tcp = [TcpPeer::default(); 2];
     for peer in &mut tcp {
         peer.phase = r.u8("tcp peer")?;
@@ -518,6 +525,24 @@ pub(crate) mod tests {
             Frame::decode(&buf),
             Err(ProtoError::Truncated { what: "flow key" })
         );
+    }
+
+    #[test]
+    fn a_reply_of_another_family_or_protocol_is_refused() {
+        let v4 = tcp_record(1, TcpPhase::Established, 1);
+        let mut other_family = v4;
+        other_family.reply.src = Ipv6Addr::LOCALHOST.into();
+        other_family.reply.dst = Ipv6Addr::LOCALHOST.into();
+        let mut other_proto = v4;
+        other_proto.reply.proto = 17;
+        for record in [other_family, other_proto] {
+            let mut buf = Vec::new();
+            Frame::Upsert {
+                records: vec![record],
+            }
+            .encode(&mut buf);
+            assert_eq!(Frame::decode(&buf), Err(ProtoError::ReplyMismatch));
+        }
     }
 
     #[test]
