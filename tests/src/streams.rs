@@ -25,12 +25,16 @@ pub struct Report {
     pub udp_sent: u64,
     pub udp_received: u64,
     pub udp_last_rx_us: u128,
+    /// When the client was started and when it was due to stop (unix µs).
+    pub started_us: u128,
+    pub ends_us: u128,
 }
 
 /// Starts the pushing server in the WAN server's namespace; returns its pid.
 pub fn start_server(lab: &Lab) -> Result<u32> {
     let bin = traffic_bin()?.to_string_lossy().into_owned();
     let log = lab.dir.join("traffic-server.log");
+    let started_us = crate::unix_us();
     let pid = lab.spawn(
         Host::Server,
         &[&bin, "serve", &format!("0.0.0.0:{PORT}")],
@@ -45,6 +49,7 @@ pub struct Client {
     pid: u32,
     log: PathBuf,
     seconds: u64,
+    started_us: u128,
 }
 
 /// Opens `conns` connections from the LAN client for `seconds`.
@@ -53,6 +58,7 @@ pub fn start_client(lab: &Lab, conns: usize, seconds: u64) -> Result<Client> {
     let log = lab
         .dir
         .join(format!("traffic-client-{}.log", crate::unix_us()));
+    let started_us = crate::unix_us();
     let pid = lab.spawn(
         Host::Client,
         &[
@@ -64,7 +70,12 @@ pub fn start_client(lab: &Lab, conns: usize, seconds: u64) -> Result<Client> {
         ],
         &log,
     )?;
-    Ok(Client { pid, log, seconds })
+    Ok(Client {
+        pid,
+        log,
+        seconds,
+        started_us,
+    })
 }
 
 impl Client {
@@ -75,7 +86,10 @@ impl Client {
             "the traffic client did not finish"
         );
         let text = fs::read_to_string(&self.log)?;
-        parse(&text).with_context(|| format!("traffic client report:\n{text}"))
+        let mut report = parse(&text).with_context(|| format!("traffic client report:\n{text}"))?;
+        report.started_us = self.started_us;
+        report.ends_us = self.started_us + u128::from(self.seconds) * 1_000_000;
+        Ok(report)
     }
 }
 

@@ -192,16 +192,26 @@ fn failover_under_load(
 /// Data must flow on every connection after the takeover (within 4 s of the kill), and
 /// none may have been reset.
 fn assert_all_survived(report: &streams::Report, killed: u128) {
-    let broken = report.broken_after(killed + 4_000_000);
+    let after = killed + 4_000_000;
+    // When the kill came (in s from the client's start) says whether the client ran long enough.
+    let at = |us: u128| format!("{:.1} s", us.saturating_sub(report.started_us) as f64 / 1e6);
+    let timing = format!(
+        "killed at {}, data required after {}, client ran to {}",
+        at(killed),
+        at(after),
+        at(report.ends_us)
+    );
+    eprintln!("{timing}");
+    let broken = report.broken_after(after);
     assert!(
         broken.is_empty(),
-        "{} of {} connections broke: {broken:?}",
+        "{} of {} connections broke ({timing}): {broken:?}",
         broken.len(),
         report.tcp.len()
     );
     assert!(
-        report.udp_last_rx_us > killed + 4_000_000,
-        "the UDP flow stopped: {report:?}"
+        report.udp_last_rx_us > after,
+        "the UDP flow stopped ({timing}): {report:?}"
     );
 }
 
