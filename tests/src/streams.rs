@@ -34,7 +34,6 @@ pub struct Report {
 pub fn start_server(lab: &Lab) -> Result<u32> {
     let bin = traffic_bin()?.to_string_lossy().into_owned();
     let log = lab.dir.join("traffic-server.log");
-    let started_us = crate::unix_us();
     let pid = lab.spawn(
         Host::Server,
         &[&bin, "serve", &format!("0.0.0.0:{PORT}")],
