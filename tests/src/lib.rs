@@ -465,11 +465,20 @@ pub fn unix_us() -> u128 {
         .as_micros()
 }
 
-/// Polls `f` every 20 ms until it returns `Some` or `timeout` passes.
+/// Polls `f` every 20 ms until it returns `Some` or `timeout` passes. A wait that needed more
+/// than half its budget says so (with where it was called from): on a slower machine that is
+/// the wait to look at first.
+#[track_caller]
 pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
+    let started = Instant::now();
+    let deadline = started + timeout;
     loop {
         if let Some(v) = f() {
+            let took = started.elapsed();
+            if took > timeout / 2 {
+                let at = std::panic::Location::caller();
+                eprintln!("slow wait: {took:.1?} of {timeout:?} at {at}");
+            }
             return Some(v);
         }
         if Instant::now() >= deadline {

@@ -28,6 +28,7 @@ fn sync_status(node: &Node) -> Result<SyncStatus> {
 }
 
 /// Waits until `node`'s sync session is up and its first bulk update is done.
+#[track_caller]
 fn wait_synced(node: &Node) -> Result<()> {
     wait_for(Duration::from_secs(15), || {
         sync_status(node)
@@ -96,6 +97,7 @@ fn take_over(lab: &Lab, dead: &Node, survivor: &Node) -> Result<u128> {
 }
 
 /// Waits until `host` holds at least `want` NATed connections in conntrack.
+#[track_caller]
 fn wait_conntrack(lab: &Lab, host: Host, want: usize) -> Result<()> {
     wait_for(Duration::from_secs(10), || {
         natted_conntrack(lab, host).ok().filter(|n| *n >= want)
@@ -110,6 +112,7 @@ fn wait_conntrack(lab: &Lab, host: Host, want: usize) -> Result<()> {
 }
 
 /// Takes gw1's sync link down until `peer` notices; returns the sessions it had seen.
+#[track_caller]
 fn cut_sync_link(lab: &Lab, peer: &Node) -> Result<u64> {
     let sessions = sync_status(peer)?.sessions;
     lab.sh(Host::Gw1, "ip link set sync down")?;
@@ -121,6 +124,7 @@ fn cut_sync_link(lab: &Lab, peer: &Node) -> Result<u64> {
 }
 
 /// Brings gw1's sync link back and waits for a new session on `peer`.
+#[track_caller]
 fn restore_sync_link(lab: &Lab, peer: &Node, sessions: u64) -> Result<()> {
     lab.sh(Host::Gw1, "ip link set sync up")?;
     wait_for(Duration::from_secs(10), || {
