@@ -221,37 +221,32 @@ mod tests {
         assert_eq!(table.merge(mixed, at()), Verdict::Stale);
     }
 
-    #[test]
-    fn udp_goes_by_packet_counts() {
+    /// A UDP flow that has counted `packets`.
+    fn udp_with(packets: [u64; 2]) -> FlowRecord {
         let mut udp = tcp_record(1, TcpPhase::None, 0);
         udp.key.proto = 17;
         udp.tcp = Default::default();
+        udp.packets = packets;
+        udp
+    }
+
+    #[test]
+    fn udp_goes_by_packet_counts() {
         let mut table = FlowTable::default();
-        table.merge(udp, at());
-        let mut fewer = udp;
-        fewer.packets = [1, 1];
-        assert_eq!(table.merge(fewer, at()), Verdict::Stale);
-        let mut more = udp;
-        more.packets = [50, 40];
-        assert_eq!(table.merge(more, at()), Verdict::Newer);
-        assert!(table.remove(&udp.key));
+        table.merge(udp_with([10, 10]), at());
+        assert_eq!(table.merge(udp_with([1, 1]), at()), Verdict::Stale);
+        assert_eq!(table.merge(udp_with([50, 40]), at()), Verdict::Newer);
+        assert!(table.remove(&udp_with([0, 0]).key));
         assert!(table.is_empty());
     }
 
     #[test]
     fn counters_at_the_top_of_their_range_neither_panic_nor_wrap() {
-        let mut udp = tcp_record(1, TcpPhase::None, 0);
-        udp.key.proto = 17;
-        udp.tcp = Default::default();
-        udp.packets = [u64::MAX, 1];
         let mut table = FlowTable::default();
-        table.merge(udp, at());
+        table.merge(udp_with([u64::MAX, 1]), at());
         // A wrapping sum would make this look like 0 packets, and the small one newer.
-        let mut small = udp;
-        small.packets = [5, 5];
-        assert_eq!(table.merge(small, at()), Verdict::Stale);
-        let mut top = udp;
-        top.packets = [u64::MAX, u64::MAX];
+        assert_eq!(table.merge(udp_with([5, 5]), at()), Verdict::Stale);
+        let top = udp_with([u64::MAX, u64::MAX]);
         assert_eq!(table.merge(top, at()), Verdict::Same);
     }
 
