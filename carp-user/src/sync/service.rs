@@ -152,6 +152,7 @@ pub fn start(
         }
     };
     let listener = bind(&config)?;
+    let unsent = UnsentDeletes::load(state_dir);
     let shared = Arc::new(Shared {
         table: Mutex::new(FlowTable::default()),
         status: Mutex::new(SyncStatus {
@@ -160,6 +161,8 @@ pub fn start(
             peer: config.peer.to_string(),
             bulk: "idle".into(),
             demoted: true,
+            // Shown from the first status on, not only once the session has run.
+            deletes_waiting: unsent.len() as u64,
             ..SyncStatus::default()
         }),
         install: Arc::new(Mutex::new(InstallStats::default())),
@@ -194,7 +197,7 @@ pub fn start(
             last_rx: Instant::now(),
             generation: 0,
             outbox: Vec::new(),
-            unsent: UnsentDeletes::load(state_dir),
+            unsent,
             last_persist_error: None,
             recent_deletes: VecDeque::new(),
         }
