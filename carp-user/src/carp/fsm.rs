@@ -234,7 +234,10 @@ impl Vhid {
     }
 
     /// The node-wide demotion changed (link loss elsewhere, send errors, maintenance). A
-    /// master advertises the new skew at once so that a preempting peer can act now.
+    /// master advertises the new skew at once so that a preempting peer can act now. A backup
+    /// counts its master-down time from the same last advert, with the new skew: FreeBSD keeps
+    /// the old deadline until the next advert, so a master dying just after a backup's bulk
+    /// sync ended its demotion of 240 was replaced 0.55 s late.
     pub fn handle_demotion(&mut self, demotion: u32, now: Instant) {
         if demotion == self.demotion {
             return;
@@ -245,10 +248,18 @@ impl Vhid {
             new = demotion,
             "demotion changed"
         );
+        let old_master_down = self.master_down_interval();
         self.demotion = demotion;
-        if self.state == State::Master {
-            self.push_advert();
-            self.timer = Some(now + self.own_interval());
+        match self.state {
+            State::Master => {
+                self.push_advert();
+                self.timer = Some(now + self.own_interval());
+            }
+            State::Backup => {
+                let heard = self.timer.map(|deadline| deadline - old_master_down);
+                self.timer = heard.map(|heard| heard + self.master_down_interval());
+            }
+            State::Init => {}
         }
     }
 
@@ -396,6 +407,38 @@ mod tests {
                 Action::Announce
             ]
         );
+    }
+
+    #[test]
+    fn a_backup_recounts_master_down_from_the_last_advert_when_its_demotion_changes() {
+        let t0 = Instant::now();
+        let mut v = backup(100, false, t0);
+        v.handle_demotion(240, t0);
+        v.handle_advert(advert(0, LOWER), t0 + ms(1000));
+        // Demoted: 3 s + 240/256 s after the advert.
+        assert_eq!(
+            v.poll_timeout(),
+            Some(t0 + ms(1000) + Duration::from_micros(3_937_500))
+        );
+        // The bulk sync ends the demotion; the master dies before its next advert.
+        v.handle_demotion(0, t0 + ms(1200));
+        let due = t0 + ms(1000) + Duration::from_micros(3_390_625);
+        assert_eq!(v.poll_timeout(), Some(due));
+        v.handle_timeout(due);
+        assert_eq!(v.state(), State::Master);
+        // A demotion that comes later than the new deadline makes the backup act at once.
+        let mut late = backup(100, false, t0);
+        late.handle_advert(advert(0, LOWER), t0);
+        late.handle_demotion(240, t0 + ms(3_500));
+        assert_eq!(
+            late.poll_timeout(),
+            Some(t0 + Duration::from_micros(3_937_500)),
+            "a raised demotion pushes the deadline out"
+        );
+        late.handle_demotion(0, t0 + ms(3_500));
+        assert!(late.poll_timeout().unwrap() <= t0 + ms(3_500));
+        late.handle_timeout(t0 + ms(3_500));
+        assert_eq!(late.state(), State::Master);
     }
 
     #[test]
