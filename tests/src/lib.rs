@@ -425,7 +425,7 @@ impl Drop for Lab {
 /// Waits until a process we started has exited (reaping it), at most `timeout`.
 pub fn wait_exit(pid: u32, timeout: Duration) -> bool {
     let pid = nix::unistd::Pid::from_raw(pid as i32);
-    wait_for(timeout, || {
+    poll_until(timeout, || {
         match nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
             Ok(nix::sys::wait::WaitStatus::StillAlive) => None,
             _ => Some(()),
@@ -469,16 +469,23 @@ pub fn unix_us() -> u128 {
 /// than half its budget says so (with where it was called from): on a slower machine that is
 /// the wait to look at first.
 #[track_caller]
-pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+pub fn wait_for<T>(timeout: Duration, f: impl FnMut() -> Option<T>) -> Option<T> {
     let started = Instant::now();
-    let deadline = started + timeout;
+    let found = poll_until(timeout, f);
+    let took = started.elapsed();
+    if found.is_some() && took > timeout / 2 {
+        let at = std::panic::Location::caller();
+        eprintln!("slow wait: {took:.1?} of {timeout:?} at {at}");
+    }
+    found
+}
+
+/// [`wait_for`] without the report, for waits whose length is expected (a process running
+/// for a set time).
+fn poll_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = f() {
-            let took = started.elapsed();
-            if took > timeout / 2 {
-                let at = std::panic::Location::caller();
-                eprintln!("slow wait: {took:.1?} of {timeout:?} at {at}");
-            }
             return Some(v);
         }
         if Instant::now() >= deadline {
