@@ -3,6 +3,7 @@
 use crate::{
     config::{Config, ConfigError},
     control::{self, Request, Response, Status},
+    error::Chain,
     sync::{merge::Origin, service::FlowRow, service::SyncStatus},
 };
 use carp_common::flow::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
@@ -146,7 +147,7 @@ pub fn check(path: &Path) -> i32 {
             EXIT_INVALID_CONFIG
         }
         Err(e) => {
-            eprintln!("{e}");
+            eprintln!("{}", Chain(&e));
             EXIT_INVALID_CONFIG
         }
     }
@@ -257,7 +258,28 @@ fn format_sync(s: &SyncStatus) -> String {
             .as_ref()
             .map(|e| format!("last error: {e}\n"))
             .unwrap_or_default(),
-    )
+    ) + &format_sync_health(s)
+}
+
+/// What is wrong with sync's threads or its reach into the kernel, one line each.
+fn format_sync_health(s: &SyncStatus) -> String {
+    let mut out = String::new();
+    if !s.conntrack {
+        out.push_str("conntrack NOT AVAILABLE: synced flows reach XDP only, not the kernel\n");
+    }
+    for w in s.workers.iter().filter(|w| !w.alive || w.panics > 0) {
+        out.push_str(&format!(
+            "thread {}: {}, {} panics{}\n",
+            w.name,
+            if w.alive { "running" } else { "DEAD" },
+            w.panics,
+            w.last_panic
+                .as_ref()
+                .map(|p| format!(" (last: {p})"))
+                .unwrap_or_default()
+        ));
+    }
+    out
 }
 
 /// The `carp status` table.

@@ -8,7 +8,10 @@ use crate::{
 use serde::{Deserialize, Serialize};
 use std::{
     io::{BufRead, BufReader, Write},
-    os::unix::{fs::PermissionsExt, net::UnixStream},
+    os::unix::{
+        fs::{FileTypeExt, PermissionsExt},
+        net::UnixStream,
+    },
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -32,6 +35,19 @@ pub enum Request {
     },
     /// The synced flow table (`carp flows`).
     Flows,
+    /// Fault injection for the tests; refused unless the daemon runs with
+    /// `CARP_TEST_HOOKS=1` in its environment.
+    TestHook {
+        hook: TestHook,
+    },
+}
+
+/// The faults a test can inject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TestHook {
+    /// Panics the sync installer thread.
+    PanicInstaller,
 }
 
 /// The daemon's answer.
@@ -102,13 +118,19 @@ pub type Pending = (Request, oneshot::Sender<Response>);
 /// Why the control socket could not be served or reached.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    #[error("control socket {path}: {source}")]
+    #[error("control socket {path}")]
     Socket {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("bad answer from {path}: {source}")]
+    #[error(
+        "{path} exists and is not a socket: refusing to replace it (check node.control_socket)"
+    )]
+    NotASocket { path: PathBuf },
+    #[error("another daemon answers on {path}")]
+    InUse { path: PathBuf },
+    #[error("bad answer from {path}")]
     Decode {
         path: PathBuf,
         #[source]
@@ -125,11 +147,7 @@ pub fn serve(path: &Path, requests: mpsc::Sender<Pending>) -> Result<(), Control
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(error)?;
     }
-    match std::fs::remove_file(path) {
-        Ok(()) => debug!(path = %path.display(), "removed stale control socket"),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(error(e)),
-    }
+    remove_stale_socket(path)?;
     let listener = UnixListener::bind(path).map_err(error)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(error)?;
     tokio::spawn(async move {
@@ -145,6 +163,37 @@ pub fn serve(path: &Path, requests: mpsc::Sender<Pending>) -> Result<(), Control
             }
         }
     });
+    Ok(())
+}
+
+/// Removes what a dead daemon left at `path`: a socket nobody answers on. Anything else, a
+/// file that is not a socket or a daemon still serving, is refused and left alone.
+fn remove_stale_socket(path: &Path) -> Result<(), ControlError> {
+    let metadata = match std::fs::symlink_metadata(path) {
+        Ok(metadata) => metadata,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(ControlError::Socket {
+                path: path.to_owned(),
+                source,
+            });
+        }
+    };
+    if !metadata.file_type().is_socket() {
+        return Err(ControlError::NotASocket {
+            path: path.to_owned(),
+        });
+    }
+    if UnixStream::connect(path).is_ok() {
+        return Err(ControlError::InUse {
+            path: path.to_owned(),
+        });
+    }
+    std::fs::remove_file(path).map_err(|source| ControlError::Socket {
+        path: path.to_owned(),
+        source,
+    })?;
+    debug!(path = %path.display(), "removed stale control socket");
     Ok(())
 }
 
@@ -239,6 +288,36 @@ mod tests {
             serde_json::from_str::<Request>(r#"{"command":"maintenance","enable":true}"#).unwrap(),
             Request::Maintenance { enable: true }
         );
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("carp-ctl-{}-{name}", std::process::id()))
+    }
+
+    #[tokio::test]
+    async fn a_file_that_is_not_a_socket_is_never_removed() {
+        let path = scratch("plain");
+        std::fs::write(&path, b"precious").unwrap();
+        let (tx, _rx) = mpsc::channel::<Pending>(1);
+        let refused = serve(&path, tx).unwrap_err();
+        assert!(
+            matches!(refused, ControlError::NotASocket { .. }),
+            "{refused}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_live_socket_is_refused_and_a_dead_one_replaced() {
+        let path = scratch("live");
+        let live = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let (tx, _rx) = mpsc::channel::<Pending>(1);
+        let refused = serve(&path, tx.clone()).unwrap_err();
+        assert!(matches!(refused, ControlError::InUse { .. }), "{refused}");
+        drop(live);
+        serve(&path, tx).expect("a socket nobody answers on is stale");
+        std::fs::remove_file(path).unwrap();
     }
 
     #[tokio::test]

@@ -4,13 +4,15 @@
 
 use crate::{
     carp::{
+        demotion::{self, SendHealth, Sources},
         frame::{self, AdvertAddrs},
         fsm::{Action, DEMOTION_STEP, Params, PeerAdvert, State, Vhid},
         packet::{Advert, CARP_GROUP_V4, CARP_TTL, IPPROTO_CARP},
     },
     config::{Config, MacMode, XdpModeChoice},
-    control::{self, Counters, Pending, Request, Response, Status, VipStatus},
+    control::{self, Counters, Pending, Request, Response, Status, TestHook, VipStatus},
     dataplane::{Dataplane, DataplaneError, Role},
+    error::Chain,
     interfaces::{self, Ipv4Net},
     netlink::{Addresses, NetlinkError},
     pins,
@@ -43,8 +45,6 @@ use tracing::{debug, error, info, warn};
 
 /// How often link state is polled.
 const TICK: Duration = Duration::from_millis(100);
-/// Consecutive send errors that demote the node, and successes that undo it (FreeBSD).
-const SEND_ERROR_LIMIT: u32 = 3;
 /// When the gratuitous ARPs after a takeover go out, from the takeover.
 const GARP_SCHEDULE: [Duration; 3] = [
     Duration::ZERO,
@@ -57,6 +57,8 @@ const BACKLOG: usize = 1024;
 const FLOW_REFRESH: Duration = Duration::from_secs(10);
 /// Longest wait for the peer's flows to reach the kernel before a VIP is claimed anyway.
 const INSTALL_BARRIER: Duration = Duration::from_secs(1);
+/// The environment variable that lets the control socket inject faults (tests only).
+const TEST_HOOKS_ENV: &str = "CARP_TEST_HOOKS";
 /// File in state_dir whose presence means maintenance mode (kept across restarts).
 const MAINTENANCE_FILE: &str = "maintenance";
 
@@ -69,7 +71,7 @@ pub enum DaemonError {
     Netlink(#[from] NetlinkError),
     #[error(transparent)]
     Control(#[from] control::ControlError),
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         what: String,
         #[source]
@@ -79,8 +81,13 @@ pub enum DaemonError {
     NoSource { name: String, vip: Ipv4Net },
     #[error("interface `{name}` disappeared")]
     NoInterface { name: String },
-    #[error("starting state sync: {0}")]
-    Sync(#[source] std::io::Error),
+    #[error("the sync session task died (a panic: see the log above)")]
+    SyncDied,
+    #[error("starting state sync")]
+    Sync {
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
@@ -113,11 +120,8 @@ struct VhidRuntime {
     reported_state: State,
     since: SystemTime,
     garp: Option<JoinHandle<()>>,
-    /// Advert sends in a row that failed / succeeded, per vhid as FreeBSD counts them.
-    send_errors_in_a_row: u32,
-    sends_ok_in_a_row: u32,
-    /// Set after SEND_ERROR_LIMIT failures, cleared after as many successes.
-    send_demoted: bool,
+    /// Advert (or probe) send results, per vhid as FreeBSD counts them.
+    send: SendHealth,
 }
 
 struct Daemon {
@@ -178,6 +182,12 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             _ = tick.tick() => {
                 daemon.counters.dropped_backlog = dropped.load(Ordering::Relaxed);
                 daemon.poll_links(Instant::now());
+                if daemon.sync.as_ref().is_some_and(|s| !s.session_alive()) {
+                    // Exit loudly rather than run on without sync; a restart adopts the VIPs.
+                    error!("the sync session task died: exiting");
+                    receiver.abort();
+                    return Err(DaemonError::SyncDied);
+                }
             }
             Some((request, reply)) = control_rx.recv() => {
                 let response = daemon.on_request(request);
@@ -288,9 +298,7 @@ impl Daemon {
                 reported_state: State::Init,
                 since: SystemTime::now(),
                 garp: None,
-                send_errors_in_a_row: 0,
-                sends_ok_in_a_row: 0,
-                send_demoted: false,
+                send: SendHealth::default(),
             });
         }
         own_addresses.retain(|a| !vip_addrs.contains(a));
@@ -315,7 +323,7 @@ impl Daemon {
                     deltas,
                     flows,
                 )
-                .map_err(DaemonError::Sync)?;
+                .map_err(|source| DaemonError::Sync { source })?;
                 dataplane.set_capture(Some(FLOW_REFRESH))?;
                 info!(peer = %sync.peer, listen = %sync.listen, "state sync on; demoted until the first bulk update");
                 Some(handle)
@@ -401,29 +409,29 @@ impl Daemon {
             }
         };
         let vhid = v.fsm.vhid();
+        v.send.record(vhid, sent.is_ok());
         match sent {
             Ok(()) => {
-                v.send_errors_in_a_row = 0;
-                v.sends_ok_in_a_row += 1;
-                if v.send_demoted && v.sends_ok_in_a_row >= SEND_ERROR_LIMIT {
-                    info!(vhid, "adverts go out again: send-error demotion removed");
-                    v.send_demoted = false;
-                }
                 self.counters.adverts_sent += 1;
                 self.refresh_heartbeat();
             }
             Err(e) => {
-                v.sends_ok_in_a_row = 0;
-                v.send_errors_in_a_row += 1;
                 warn!(vhid, interface = %v.interface, error = %e, "advert send failed");
-                if !v.send_demoted && v.send_errors_in_a_row >= SEND_ERROR_LIMIT {
-                    warn!(
-                        vhid,
-                        "{SEND_ERROR_LIMIT} advert send errors in a row: demoting by {DEMOTION_STEP}"
-                    );
-                    v.send_demoted = true;
-                }
                 self.counters.send_errors += 1;
+            }
+        }
+    }
+
+    /// Tests the send path of vhids demoted for send errors that send no adverts.
+    fn probe_send_paths(&mut self, now: Instant) {
+        for v in &mut self.vhids {
+            let advertising = v.fsm.state() == State::Master;
+            if v.send.probe_due(advertising, v.fsm.own_interval(), now) {
+                let sent = self.frames.send(v.ifindex, &frame::send_probe(v.if_mac));
+                if let Err(e) = &sent {
+                    debug!(vhid = v.fsm.vhid(), error = %e, "send-path probe failed");
+                }
+                v.send.record(v.fsm.vhid(), sent.is_ok());
             }
         }
     }
@@ -439,7 +447,7 @@ impl Daemon {
         }
         let v = &self.vhids[i];
         if let Err(e) = self.addresses.add(v.ifindex, v.address).await {
-            error!(error = %e, "cannot add VIP");
+            error!(error = %Chain(&e), "cannot add VIP");
         }
         self.set_role(i, Role::Master);
         let v = &self.vhids[i];
@@ -454,7 +462,7 @@ impl Daemon {
         self.set_role(i, Role::Backup);
         let v = &self.vhids[i];
         if let Err(e) = self.addresses.remove(v.ifindex, v.address).await {
-            error!(error = %e, "cannot remove VIP");
+            error!(error = %Chain(&e), "cannot remove VIP");
         }
         info!(vhid = v.fsm.vhid(), interface = %v.interface, vip = %v.address, "VIP released");
     }
@@ -470,7 +478,7 @@ impl Daemon {
                     .set_vmac(v.ifindex, v.fsm.vhid(), v.if_mac, role)
             });
         if let Err(e) = result {
-            error!(vhid = v.fsm.vhid(), ?role, error = %e, "cannot update the XDP maps");
+            error!(vhid = v.fsm.vhid(), ?role, error = %Chain(&e), "cannot update the XDP maps");
         }
     }
 
@@ -573,27 +581,21 @@ impl Daemon {
                 v.fsm.handle_link(up, now);
             }
         }
+        self.probe_send_paths(now);
         self.apply_demotion(now);
     }
 
     /// pfSense-style node demotion: 240 per CARP interface without link, 240 after repeated
     /// send errors, 240 in maintenance mode. Applied to every vhid so all VIPs move together.
     fn demotion(&self) -> u32 {
-        let mut down: Vec<u32> = self
-            .vhids
-            .iter()
-            .filter(|v| !v.link_up)
-            .map(|v| v.ifindex)
-            .collect();
-        down.dedup();
-        let send_demoted = self.vhids.iter().any(|v| v.send_demoted);
-        // pfsync's rule: no mastership before the first bulk update is in.
-        let unsynced = self.sync.as_ref().is_some_and(SyncHandle::demoted);
-        DEMOTION_STEP
-            * (down.len() as u32
-                + u32::from(send_demoted)
-                + u32::from(self.maintenance)
-                + u32::from(unsynced))
+        Sources {
+            links_down: demotion::links_down(self.vhids.iter().map(|v| (v.ifindex, v.link_up))),
+            send_errors: self.vhids.iter().any(|v| v.send.demoted()),
+            maintenance: self.maintenance,
+            // pfsync's rule: no mastership before the first bulk update is in.
+            unsynced: self.sync.as_ref().is_some_and(SyncHandle::demoted),
+        }
+        .total()
     }
 
     fn apply_demotion(&mut self, now: Instant) {
@@ -605,7 +607,7 @@ impl Daemon {
 
     fn refresh_heartbeat(&mut self) {
         if let Err(e) = self.dataplane.refresh_heartbeat(self.heartbeat_lifetime) {
-            error!(error = %e, "cannot refresh the XDP heartbeat");
+            error!(error = %Chain(&e), "cannot refresh the XDP heartbeat");
         }
     }
 
@@ -614,13 +616,30 @@ impl Daemon {
             Request::Status => Response::status(self.status()),
             Request::Maintenance { enable } => match self.set_maintenance(enable) {
                 Ok(()) => Response::status(self.status()),
-                Err(e) => Response::error(e.to_string()),
+                Err(e) => Response::error(Chain(&e).to_string()),
             },
             Request::Flows => match &self.sync {
                 Some(sync) => Response::flows(sync.flows()),
                 None => Response::error("state sync is not configured ([sync])".into()),
             },
+            Request::TestHook { hook } => self.test_hook(hook),
         }
+    }
+
+    fn test_hook(&mut self, hook: TestHook) -> Response {
+        if std::env::var_os(TEST_HOOKS_ENV).is_none() {
+            return Response::error(format!(
+                "test hooks are off (start the daemon with {TEST_HOOKS_ENV}=1)"
+            ));
+        }
+        warn!(?hook, "test hook");
+        match (hook, &self.sync) {
+            (TestHook::PanicInstaller, Some(sync)) => sync.panic_installer(),
+            (TestHook::PanicInstaller, None) => {
+                return Response::error("state sync is not configured ([sync])".into());
+            }
+        }
+        Response::status(self.status())
     }
 
     fn set_maintenance(&mut self, enable: bool) -> Result<(), DaemonError> {
@@ -694,7 +713,7 @@ impl Daemon {
         }
         self.settle().await;
         if let Err(e) = self.dataplane.clear_heartbeat() {
-            warn!(error = %e, "cannot clear the XDP heartbeat");
+            warn!(error = %Chain(&e), "cannot clear the XDP heartbeat");
         }
         self.dataplane.detach_and_unpin();
         let _ = std::fs::remove_file(&self.config.node.control_socket);

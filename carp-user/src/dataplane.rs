@@ -31,7 +31,7 @@ use tracing::{info, warn};
 /// Why the data plane could not be set up or updated.
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
-    #[error("cannot prepare pin directory {path}: {source}")]
+    #[error("cannot prepare pin directory {path}")]
     PinDir {
         path: PathBuf,
         #[source]
@@ -45,12 +45,12 @@ pub enum DataplaneError {
     NoBpffs,
     #[error("loading the XDP object failed")]
     Load(#[from] aya::EbpfError),
-    #[error("XDP program {XDP_PROGRAM}: {source}")]
+    #[error("XDP program {XDP_PROGRAM}")]
     Program {
         #[from]
         source: ProgramError,
     },
-    #[error("map {name}: {source}")]
+    #[error("map {name}")]
     Map {
         name: &'static str,
         #[source]
@@ -62,13 +62,13 @@ pub enum DataplaneError {
     VipTableFull { addr: Ipv4Addr },
     #[error("the XDP object has no {name}")]
     Missing { name: &'static str },
-    #[error("pinning {path}: {source}")]
+    #[error("pinning {path}")]
     Pin {
         path: PathBuf,
         #[source]
         source: PinError,
     },
-    #[error("reusing pinned link {path}: {source}")]
+    #[error("reusing pinned link {path}")]
     PinnedLink {
         path: PathBuf,
         #[source]

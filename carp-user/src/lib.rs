@@ -7,6 +7,7 @@ pub mod conntrack;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
+pub mod error;
 pub mod interfaces;
 pub mod map_batch;
 pub mod netlink;

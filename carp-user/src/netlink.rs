@@ -9,15 +9,18 @@ use std::net::IpAddr;
 /// A failed address change.
 #[derive(Debug, thiserror::Error)]
 pub enum NetlinkError {
-    #[error("cannot open a netlink socket: {0}")]
-    Open(#[source] std::io::Error),
-    #[error("reading link {ifindex}: {source}")]
+    #[error("cannot open a netlink socket")]
+    Open {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading link {ifindex}")]
     Link {
         ifindex: u32,
         #[source]
         source: rtnetlink::Error,
     },
-    #[error("{op} {address} on ifindex {ifindex}: {source}")]
+    #[error("{op} {address} on ifindex {ifindex}")]
     Address {
         op: &'static str,
         address: Ipv4Net,
@@ -36,7 +39,8 @@ pub struct Addresses {
 impl Addresses {
     /// Opens the netlink socket; its connection task runs on the current tokio runtime.
     pub fn open() -> Result<Self, NetlinkError> {
-        let (connection, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Open)?;
+        let (connection, handle, _) =
+            rtnetlink::new_connection().map_err(|source| NetlinkError::Open { source })?;
         tokio::spawn(connection);
         Ok(Self { handle })
     }

@@ -122,3 +122,20 @@ fn missing_config_file_is_a_clear_error() {
         "{stderr}"
     );
 }
+
+#[test]
+fn an_error_prints_each_cause_once() {
+    for command in ["run", "check"] {
+        let (code, _, stderr) = carp(&[command, "-c", "/nonexistent/carp.toml"]);
+        assert_ne!(code, 0, "{command}");
+        assert!(
+            stderr.contains("cannot read /nonexistent/carp.toml"),
+            "{command}: {stderr}"
+        );
+        assert_eq!(
+            stderr.matches("No such file or directory").count(),
+            1,
+            "{command} prints the OS error once: {stderr}"
+        );
+    }
+}

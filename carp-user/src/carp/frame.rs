@@ -133,10 +133,42 @@ pub fn gratuitous_arp(mac: [u8; 6], ip: Ipv4Addr) -> [u8; GARP_FRAME_LEN] {
     f
 }
 
+/// Length of a send-path probe: the Ethernet minimum without FCS.
+pub const PROBE_FRAME_LEN: usize = 60;
+/// IEEE 802.3 Configuration Testing Protocol ("loopback"), made for testing a link.
+const ETHERTYPE_LOOPBACK: [u8; 2] = [0x90, 0x00];
+
+/// A frame that tests the send path of an interface and reaches nobody: a loopback (CTP)
+/// reply from `mac` to `mac`, which a switch or bridge drops on the port that sent it. A
+/// backup demoted for send errors sends no adverts, so this is what shows the path healed.
+pub fn send_probe(mac: [u8; 6]) -> [u8; PROBE_FRAME_LEN] {
+    let mut f = [0u8; PROBE_FRAME_LEN];
+    f[0..6].copy_from_slice(&mac);
+    f[6..12].copy_from_slice(&mac);
+    f[12..14].copy_from_slice(&ETHERTYPE_LOOPBACK);
+    // skipCount 0, then a Reply message (function 1, little-endian as CTP has it).
+    f[16] = 1;
+    f
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::carp::packet::{Advert, AuthKey, CARP_GROUP_V4};
+
+    #[test]
+    fn send_probe_goes_from_the_interface_to_itself() {
+        let mac = [0x02, 0, 0, 0, 0, 7];
+        let f = send_probe(mac);
+        assert_eq!(
+            &f[0..6],
+            &mac,
+            "to itself: the bridge drops it on the same port"
+        );
+        assert_eq!(&f[6..12], &mac);
+        assert_eq!(&f[12..14], &[0x90, 0x00]);
+        assert_eq!(f.len(), 60);
+    }
 
     /// The IPv4 header ucarp sent with the golden advert in `packet.rs`.
     const UCARP_IPV4_HEADER: [u8; 20] = [

@@ -89,7 +89,16 @@ pub struct Vhid {
     timer: Option<Instant>,
     /// Last reassertion against a worse master; rate-limits those announcements.
     last_reassert: Option<Instant>,
+    /// A tied master with a lower address was heard while we were master.
+    tie: Option<Tie>,
     actions: VecDeque<Action>,
+}
+
+/// A tie heard as master, and whether we have advertised since (so the peer heard us).
+#[derive(Debug, Clone, Copy)]
+struct Tie {
+    heard: Instant,
+    answered: bool,
 }
 
 impl Vhid {
@@ -105,6 +114,7 @@ impl Vhid {
             demotion: 0,
             timer: None,
             last_reassert: None,
+            tie: None,
             actions: VecDeque::new(),
         }
     }
@@ -201,12 +211,10 @@ impl Vhid {
         match self.state {
             State::Init => {}
             State::Master => {
-                // FreeBSD yields on a tie; ucarp breaks it by address. The ucarp rule keeps
-                // exactly one master against either.
                 let reason = if theirs < ours {
                     Some("more frequent advertisement received")
                 } else if theirs == ours && peer.source < self.source {
-                    Some("equal advertisement from a lower address")
+                    self.tie_with_a_lower_address(now)
                 } else {
                     None
                 };
@@ -229,6 +237,30 @@ impl Vhid {
                 } else {
                     self.timer = Some(now + master_down);
                 }
+            }
+        }
+    }
+
+    /// A tie of masters. FreeBSD's master yields on every tie
+    /// (<https://github.com/freebsd/freebsd-src/blob/main/sys/netinet/ip_carp.c>, `carp_input_c`,
+    /// "more frequent advertisement received"); ucarp's yields to the lower address. Yielding
+    /// to a lower FreeBSD at once would leave no master (both yield, then both time out
+    /// together), never yielding would leave two against a lower ucarp. So we yield to the
+    /// lower address only once it advertised again after hearing us: a FreeBSD peer has
+    /// yielded by then and goes quiet, a ucarp or carp peer goes on and wins.
+    fn tie_with_a_lower_address(&mut self, now: Instant) -> Option<&'static str> {
+        // The peer's next advert is one interval after the first; allow for a lost one.
+        let window = 3 * self.own_interval();
+        match self.tie {
+            Some(tie) if tie.answered && now.duration_since(tie.heard) <= window => {
+                Some("a tied master with a lower address kept advertising after hearing us")
+            }
+            _ => {
+                self.tie = Some(Tie {
+                    heard: now,
+                    answered: false,
+                });
+                None
             }
         }
     }
@@ -282,6 +314,7 @@ impl Vhid {
         info!(vhid = self.vhid, %old, %new, reason, "state change");
         self.state = new;
         self.since = now;
+        self.tie = None;
         if old == State::Master {
             self.actions.push_back(Action::ReleaseVips);
         }
@@ -299,6 +332,9 @@ impl Vhid {
     }
 
     fn push_advert(&mut self) {
+        if let Some(tie) = &mut self.tie {
+            tie.answered = true;
+        }
         self.actions.push_back(Action::SendAdvert {
             advbase: self.params.advbase,
             advskew: self.effective_advskew(),
@@ -493,14 +529,128 @@ mod tests {
     }
 
     #[test]
-    fn tie_is_broken_by_lower_source_address() {
+    fn tie_goes_to_a_lower_address_that_advertises_again_after_hearing_us() {
         let t0 = Instant::now();
         let (mut v, at) = master(0, false, t0);
         v.handle_advert(advert(0, HIGHER), at + ms(5));
         assert_eq!(v.state(), State::Master, "we have the lower address");
         assert_eq!(drain(&mut v), vec![Action::Announce], "winner reasserts");
         v.handle_advert(advert(0, LOWER), at + ms(10));
-        assert_eq!(v.state(), State::Backup);
+        assert_eq!(v.state(), State::Master, "the peer has not heard us yet");
+        v.handle_timeout(v.poll_timeout().unwrap());
+        assert!(matches!(drain(&mut v)[..], [Action::SendAdvert { .. }]));
+        v.handle_advert(advert(0, LOWER), at + ms(1010));
+        assert_eq!(v.state(), State::Backup, "it heard us and stayed master");
+    }
+
+    #[test]
+    fn a_tie_long_ago_does_not_count_as_answered() {
+        let t0 = Instant::now();
+        let (mut v, at) = master(0, false, t0);
+        v.handle_advert(advert(0, LOWER), at + ms(10));
+        v.handle_timeout(v.poll_timeout().unwrap());
+        // The peer yielded (FreeBSD) and comes back much later: heard afresh, not yielded to.
+        v.handle_advert(advert(0, LOWER), at + ms(60_000));
+        assert_eq!(v.state(), State::Master);
+    }
+
+    /// How a peer's master treats a tie: FreeBSD yields always, ucarp to a lower source.
+    #[derive(Debug, Clone, Copy)]
+    enum TieRule {
+        FreeBsd,
+        Ucarp,
+    }
+
+    /// A peer of the same advbase and advskew that follows `rule` as master and carp(4)'s
+    /// backup rules otherwise (master-down timer, reset by every advert).
+    struct ModelPeer {
+        rule: TieRule,
+        source: Ipv4Addr,
+        master: bool,
+        /// The next advert as master, or the master-down deadline as backup.
+        next: Instant,
+    }
+
+    impl ModelPeer {
+        fn hear(&mut self, from: Ipv4Addr, now: Instant) {
+            let yields = match self.rule {
+                TieRule::FreeBsd => true,
+                TieRule::Ucarp => from < self.source,
+            };
+            if !self.master || yields {
+                self.master = false;
+                self.next = now + ms(3000);
+            }
+        }
+
+        /// Whether the peer advertises at `now` (becoming master when its timer runs out).
+        fn poll(&mut self, now: Instant) -> bool {
+            if now < self.next {
+                return false;
+            }
+            self.master = true;
+            self.next = now + ms(1000);
+            true
+        }
+    }
+
+    /// Both masters after a partition, then 30 s hearing each other with 1 ms latency:
+    /// whether there was exactly one master throughout the last 20 s.
+    fn one_master_after_a_tie(rule: TieRule, peer_source: Ipv4Addr, offset: Duration) -> bool {
+        let t0 = Instant::now();
+        let (mut v, at) = master(0, false, t0);
+        let mut peer = ModelPeer {
+            rule,
+            source: peer_source,
+            master: true,
+            next: at + offset,
+        };
+        let latency = ms(1);
+        let mut to_peer: VecDeque<Instant> = VecDeque::new();
+        let mut to_us: VecDeque<Instant> = VecDeque::new();
+        let mut stable_since = at;
+        let mut now = at;
+        while now < at + ms(30_000) {
+            if v.poll_timeout().is_some_and(|t| t <= now) {
+                v.handle_timeout(now);
+            }
+            if peer.poll(now) {
+                to_us.push_back(now + latency);
+            }
+            while to_us.front().is_some_and(|t| *t <= now) {
+                to_us.pop_front();
+                v.handle_advert(advert(0, peer.source), now);
+            }
+            for action in drain(&mut v) {
+                if matches!(action, Action::SendAdvert { .. }) {
+                    to_peer.push_back(now + latency);
+                }
+            }
+            while to_peer.front().is_some_and(|t| *t <= now) {
+                to_peer.pop_front();
+                peer.hear(ME, now);
+            }
+            let masters = u8::from(v.state() == State::Master) + u8::from(peer.master);
+            if masters != 1 {
+                stable_since = now;
+            }
+            now += ms(1);
+        }
+        now.duration_since(stable_since) >= ms(20_000)
+    }
+
+    #[test]
+    fn ties_leave_exactly_one_master_against_freebsd_and_ucarp() {
+        for rule in [TieRule::FreeBsd, TieRule::Ucarp] {
+            for peer in [LOWER, HIGHER] {
+                for offset in [ms(0), ms(300), ms(999)] {
+                    assert!(
+                        one_master_after_a_tie(rule, peer, offset),
+                        "{rule:?} peer at {peer}, its adverts {offset:?} after ours"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
@@ -523,12 +673,24 @@ mod tests {
         b.handle_timeout(b.poll_timeout().unwrap());
         drain(&mut b);
         assert_eq!((a.state(), b.state()), (State::Master, State::Master));
-        // They hear each other again.
+        // They hear each other again: b first learns of the tie, advertises, and yields
+        // once a (lower) advertises after hearing it.
         let now = at + ms(100);
         a.handle_advert(advert(0, HIGHER), now);
         b.handle_advert(advert(0, ME), now);
+        assert_eq!((a.state(), b.state()), (State::Master, State::Master));
+        assert_eq!(drain(&mut a), vec![Action::Announce], "a reasserts");
+        b.handle_timeout(b.poll_timeout().unwrap());
+        drain(&mut b);
+        a.handle_timeout(a.poll_timeout().unwrap());
+        let now = a.poll_timeout().unwrap() - ms(1);
+        a.handle_advert(advert(0, HIGHER), now);
+        b.handle_advert(advert(0, ME), now);
         assert_eq!((a.state(), b.state()), (State::Master, State::Backup));
-        assert_eq!(drain(&mut a), vec![Action::Announce]);
+        assert!(matches!(
+            drain(&mut a)[..],
+            [Action::SendAdvert { .. }, Action::Announce]
+        ));
         assert_eq!(
             drain(&mut b),
             vec![

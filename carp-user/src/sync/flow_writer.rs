@@ -5,6 +5,7 @@ use super::{
     install::InstallStats,
     proto::{FlowKey, FlowRecord},
     view,
+    worker::{Worker, lock},
 };
 use crate::{dataplane::monotonic_ns, map_batch::update_batch};
 use aya::maps::{HashMap as BpfHashMap, MapData};
@@ -39,8 +40,13 @@ struct Writer {
 }
 
 impl FlowWriter {
-    /// Starts the writer thread; failed writes count in `stats.map_errors`.
-    pub fn spawn(flows: FlowMap, stats: Arc<Mutex<InstallStats>>) -> std::io::Result<Self> {
+    /// Starts the writer thread; failed writes count in `stats.map_errors`, jobs that panic
+    /// in `worker`.
+    pub fn spawn(
+        flows: FlowMap,
+        stats: Arc<Mutex<InstallStats>>,
+        worker: Arc<Worker>,
+    ) -> std::io::Result<Self> {
         let (jobs, inbox) = mpsc::channel();
         let mut writer = Writer {
             flows,
@@ -51,14 +57,17 @@ impl FlowWriter {
             .name("carp-flowmap".into())
             .spawn(move || {
                 while let Ok(job) = inbox.recv() {
-                    match job {
+                    // The map is the kernel's; what a panic leaves here is at most a view
+                    // to remove later, so the writer goes on as it is.
+                    worker.guard(|| match job {
                         Job::Write(records) => writer.write(&records),
                         Job::Remove(keys) => writer.remove(&keys),
                         Job::Barrier(done) => {
                             let _ = done.send(());
                         }
-                    }
+                    });
                 }
+                worker.exited();
             })?;
         Ok(Self { jobs })
     }
@@ -95,7 +104,7 @@ impl Writer {
         // One system call per batch; past an entry the kernel refuses, the rest goes on.
         let (mut keys, mut entries) = (&keys[..], &entries[..]);
         while let Err((written, error)) = update_batch(&self.flows, keys, entries) {
-            self.stats.lock().expect("not poisoned").map_errors += 1;
+            lock(&self.stats).map_errors += 1;
             debug!(%error, "flow map batch update failed");
             let past = (written + 1).min(keys.len());
             keys = &keys[past..];

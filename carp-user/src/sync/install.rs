@@ -6,6 +6,7 @@
 use super::{
     flow_writer::{FlowMap, FlowWriter},
     proto::{FlowKey, FlowRecord},
+    worker::{Worker, lock},
 };
 use crate::conntrack::{Change, Conntrack};
 use std::{
@@ -27,6 +28,8 @@ pub enum Job {
     Delete(Vec<FlowKey>),
     /// Answered once every earlier job is done.
     Barrier(tokio::sync::oneshot::Sender<()>),
+    /// Panics the installer: the test hook that shows a dead installer is noticed.
+    Panic,
 }
 
 /// What the installer has done, for `carp status`.
@@ -54,16 +57,34 @@ struct Report {
     last_warning: Option<Instant>,
 }
 
-/// Starts the installer thread; it ends when `jobs` closes.
+/// The installer's and its map writer's health, for `carp status`.
+pub struct Workers {
+    pub installer: Arc<Worker>,
+    pub flow_writer: Arc<Worker>,
+}
+
+impl Default for Workers {
+    fn default() -> Self {
+        Self {
+            installer: Arc::new(Worker::new("installer")),
+            flow_writer: Arc::new(Worker::new("flow map writer")),
+        }
+    }
+}
+
+/// Starts the installer thread; it ends when `jobs` closes. A job that panics is logged and
+/// counted in `workers`, and the installer goes on with a fresh ctnetlink socket.
 pub fn spawn(
     conntrack: Option<Conntrack>,
     flows: Option<FlowMap>,
     jobs: mpsc::Receiver<Job>,
     stats: Arc<Mutex<InstallStats>>,
+    workers: &Workers,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let flows = flows
-        .map(|flows| FlowWriter::spawn(flows, stats.clone()))
+        .map(|flows| FlowWriter::spawn(flows, stats.clone(), workers.flow_writer.clone()))
         .transpose()?;
+    let worker = workers.installer.clone();
     let mut installer = Installer {
         conntrack,
         flows,
@@ -77,12 +98,31 @@ pub fn spawn(
         .name("carp-install".into())
         .spawn(move || {
             while let Ok(job) = jobs.recv() {
-                installer.run(job);
+                if worker.guard(|| installer.run(job)).is_none() {
+                    installer.start_afresh();
+                }
             }
+            worker.exited();
         })
 }
 
 impl Installer {
+    /// After a panic: a new ctnetlink socket (the old one may be mid-batch), and every
+    /// connection created again (a create that finds one becomes an update).
+    fn start_afresh(&mut self) {
+        if self.conntrack.is_some() {
+            self.conntrack = match Conntrack::open() {
+                Ok(conntrack) => Some(conntrack),
+                Err(e) => {
+                    self.report
+                        .failed(0, format!("reopening ctnetlink after a panic: {e}"));
+                    None
+                }
+            };
+        }
+        self.in_kernel.clear();
+    }
+
     fn run(&mut self, job: Job) {
         match job {
             Job::Upsert(records) => {
@@ -106,6 +146,7 @@ impl Installer {
                     let _ = done.send(());
                 }
             },
+            Job::Panic => panic!("installer panic requested through the test hook"),
         }
     }
 
@@ -162,7 +203,7 @@ impl Installer {
             }
             changes = again;
         }
-        let mut stats = self.report.stats.lock().expect("not poisoned");
+        let mut stats = lock(&self.report.stats);
         stats.conntrack_created += ok_created;
         stats.conntrack_updated += ok_updated;
     }
@@ -178,11 +219,7 @@ impl Installer {
         match conntrack.apply(&changes) {
             Ok(results) => {
                 let deleted = results.iter().filter(|r| r.is_ok()).count() as u64;
-                self.report
-                    .stats
-                    .lock()
-                    .expect("not poisoned")
-                    .conntrack_deleted += deleted;
+                lock(&self.report.stats).conntrack_deleted += deleted;
             }
             Err(e) => self
                 .report
@@ -193,7 +230,7 @@ impl Installer {
 
 impl Report {
     fn failed(&mut self, count: u64, message: String) {
-        let mut stats = self.stats.lock().expect("not poisoned");
+        let mut stats = lock(&self.stats);
         stats.conntrack_errors += count;
         stats.last_error = Some(message.clone());
         drop(stats);

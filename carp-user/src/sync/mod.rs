@@ -12,3 +12,4 @@ pub mod service;
 pub mod transport;
 pub mod unsent;
 pub mod view;
+pub mod worker;

@@ -7,15 +7,17 @@ use super::{
     bulk::{BulkSync, Event},
     capture::{Capture, Local},
     flow_writer::FlowMap,
-    install::{self, InstallStats, Job},
+    install::{self, InstallStats, Job, Workers},
     merge::{FlowTable, Origin, Verdict},
     proto::{FlowKey, FlowRecord, Frame, delete_frames, upsert_frames},
     transport::{self, SharedKey, SyncStream, TransportError},
     unsent::{MAX_UNSENT_DELETES, UnsentDeletes},
+    worker::{Worker, WorkerStatus, lock},
 };
 use crate::{
     conntrack::{Conntrack, tcp_state, tcp_state_name},
     dataplane::read_delta,
+    error::Chain,
 };
 use aya::maps::{MapData, RingBuf};
 use serde::{Deserialize, Serialize};
@@ -92,6 +94,10 @@ pub struct SyncStatus {
     /// Connections dropped for a failed handshake, garbage or a bad frame.
     pub refused: u64,
     pub last_error: Option<String>,
+    /// Whether synced flows reach the kernel's conntrack (ctnetlink could be opened).
+    pub conntrack: bool,
+    /// The sync threads: alive, and jobs that panicked (each restarted with fresh state).
+    pub workers: Vec<WorkerStatus>,
     pub conntrack_lookups: u64,
     /// Mean cost of one conntrack lookup (the price of taking NAT from the kernel).
     pub conntrack_lookup_ns: u64,
@@ -126,6 +132,8 @@ struct Shared {
     lookups: AtomicU64,
     lookup_ns: AtomicU64,
     stop: AtomicBool,
+    workers: Workers,
+    capture: Arc<Worker>,
 }
 
 /// The daemon's handle on the running service.
@@ -152,6 +160,7 @@ pub fn start(
         }
     };
     let listener = bind(&config)?;
+    let installer_conntrack = conntrack("installing");
     let unsent = UnsentDeletes::load(state_dir);
     let shared = Arc::new(Shared {
         table: Mutex::new(FlowTable::default()),
@@ -163,6 +172,7 @@ pub fn start(
             demoted: true,
             // Shown from the first status on, not only once the session has run.
             deletes_waiting: unsent.len() as u64,
+            conntrack: installer_conntrack.is_some(),
             ..SyncStatus::default()
         }),
         install: Arc::new(Mutex::new(InstallStats::default())),
@@ -170,13 +180,16 @@ pub fn start(
         lookups: AtomicU64::new(0),
         lookup_ns: AtomicU64::new(0),
         stop: AtomicBool::new(false),
+        workers: Workers::default(),
+        capture: Arc::new(Worker::new("capture")),
     });
     let (jobs, jobs_rx) = std_mpsc::channel();
     install::spawn(
-        conntrack("installing"),
+        installer_conntrack,
         Some(flows),
         jobs_rx,
         shared.install.clone(),
+        &shared.workers,
     )?;
     let (local_tx, local_rx) = mpsc::channel(LOCAL_QUEUE);
     let lookups = conntrack("NAT lookups");
@@ -240,7 +253,7 @@ impl SyncHandle {
     }
 
     pub fn status(&self) -> SyncStatus {
-        let mut status = self.shared.status.lock().expect("not poisoned").clone();
+        let mut status = lock(&self.shared.status).clone();
         status.deltas_dropped = self.shared.dropped.load(Ordering::Relaxed);
         let lookups = self.shared.lookups.load(Ordering::Relaxed);
         status.conntrack_lookups = lookups;
@@ -250,8 +263,16 @@ impl SyncHandle {
             .load(Ordering::Relaxed)
             .checked_div(lookups)
             .unwrap_or(0);
-        status.install = self.shared.install.lock().expect("not poisoned").clone();
-        let table = self.shared.table.lock().expect("not poisoned");
+        status.install = lock(&self.shared.install).clone();
+        status.workers = [
+            &self.shared.workers.installer,
+            &self.shared.workers.flow_writer,
+            &self.shared.capture,
+        ]
+        .iter()
+        .map(|w| w.status())
+        .collect();
+        let table = lock(&self.shared.table);
         status.flows_held = table.len() as u64;
         status.flows_local = table.held().filter(|h| h.origin == Origin::Local).count() as u64;
         status
@@ -259,13 +280,23 @@ impl SyncHandle {
 
     /// The flow table, as `carp flows` lists it.
     pub fn flows(&self) -> Vec<FlowRow> {
-        let table = self.shared.table.lock().expect("not poisoned");
+        let table = lock(&self.shared.table);
         let mut rows: Vec<FlowRow> = table
             .held()
             .map(|h| flow_row(&h.record, h.origin))
             .collect();
         rows.sort_by(|a, b| (&a.src, a.sport, &a.dst).cmp(&(&b.src, b.sport, &b.dst)));
         rows
+    }
+
+    /// Whether the session task still runs; it ends only by a panic (logged by tokio).
+    pub fn session_alive(&self) -> bool {
+        !self.session.is_finished()
+    }
+
+    /// The test hook: panics the installer thread.
+    pub fn panic_installer(&self) {
+        let _ = self.jobs.send(Job::Panic);
     }
 
     /// Stops the tasks and threads.
@@ -309,36 +340,62 @@ fn capture_loop(
     let mut capture = Capture::default();
     let mut deltas = Vec::with_capacity(SEND_BATCH);
     while !shared.stop.load(Ordering::Relaxed) {
-        // Views waiting for conntrack are looked up again soon.
-        let timeout_ms = if capture.waiting() { 2 } else { 200 };
-        let mut poll = libc::pollfd {
-            fd: ring.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for the duration of the call.
-        unsafe { libc::poll(&mut poll, 1, timeout_ms) };
-        deltas.clear();
-        while deltas.len() < SEND_BATCH {
-            let Some(item) = ring.next() else { break };
-            if let Some(delta) = read_delta(&item) {
-                deltas.push(delta);
-            }
+        let round = shared.capture.guard(|| {
+            capture_round(
+                &mut ring,
+                conntrack.as_mut(),
+                &out,
+                shared,
+                &mut capture,
+                &mut deltas,
+            );
+        });
+        if round.is_none() {
+            // Views waiting for conntrack are gone: the next refresh of each flow repairs it.
+            capture = Capture::default();
         }
-        let before = (capture.stats.conntrack_lookups, capture.stats.lookup_ns);
-        for local in capture.handle(&deltas, conntrack.as_mut(), Instant::now()) {
-            if out.try_send(local).is_err() {
-                shared.dropped.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        shared.lookups.fetch_add(
-            capture.stats.conntrack_lookups - before.0,
-            Ordering::Relaxed,
-        );
-        shared
-            .lookup_ns
-            .fetch_add(capture.stats.lookup_ns - before.1, Ordering::Relaxed);
     }
+    shared.capture.exited();
+}
+
+/// One wait on the ring and what it brought.
+fn capture_round(
+    ring: &mut RingBuf<MapData>,
+    conntrack: Option<&mut Conntrack>,
+    out: &mpsc::Sender<Local>,
+    shared: &Shared,
+    capture: &mut Capture,
+    deltas: &mut Vec<carp_common::flow::FlowDelta>,
+) {
+    // Views waiting for conntrack are looked up again soon.
+    let timeout_ms = if capture.waiting() { 2 } else { 200 };
+    let mut poll = libc::pollfd {
+        fd: ring.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut poll, 1, timeout_ms) };
+    deltas.clear();
+    while deltas.len() < SEND_BATCH {
+        let Some(item) = ring.next() else { break };
+        if let Some(delta) = read_delta(&item) {
+            deltas.push(delta);
+        }
+    }
+    let before = (capture.stats.conntrack_lookups, capture.stats.lookup_ns);
+    for local in capture.handle(deltas, conntrack, Instant::now()) {
+        if out.try_send(local).is_err() {
+            shared.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    shared.lookups.fetch_add(
+        capture.stats.conntrack_lookups - before.0,
+        Ordering::Relaxed,
+    );
+    shared
+        .lookup_ns
+        .fetch_add(capture.stats.lookup_ns - before.1, Ordering::Relaxed);
 }
 
 /// The session task's state.
@@ -405,7 +462,7 @@ impl Session {
                 _ = tick.tick() => {
                     let now = Instant::now();
                     self.bulk.handle_timeout(now);
-                    let expired = self.shared.table.lock().expect("not poisoned").expire(now);
+                    let expired = lock(&self.shared.table).expire(now);
                     if !expired.is_empty() {
                         let _ = self.jobs.send(Job::Delete(expired));
                     }
@@ -452,29 +509,29 @@ impl Session {
             );
         }
         self.bulk.handle_connected(Instant::now());
-        let mut status = self.shared.status.lock().expect("not poisoned");
+        let mut status = lock(&self.shared.status);
         status.connected = true;
         status.sessions += 1;
     }
 
     fn refused(&mut self, from: SocketAddr, e: &TransportError) {
-        warn!(%from, error = %e, "sync connection refused");
-        let mut status = self.shared.status.lock().expect("not poisoned");
+        warn!(%from, error = %Chain(e), "sync connection refused");
+        let mut status = lock(&self.shared.status);
         status.refused += 1;
-        status.last_error = Some(format!("{from}: {e}"));
+        status.last_error = Some(format!("{from}: {}", Chain(e)));
     }
 
     fn disconnected(&mut self, e: &TransportError) {
         if self.stream.take().is_none() {
             return;
         }
-        warn!(error = %e, "sync session lost");
+        warn!(error = %Chain(e), "sync session lost");
         self.bulk.handle_disconnected();
         self.outbox.clear();
         // The peer may have missed the last deletes: told again on reconnect (a delete of a
         // flow it no longer holds is harmless), unless the flow is alive here again.
         let recent: Vec<FlowKey> = self.recent_deletes.drain(..).map(|(_, key)| key).collect();
-        let table = self.shared.table.lock().expect("not poisoned");
+        let table = lock(&self.shared.table);
         let resend: Vec<FlowKey> = recent
             .into_iter()
             .filter(|key| table.get(key).is_none())
@@ -484,16 +541,16 @@ impl Session {
             self.unsent.insert(key);
         }
         self.persist_unsent();
-        let mut status = self.shared.status.lock().expect("not poisoned");
+        let mut status = lock(&self.shared.status);
         status.connected = false;
         if !matches!(e, TransportError::Closed) {
             status.refused += 1;
         }
-        status.last_error = Some(e.to_string());
+        status.last_error = Some(Chain(e).to_string());
     }
 
     fn on_local(&mut self, event: Local, pending: &mut HashMap<FlowKey, Local>, now: Instant) {
-        let mut table = self.shared.table.lock().expect("not poisoned");
+        let mut table = lock(&self.shared.table);
         let key = match event {
             Local::Upsert(record) => {
                 table.hold(record, Origin::Local, now);
@@ -517,14 +574,14 @@ impl Session {
         match frame {
             Frame::Hello { node } => {
                 info!(peer = %node, "sync peer says hello");
-                self.shared.status.lock().expect("not poisoned").peer_node = Some(node);
+                lock(&self.shared.status).peer_node = Some(node);
             }
             Frame::BulkRequest => self.answer_bulk(),
             Frame::Upsert { records } => {
                 let mut install = Vec::new();
                 let mut newer_here = Vec::new();
                 {
-                    let mut table = self.shared.table.lock().expect("not poisoned");
+                    let mut table = lock(&self.shared.table);
                     for record in &records {
                         match table.merge(*record, now) {
                             Verdict::New | Verdict::Newer => install.push(*record),
@@ -535,7 +592,7 @@ impl Session {
                         }
                     }
                 }
-                let mut status = self.shared.status.lock().expect("not poisoned");
+                let mut status = lock(&self.shared.status);
                 status.deltas_received += records.len() as u64;
                 status.stale_answered += newer_here.len() as u64;
                 drop(status);
@@ -545,16 +602,12 @@ impl Session {
                 self.outbox.extend(upsert_frames(&newer_here));
             }
             Frame::Delete { keys } => {
-                let mut table = self.shared.table.lock().expect("not poisoned");
+                let mut table = lock(&self.shared.table);
                 for key in &keys {
                     table.remove(key);
                 }
                 drop(table);
-                self.shared
-                    .status
-                    .lock()
-                    .expect("not poisoned")
-                    .deltas_received += keys.len() as u64;
+                lock(&self.shared.status).deltas_received += keys.len() as u64;
                 let _ = self.jobs.send(Job::Delete(keys));
             }
             Frame::BulkStart { .. } | Frame::BulkEnd { .. } | Frame::Keepalive => {}
@@ -570,7 +623,7 @@ impl Session {
     /// pfsync's bulk update: start, every flow held, end.
     fn answer_bulk(&mut self) {
         self.generation += 1;
-        let records = self.shared.table.lock().expect("not poisoned").records();
+        let records = lock(&self.shared.table).records();
         info!(flows = records.len(), "answering the peer's bulk request");
         self.outbox.push(Frame::BulkStart {
             generation: self.generation,
@@ -628,7 +681,7 @@ impl Session {
         }
         match result {
             Ok(Ok(())) => {
-                self.shared.status.lock().expect("not poisoned").deltas_sent += sent;
+                lock(&self.shared.status).deltas_sent += sent;
             }
             Ok(Err(e)) => self.disconnected(&e),
             Err(_) => self.disconnected(&TransportError::SendStalled(SEND_TIMEOUT)),
@@ -654,7 +707,7 @@ impl Session {
         let demoted = self.bulk.demoted();
         self.demoted
             .send_if_modified(|d| std::mem::replace(d, demoted) != demoted);
-        let mut status = self.shared.status.lock().expect("not poisoned");
+        let mut status = lock(&self.shared.status);
         status.bulk = self.bulk.state().to_string();
         status.demoted = demoted;
         status.deletes_waiting = self.unsent.len() as u64;
@@ -688,7 +741,7 @@ async fn dial(config: SyncConfig, done: mpsc::Sender<Handshake>) {
             let _ = done.send(Ok((stream, config.peer))).await;
         }
         // An unreachable peer is normal while it is down: not worth a refusal.
-        Err(TransportError::Io(_) | TransportError::HandshakeTimeout) => {}
+        Err(TransportError::Io { .. } | TransportError::HandshakeTimeout) => {}
         Err(e) => {
             let _ = done.send(Err((config.peer, e))).await;
         }

@@ -27,12 +27,21 @@ const MAX_INBOX: usize = HEADER_LEN + MAX_PAYLOAD + MAX_MESSAGE;
 /// Why a sync connection failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
-    #[error("sync connection: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("sync handshake or decryption failed (wrong key or not a carp peer): {0}")]
-    Noise(#[from] snow::Error),
-    #[error("sync peer sent a bad frame: {0}")]
-    Proto(#[from] ProtoError),
+    #[error("sync connection")]
+    Io {
+        #[from]
+        source: std::io::Error,
+    },
+    #[error("sync handshake or decryption failed (wrong key or not a carp peer)")]
+    Noise {
+        #[from]
+        source: snow::Error,
+    },
+    #[error("sync peer sent a bad frame")]
+    Proto {
+        #[from]
+        source: ProtoError,
+    },
     #[error("the sync key must be at least {MIN_SECRET_LEN} bytes, got {len}")]
     WeakKey { len: usize },
     #[error("sync peer closed the connection")]
@@ -277,7 +286,7 @@ mod tests {
     async fn a_wrong_key_is_refused_at_the_handshake() {
         let (client, server) = pair(b"the wrong shared secret!", SECRET).await;
         assert!(
-            matches!(server, Err(TransportError::Noise(_))),
+            matches!(server, Err(TransportError::Noise { .. })),
             "{server:?}",
             server = server.as_ref().err()
         );
@@ -327,7 +336,9 @@ mod tests {
         write_message(&mut client.stream, &message).await.unwrap();
         assert!(matches!(
             server.recv().await,
-            Err(TransportError::Proto(ProtoError::Version { version: 9 }))
+            Err(TransportError::Proto {
+                source: ProtoError::Version { version: 9 }
+            })
         ));
     }
 
