@@ -492,7 +492,8 @@ impl Session {
         self.outbox.push(Frame::Hello {
             node: self.node.clone(),
         });
-        let keys = self.unsent.take();
+        // Kept until the peer answers the bulk request that follows them.
+        let keys = self.unsent.send_all();
         if !keys.is_empty() {
             info!(
                 flows = keys.len(),
@@ -527,6 +528,7 @@ impl Session {
         }
         warn!(error = %Chain(e), "sync session lost");
         self.bulk.handle_disconnected();
+        self.unsent.unacknowledged();
         self.outbox.clear();
         // The peer may have missed the last deletes: told again on reconnect (a delete of a
         // flow it no longer holds is harmless), unless the flow is alive here again.
@@ -577,6 +579,9 @@ impl Session {
                 lock(&self.shared.status).peer_node = Some(node);
             }
             Frame::BulkRequest => self.answer_bulk(),
+            // The peer reads frames in order: its answer to our bulk request means it read
+            // the deletes we sent before that request.
+            Frame::BulkStart { .. } => self.unsent.acknowledged(),
             Frame::Upsert { records } => {
                 let mut install = Vec::new();
                 let mut newer_here = Vec::new();
@@ -610,7 +615,7 @@ impl Session {
                 lock(&self.shared.status).deltas_received += keys.len() as u64;
                 let _ = self.jobs.send(Job::Delete(keys));
             }
-            Frame::BulkStart { .. } | Frame::BulkEnd { .. } | Frame::Keepalive => {}
+            Frame::BulkEnd { .. } | Frame::Keepalive => {}
         }
         while let Some(event) = self.bulk.poll_event() {
             match event {

@@ -1,7 +1,9 @@
 //! Deletes the peer has not heard of: flows that ended here while it was away. A bulk update
 //! carries what exists, not what ended, so these must outlive the session, and a restart of
 //! this daemon too: they are kept in a file of delete frames in the node's state directory,
-//! appended to as they come and rewritten only when one is taken back.
+//! appended to as they come and rewritten only when one is taken back. Sent on reconnect,
+//! they stay kept until the peer has shown it read them, so a session or daemon that dies
+//! right after the send loses none.
 
 use super::proto::{FlowKey, Frame, delete_frames};
 use std::{
@@ -24,6 +26,8 @@ pub struct UnsentDeletes {
     keys: HashSet<FlowKey>,
     /// Kept since the file was last written, not in it yet.
     to_append: Vec<FlowKey>,
+    /// Sent to the peer, not yet acknowledged.
+    in_flight: Vec<FlowKey>,
     /// The file holds keys no longer kept: write it whole.
     rewrite: bool,
     /// Ended flows beyond [`MAX_UNSENT_DELETES`].
@@ -55,6 +59,7 @@ impl UnsentDeletes {
             path,
             keys,
             to_append: Vec::new(),
+            in_flight: Vec::new(),
             rewrite: false,
             overflow: 0,
         }
@@ -76,13 +81,26 @@ impl UnsentDeletes {
         }
     }
 
-    /// Every kept delete, to send now; the file is emptied at the next [`Self::persist`].
-    pub fn take(&mut self) -> Vec<FlowKey> {
-        if !self.keys.is_empty() {
-            self.rewrite = true;
+    /// Every kept delete, to send now. They stay kept, on disk too, until
+    /// [`Self::acknowledged`].
+    pub fn send_all(&mut self) -> Vec<FlowKey> {
+        self.in_flight = self.keys.iter().copied().collect();
+        self.in_flight.clone()
+    }
+
+    /// The peer has read what [`Self::send_all`] returned: those are no longer kept, and the
+    /// file goes at the next [`Self::persist`].
+    pub fn acknowledged(&mut self) {
+        for key in self.in_flight.drain(..) {
+            if self.keys.remove(&key) {
+                self.rewrite = true;
+            }
         }
-        self.to_append.clear();
-        self.keys.drain().collect()
+    }
+
+    /// The session ended before the peer acknowledged: everything stays for the next one.
+    pub fn unacknowledged(&mut self) {
+        self.in_flight.clear();
     }
 
     /// Ended flows that could not be kept since the last call.
@@ -217,11 +235,34 @@ mod tests {
         again.remove(&key(2));
         again.persist().unwrap();
         let mut third = UnsentDeletes::load(&dir.0);
-        assert_eq!(sorted(third.take()), [1, 3]);
-        // Taken (sent): the file goes.
+        assert_eq!(sorted(third.send_all()), [1, 3]);
+        // Acknowledged by the peer: the file goes.
+        third.acknowledged();
         third.persist().unwrap();
         assert!(!dir.0.join(UNSENT_FILE).exists());
         assert!(UnsentDeletes::load(&dir.0).is_empty());
+    }
+
+    #[test]
+    fn sent_deletes_stay_on_disk_until_the_peer_acknowledges_them() {
+        let dir = Dir::new("inflight");
+        let mut unsent = UnsentDeletes::load(&dir.0);
+        unsent.insert(key(1));
+        unsent.insert(key(2));
+        unsent.persist().unwrap();
+        assert_eq!(sorted(unsent.send_all()), [1, 2]);
+        unsent.persist().unwrap();
+        // The daemon dies here, before the peer read them: a restart still has them.
+        assert_eq!(sorted(UnsentDeletes::load(&dir.0).send_all()), [1, 2]);
+        // The session dies instead: the next one sends them again.
+        unsent.unacknowledged();
+        unsent.insert(key(3));
+        assert_eq!(sorted(unsent.send_all()), [1, 2, 3]);
+        unsent.insert(key(4));
+        unsent.acknowledged();
+        unsent.persist().unwrap();
+        assert_eq!(unsent.len(), 1, "one ended after the send");
+        assert_eq!(sorted(UnsentDeletes::load(&dir.0).send_all()), [4]);
     }
 
     #[test]
@@ -235,7 +276,7 @@ mod tests {
         let file = dir.0.join(UNSENT_FILE);
         let bytes = fs::read(&file).unwrap();
         fs::write(&file, &bytes[..bytes.len() - 3]).unwrap();
-        assert_eq!(sorted(UnsentDeletes::load(&dir.0).take()), [7]);
+        assert_eq!(sorted(UnsentDeletes::load(&dir.0).send_all()), [7]);
         fs::write(&file, b"garbage that is no frame").unwrap();
         assert!(UnsentDeletes::load(&dir.0).is_empty());
     }
