@@ -15,6 +15,7 @@ use crate::{
     error::Chain,
     interfaces::{self, Ipv4Net},
     netlink::{Addresses, NetlinkError},
+    nft::{self, NftError},
     pins,
     sockets::{AdvertSocket, FrameSocket},
     sync::service::{self, SyncHandle},
@@ -71,6 +72,8 @@ pub enum DaemonError {
     Netlink(#[from] NetlinkError),
     #[error(transparent)]
     Control(#[from] control::ControlError),
+    #[error(transparent)]
+    Nft(#[from] NftError),
     #[error("{what}")]
     Io {
         what: String,
@@ -233,6 +236,8 @@ impl Daemon {
             source: e.into(),
         })?;
         let vip_addrs: Vec<Ipv4Addr> = config.vips.iter().map(|v| v.address.addr).collect();
+        // Before anything else: from here on the kernel never answers ARP for a VIP.
+        nft::apply_arp_guard(&vip_addrs)?;
         let pin_dir = pins::node_dir(&config.node.name);
         let flows_max = config
             .sync
@@ -716,6 +721,10 @@ impl Daemon {
             warn!(error = %Chain(&e), "cannot clear the XDP heartbeat");
         }
         self.dataplane.detach_and_unpin();
+        // The VIPs are released: nothing left for the kernel to answer.
+        if let Err(e) = nft::remove_arp_guard() {
+            warn!(error = %Chain(&e), "cannot remove the ARP guard table");
+        }
         let _ = std::fs::remove_file(&self.config.node.control_socket);
         info!("stopped: VIPs released, XDP detached");
     }

@@ -11,6 +11,7 @@ pub mod error;
 pub mod interfaces;
 pub mod map_batch;
 pub mod netlink;
+pub mod nft;
 pub mod pins;
 pub mod sockets;
 pub mod sync;

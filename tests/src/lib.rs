@@ -583,28 +583,50 @@ impl Lab {
     /// Starts `carp run` in `host` with `opts` and waits until its control socket answers.
     pub fn start_carp(&self, carp_bin: &Path, host: Host, opts: &NodeOptions) -> Result<Node> {
         let (name, config) = self.write_config(host, opts)?;
-        self.start_carp_with(carp_bin, host, name, config)
+        self.start_carp_with(carp_bin, host, name, config, &[])
+    }
+
+    /// Starts `carp run` the `ip netns exec` way: with a mount namespace and /sys of its
+    /// own, so the bpffs it mounts, its pins and the XDP links they hold vanish with it.
+    pub fn start_carp_private_mounts(
+        &self,
+        carp_bin: &Path,
+        host: Host,
+        opts: &NodeOptions,
+    ) -> Result<Node> {
+        let (name, config) = self.write_config(host, opts)?;
+        let ns = self.ns(host);
+        self.start_carp_with(carp_bin, host, name, config, &["ip", "netns", "exec", &ns])
     }
 
     /// Starts `node` again: `carp run` on its config, pins and state directory.
     pub fn restart_carp(&self, carp_bin: &Path, node: &Node) -> Result<Node> {
-        self.start_carp_with(carp_bin, node.host, node.name.clone(), node.config.clone())
+        self.start_carp_with(
+            carp_bin,
+            node.host,
+            node.name.clone(),
+            node.config.clone(),
+            &[],
+        )
     }
 
-    /// Starts `carp run` on a written config.
+    /// Starts `carp run` on a written config, behind `launcher` (a command prefix) if any.
     fn start_carp_with(
         &self,
         carp_bin: &Path,
         host: Host,
         name: String,
         config: PathBuf,
+        launcher: &[&str],
     ) -> Result<Node> {
         let socket = self.dir.join(format!("{name}.sock"));
         let log = self.dir.join(format!("{name}.log"));
         let _ = fs::remove_file(&socket);
         let bin = carp_bin.to_string_lossy().into_owned();
         let cfg = config.to_string_lossy().into_owned();
-        let pid = self.spawn(host, &[&bin, "run", "-c", &cfg], &log)?;
+        let mut args = launcher.to_vec();
+        args.extend([bin.as_str(), "run", "-c", &cfg]);
+        let pid = self.spawn(host, &args, &log)?;
         let node = Node {
             host,
             name,

@@ -4,7 +4,8 @@
 use anyhow::Result;
 use carp::carp::fsm::State;
 use carp_lab::cluster::{
-    assert_answered_once_by, assert_never_two_answers, carp_cli, pair, wait_all, wait_state,
+    assert_answered_once_by, assert_never_two_answers, backup_opts, carp_cli, pair, wait_all,
+    wait_state,
 };
 use carp_lab::{Host, LAN_VIP, Lab, NodeOptions, carp_bin, end_process, kill_hard, probe};
 use std::time::{Duration, Instant};
@@ -284,5 +285,73 @@ fn advert_send_errors_demote_the_whole_node() -> Result<()> {
         "{}",
         gw1.log()
     );
+    // The queue is gone: gw1, a backup that sends no adverts, probes its send path, heals
+    // and preempts back.
+    lab.sh(Host::Gw1, "tc qdisc del dev wan root")?;
+    wait_all(&gw1, State::Master, Duration::from_secs(10))
+        .map_err(|e| e.context(format!("gw1 never healed: {:?}", gw1.status())))?;
+    assert_eq!(gw1.status()?.demotion, 0);
+    wait_all(&gw2, State::Backup, Duration::from_secs(2))?;
+    assert!(
+        gw1.log().contains("send-error demotion removed"),
+        "{}",
+        gw1.log()
+    );
+    Ok(())
+}
+
+/// A master whose XDP program goes with it (started the `ip netns exec` way, its bpffs
+/// private) and whose VIPs stay on the interface: its kernel must still never answer ARP
+/// for them, before or after the backup takes over.
+#[test]
+fn a_killed_master_that_lost_its_xdp_never_answers_arp_from_its_kernel() -> Result<()> {
+    let lab = Lab::up()?;
+    let bin = carp_bin()?;
+    let gw1 = lab.start_carp_private_mounts(&bin, Host::Gw1, &NodeOptions::default())?;
+    let gw2 = lab.start_carp(&bin, Host::Gw2, &backup_opts())?;
+    wait_all(&gw1, State::Master, Duration::from_secs(10))?;
+    wait_all(&gw2, State::Backup, Duration::from_secs(2))?;
+    let gw1_mac = lab.mac(Host::Gw1, "lan")?;
+    let log = lab.dir.join("probe-xdp-gone.log");
+    let probe_pid =
+        lab.arp_probe_background(&probe::ArpProbe::from_client(LAN_VIP, 20, 7000), &log)?;
+    std::thread::sleep(Duration::from_millis(500));
+    kill_hard(gw1.pid);
+    // The premise: XDP went with the daemon's mounts, the VIP stayed on the interface.
+    let link = lab.sh(Host::Gw1, "ip -d link show dev lan")?;
+    assert!(!link.contains("xdp"), "XDP still attached: {link}");
+    assert!(
+        lab.sh(Host::Gw1, "ip -4 addr show dev lan")?
+            .contains(LAN_VIP)
+    );
+    wait_state(&gw2, 1, State::Master, Duration::from_secs(6))?;
+    assert!(
+        carp_lab::wait_exit(probe_pid, Duration::from_secs(10)),
+        "probe finished"
+    );
+    let exchanges = probe::parse(&std::fs::read_to_string(&log)?);
+    assert!(exchanges.len() > 200, "probe ran: {}", exchanges.len());
+    let from_gw1: Vec<_> = exchanges
+        .iter()
+        .filter(|e| e.replies.iter().any(|(_, mac)| *mac == gw1_mac))
+        .collect();
+    assert!(
+        from_gw1.is_empty(),
+        "gw1's kernel answered {} requests with its own MAC, first at {:?}",
+        from_gw1.len(),
+        from_gw1.first()
+    );
+    assert_never_two_answers(&exchanges);
+    let last: Vec<&str> = exchanges.last().map_or(Vec::new(), |e| {
+        e.replies.iter().map(|(_, mac)| mac.as_str()).collect()
+    });
+    assert_eq!(
+        last,
+        [VMAC_LAN],
+        "gw2 answers with the virtual MAC at the end"
+    );
+    // The guard is carp's own table, and stays after the daemon's death.
+    let table = lab.sh(Host::Gw1, "nft list table arp carp")?;
+    assert!(table.contains(LAN_VIP) && table.contains("drop"), "{table}");
     Ok(())
 }
