@@ -335,9 +335,21 @@ impl Lab {
 
     /// Starts `args` in `host` in the background, output to `log`; the lab ends it.
     pub fn spawn(&self, host: Host, args: &[&str], log: &Path) -> Result<u32> {
+        self.spawn_with_env(host, args, &[], log)
+    }
+
+    /// [`Lab::spawn`] with extra environment variables.
+    pub fn spawn_with_env(
+        &self,
+        host: Host,
+        args: &[&str],
+        env: &[(&str, &str)],
+        log: &Path,
+    ) -> Result<u32> {
         let log_file = fs::File::create(log)?;
         let child = self
             .command(host, args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
@@ -508,6 +520,8 @@ pub struct NodeOptions {
     pub vips: Vec<(&'static str, u8, String)>,
     /// State sync over the lab's sync link, with this shared secret.
     pub sync_key: Option<String>,
+    /// The daemon accepts fault injection on its control socket (`CARP_TEST_HOOKS=1`).
+    pub test_hooks: bool,
 }
 
 impl Default for NodeOptions {
@@ -524,6 +538,7 @@ impl Default for NodeOptions {
                 ("wan", 2, format!("{WAN_VIP}/24")),
             ],
             sync_key: None,
+            test_hooks: false,
         }
     }
 }
@@ -537,6 +552,8 @@ pub struct Node {
     pub config: PathBuf,
     pub socket: PathBuf,
     pub log: PathBuf,
+    /// Started with `CARP_TEST_HOOKS=1` (and restarted so).
+    pub test_hooks: bool,
 }
 
 impl Lab {
@@ -583,7 +600,7 @@ impl Lab {
     /// Starts `carp run` in `host` with `opts` and waits until its control socket answers.
     pub fn start_carp(&self, carp_bin: &Path, host: Host, opts: &NodeOptions) -> Result<Node> {
         let (name, config) = self.write_config(host, opts)?;
-        self.start_carp_with(carp_bin, host, name, config, &[])
+        self.start_carp_with(carp_bin, host, name, config, &[], opts.test_hooks)
     }
 
     /// Starts `carp run` the `ip netns exec` way: with a mount namespace and /sys of its
@@ -596,7 +613,8 @@ impl Lab {
     ) -> Result<Node> {
         let (name, config) = self.write_config(host, opts)?;
         let ns = self.ns(host);
-        self.start_carp_with(carp_bin, host, name, config, &["ip", "netns", "exec", &ns])
+        let launcher = ["ip", "netns", "exec", &ns];
+        self.start_carp_with(carp_bin, host, name, config, &launcher, opts.test_hooks)
     }
 
     /// Starts `node` again: `carp run` on its config, pins and state directory.
@@ -607,6 +625,7 @@ impl Lab {
             node.name.clone(),
             node.config.clone(),
             &[],
+            node.test_hooks,
         )
     }
 
@@ -618,6 +637,7 @@ impl Lab {
         name: String,
         config: PathBuf,
         launcher: &[&str],
+        test_hooks: bool,
     ) -> Result<Node> {
         let socket = self.dir.join(format!("{name}.sock"));
         let log = self.dir.join(format!("{name}.log"));
@@ -626,7 +646,12 @@ impl Lab {
         let cfg = config.to_string_lossy().into_owned();
         let mut args = launcher.to_vec();
         args.extend([bin.as_str(), "run", "-c", &cfg]);
-        let pid = self.spawn(host, &args, &log)?;
+        let env: &[(&str, &str)] = if test_hooks {
+            &[("CARP_TEST_HOOKS", "1")]
+        } else {
+            &[]
+        };
+        let pid = self.spawn_with_env(host, &args, env, &log)?;
         let node = Node {
             host,
             name,
@@ -634,6 +659,7 @@ impl Lab {
             config,
             socket,
             log,
+            test_hooks,
         };
         wait_for(Duration::from_secs(15), || node.status().ok()).with_context(|| {
             format!(

@@ -430,3 +430,64 @@ fn wrong_key_and_garbage_are_refused_and_the_session_carries_on() -> Result<()> 
     );
     Ok(())
 }
+
+/// A panic in gw2's installer thread (through the test hook) shows in its status, and the
+/// thread goes on: flows synced afterwards still reach gw2's kernel. Without the restart
+/// they would not (the thread died and nobody noticed).
+#[test]
+fn a_panicking_installer_is_seen_and_goes_on_installing() -> Result<()> {
+    let lab = Lab::up()?;
+    lab.enable_nat()?;
+    streams::start_server(&lab)?;
+    let hooked = NodeOptions {
+        test_hooks: true,
+        ..sync_opts(backup_opts())
+    };
+    let (gw1, gw2) = pair_with(&lab, &sync_opts(NodeOptions::default()), &hooked)?;
+    wait_synced(&gw1)?;
+    wait_synced(&gw2)?;
+    let hook = carp::control::Request::TestHook {
+        hook: carp::control::TestHook::PanicInstaller,
+    };
+    let answer = carp::control::call(&gw2.socket, &hook)?;
+    assert!(answer.ok, "{answer:?}");
+    let installer = wait_for(Duration::from_secs(5), || {
+        sync_status(&gw2)
+            .ok()?
+            .workers
+            .into_iter()
+            .find(|w| w.name == "installer" && w.panics == 1)
+    })
+    .with_context(|| format!("the panic was not seen: {:?}", sync_status(&gw2)))?;
+    assert!(installer.alive, "{installer:?}");
+    assert!(
+        installer
+            .last_panic
+            .as_deref()
+            .is_some_and(|p| p.contains("test hook")),
+        "{installer:?}"
+    );
+    let shown =
+        carp_lab::cluster::carp_cli(&["status", "--socket", &gw2.socket.to_string_lossy()])?;
+    assert!(
+        shown.contains("thread installer: running, 1 panics"),
+        "{shown}"
+    );
+    // Flows born after the panic reach gw2's conntrack.
+    let client = streams::start_client(&lab, CONNECTIONS, 4)?;
+    wait_conntrack(&lab, Host::Gw2, CONNECTIONS)
+        .map_err(|e| e.context(diagnose(&lab, &[&gw1, &gw2])))?;
+    client.finish()?;
+    // Hooks are refused by a daemon started without them.
+    let refused = carp::control::call(&gw1.socket, &hook)?;
+    assert!(
+        !refused.ok
+            && refused
+                .error
+                .as_deref()
+                .unwrap_or("")
+                .contains("test hooks are off"),
+        "{refused:?}"
+    );
+    Ok(())
+}
