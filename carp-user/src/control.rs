@@ -48,6 +48,10 @@ pub enum Request {
 pub enum TestHook {
     /// Panics the sync installer thread.
     PanicInstaller,
+    /// The sync session reads and throws away every frame from the peer, as if lost in
+    /// flight, until `AcceptSyncFrames`.
+    DiscardSyncFrames,
+    AcceptSyncFrames,
 }
 
 /// The daemon's answer.

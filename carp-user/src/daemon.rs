@@ -638,11 +638,13 @@ impl Daemon {
             ));
         }
         warn!(?hook, "test hook");
-        match (hook, &self.sync) {
-            (TestHook::PanicInstaller, Some(sync)) => sync.panic_installer(),
-            (TestHook::PanicInstaller, None) => {
-                return Response::error("state sync is not configured ([sync])".into());
-            }
+        let Some(sync) = &self.sync else {
+            return Response::error("state sync is not configured ([sync])".into());
+        };
+        match hook {
+            TestHook::PanicInstaller => sync.panic_installer(),
+            TestHook::DiscardSyncFrames => sync.discard_frames(true),
+            TestHook::AcceptSyncFrames => sync.discard_frames(false),
         }
         Response::status(self.status())
     }

@@ -313,32 +313,15 @@ fn deletes_waiting_for_the_peer_survive_a_daemon_crash() -> Result<()> {
     ended_while_the_link_is_down(true)
 }
 
+/// UDP flows of the lab client: they have no end, so they stay until they time out.
+const UDP_FLOWS: u64 = 1;
+
 /// The client's connections end while the sync link is down (and, if `crash`, gw1's daemon
 /// then dies and starts again); once the link is back they are gone from gw2 too.
 fn ended_while_the_link_is_down(crash: bool) -> Result<()> {
     let lab = Lab::up()?;
     let (gw1, gw2) = cluster(&lab, true)?;
-    let client = streams::start_client(&lab, CONNECTIONS, 6)?;
-    wait_conntrack(&lab, Host::Gw2, CONNECTIONS)?;
-    let sessions = cut_sync_link(&lab, &gw2)?;
-    // The connections end while gw2 cannot hear of it: gw2 still holds them all. The client's
-    // UDP flow has no end; it stays until it times out.
-    const UDP_FLOWS: u64 = 1;
-    client.finish()?;
-    let waiting = wait_for(Duration::from_secs(10), || {
-        sync_status(&gw1)
-            .ok()
-            .filter(|s| s.flows_local == UDP_FLOWS)
-    })
-    .with_context(|| {
-        format!(
-            "gw1 never saw the connections end\n{}",
-            diagnose(&lab, &[&gw1, &gw2])
-        )
-    })?
-    .deletes_waiting;
-    assert!(waiting >= CONNECTIONS as u64, "{waiting} deletes waiting");
-    assert_eq!(natted_conntrack(&lab, Host::Gw2)?, CONNECTIONS);
+    let (sessions, waiting) = end_connections_during_a_cut(&lab, &gw1, &gw2)?;
     let gw1 = if crash {
         kill_hard(gw1.pid);
         let gw1 = lab.restart_carp(&carp_bin()?, &gw1)?;
@@ -353,23 +336,84 @@ fn ended_while_the_link_is_down(crash: bool) -> Result<()> {
         gw1
     };
     restore_sync_link(&lab, &gw2, sessions)?;
-    // Told first thing on reconnect: gone from gw2's table and kernel, and gw2's bulk answer
-    // does not bring them back to gw1.
-    wait_for(Duration::from_secs(10), || {
-        let gone = natted_conntrack(&lab, Host::Gw2).ok()? == 0
-            && sync_status(&gw2).ok()?.flows_held == UDP_FLOWS;
-        gone.then_some(())
+    assert_ended_flows_gone_from_gw2(&lab, &gw1, &gw2)
+}
+
+/// Deletes sent on reconnect stay kept until the peer shows it read them. Here gw2 reads
+/// and throws away every frame (the test hook: frames lost in flight), and gw1's daemon is
+/// killed right after the reconnect: its restart still tells gw2.
+#[test]
+fn deletes_sent_on_reconnect_survive_a_daemon_killed_right_after_it() -> Result<()> {
+    let lab = Lab::up()?;
+    lab.enable_nat()?;
+    streams::start_server(&lab)?;
+    let hooked = NodeOptions {
+        test_hooks: true,
+        ..sync_opts(backup_opts())
+    };
+    let (gw1, gw2) = pair_with(&lab, &sync_opts(NodeOptions::default()), &hooked)?;
+    wait_synced(&gw1)?;
+    wait_synced(&gw2)?;
+    let (sessions, waiting) = end_connections_during_a_cut(&lab, &gw1, &gw2)?;
+    test_hook(&gw2, carp::control::TestHook::DiscardSyncFrames)?;
+    restore_sync_link(&lab, &gw2, sessions)?;
+    // gw1 sent them and gw2 threw them away; past gw1's next tick they are still kept.
+    std::thread::sleep(Duration::from_millis(1500));
+    let status = sync_status(&gw1)?;
+    assert!(status.connected, "{status:?}");
+    assert_eq!(
+        status.deletes_waiting, waiting,
+        "taken as delivered: {status:?}"
+    );
+    kill_hard(gw1.pid);
+    test_hook(&gw2, carp::control::TestHook::AcceptSyncFrames)?;
+    let gw1 = lab.restart_carp(&carp_bin()?, &gw1)?;
+    assert_ended_flows_gone_from_gw2(&lab, &gw1, &gw2)
+}
+
+/// Cuts the sync link, ends the client's connections, and waits until gw1 keeps their
+/// deletes for gw2; returns gw2's sessions before the cut and the deletes waiting.
+fn end_connections_during_a_cut(lab: &Lab, gw1: &Node, gw2: &Node) -> Result<(u64, u64)> {
+    let client = streams::start_client(lab, CONNECTIONS, 6)?;
+    wait_conntrack(lab, Host::Gw2, CONNECTIONS)?;
+    let sessions = cut_sync_link(lab, gw2)?;
+    // The connections end while gw2 cannot hear of it: gw2 still holds them all.
+    client.finish()?;
+    let waiting = wait_for(Duration::from_secs(10), || {
+        sync_status(gw1).ok().filter(|s| s.flows_local == UDP_FLOWS)
     })
     .with_context(|| {
         format!(
-            "ended flows linger on gw2\n{}",
-            diagnose(&lab, &[&gw1, &gw2])
+            "gw1 never saw the connections end\n{}",
+            diagnose(lab, &[gw1, gw2])
         )
-    })?;
-    wait_synced(&gw1)?;
-    let status = sync_status(&gw1)?;
+    })?
+    .deletes_waiting;
+    assert!(waiting >= CONNECTIONS as u64, "{waiting} deletes waiting");
+    assert_eq!(natted_conntrack(lab, Host::Gw2)?, CONNECTIONS);
+    Ok((sessions, waiting))
+}
+
+/// Once the link is back, the ended connections go from gw2's table and kernel, and gw2's
+/// bulk answer does not bring them back to gw1.
+fn assert_ended_flows_gone_from_gw2(lab: &Lab, gw1: &Node, gw2: &Node) -> Result<()> {
+    wait_for(Duration::from_secs(10), || {
+        let gone = natted_conntrack(lab, Host::Gw2).ok()? == 0
+            && sync_status(gw2).ok()?.flows_held == UDP_FLOWS;
+        gone.then_some(())
+    })
+    .with_context(|| format!("ended flows linger on gw2\n{}", diagnose(lab, &[gw1, gw2])))?;
+    wait_synced(gw1)?;
+    let status = sync_status(gw1)?;
     assert_eq!(status.flows_held, UDP_FLOWS, "nothing came back to gw1");
     assert_eq!(status.deletes_waiting, 0, "{status:?}");
+    Ok(())
+}
+
+/// Injects a fault through `node`'s control socket (it runs with test hooks).
+fn test_hook(node: &Node, hook: carp::control::TestHook) -> Result<()> {
+    let answer = carp::control::call(&node.socket, &carp::control::Request::TestHook { hook })?;
+    anyhow::ensure!(answer.ok, "{hook:?} refused: {answer:?}");
     Ok(())
 }
 
@@ -446,11 +490,7 @@ fn a_panicking_installer_is_seen_and_goes_on_installing() -> Result<()> {
     let (gw1, gw2) = pair_with(&lab, &sync_opts(NodeOptions::default()), &hooked)?;
     wait_synced(&gw1)?;
     wait_synced(&gw2)?;
-    let hook = carp::control::Request::TestHook {
-        hook: carp::control::TestHook::PanicInstaller,
-    };
-    let answer = carp::control::call(&gw2.socket, &hook)?;
-    assert!(answer.ok, "{answer:?}");
+    test_hook(&gw2, carp::control::TestHook::PanicInstaller)?;
     let installer = wait_for(Duration::from_secs(5), || {
         sync_status(&gw2)
             .ok()?
@@ -479,6 +519,9 @@ fn a_panicking_installer_is_seen_and_goes_on_installing() -> Result<()> {
         .map_err(|e| e.context(diagnose(&lab, &[&gw1, &gw2])))?;
     client.finish()?;
     // Hooks are refused by a daemon started without them.
+    let hook = carp::control::Request::TestHook {
+        hook: carp::control::TestHook::PanicInstaller,
+    };
     let refused = carp::control::call(&gw1.socket, &hook)?;
     assert!(
         !refused.ok

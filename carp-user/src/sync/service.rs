@@ -132,6 +132,8 @@ struct Shared {
     lookups: AtomicU64,
     lookup_ns: AtomicU64,
     stop: AtomicBool,
+    /// Test hook: frames from the peer are thrown away as if lost in flight.
+    discard_frames: AtomicBool,
     workers: Workers,
     capture: Arc<Worker>,
 }
@@ -180,6 +182,7 @@ pub fn start(
         lookups: AtomicU64::new(0),
         lookup_ns: AtomicU64::new(0),
         stop: AtomicBool::new(false),
+        discard_frames: AtomicBool::new(false),
         workers: Workers::default(),
         capture: Arc::new(Worker::new("capture")),
     });
@@ -297,6 +300,11 @@ impl SyncHandle {
     /// The test hook: panics the installer thread.
     pub fn panic_installer(&self) {
         let _ = self.jobs.send(Job::Panic);
+    }
+
+    /// The test hook: throw away every frame from the peer (or stop doing so).
+    pub fn discard_frames(&self, discard: bool) {
+        self.shared.discard_frames.store(discard, Ordering::Relaxed);
     }
 
     /// Stops the tasks and threads.
@@ -570,6 +578,9 @@ impl Session {
     }
 
     fn on_frame(&mut self, frame: Frame) {
+        if self.shared.discard_frames.load(Ordering::Relaxed) {
+            return;
+        }
         let now = Instant::now();
         self.last_rx = now;
         self.bulk.handle_frame(&frame, now);
