@@ -141,6 +141,9 @@ struct Daemon {
     heartbeat_lifetime: Duration,
     garps_sent: Arc<AtomicU64>,
     sync: Option<SyncHandle>,
+    /// VIPs were adopted at start: this node serves with the kernel's state it kept, so the
+    /// first bulk update does not demote it.
+    adopted: bool,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT; then bows out, releases the VIPs, detaches XDP.
@@ -244,11 +247,15 @@ impl Daemon {
             .as_ref()
             .map_or(DEFAULT_FLOWS_MAX, |s| s.flows_max);
         let mut dataplane = Dataplane::load(&pin_dir, flows_max)?;
+        // A previous run that died (or was restarted, or re-executed itself) moments ago:
+        // XDP still answers for its VIPs, and the peer has not taken over yet.
+        let predecessor_alive = dataplane.heartbeat_fresh();
         let addresses = Addresses::open()?;
         let now = Instant::now();
         let mut vhids = Vec::new();
         let mut own_addresses = Vec::new();
         let mut attached: Vec<&str> = Vec::new();
+        let mut adopted = 0;
         for vip in &config.vips {
             let iface = host
                 .iter()
@@ -281,18 +288,28 @@ impl Daemon {
                 MacMode::Virtual => virtual_mac(vip.vhid),
                 MacMode::Interface => iface.mac,
             };
-            // Start from a clean slate: nothing answered, no VIP held (a crash may have left
-            // them behind).
-            dataplane.set_vip(iface.index, vip.address.addr, vip.vhid, mac, Role::Backup)?;
-            dataplane.set_vmac(iface.index, vip.vhid, iface.mac, Role::Backup)?;
-            addresses.remove(iface.index, vip.address).await?;
             let params = Params {
                 advbase: config.carp.advbase,
                 advskew: vip.advskew,
                 preempt: config.carp.preempt,
             };
+            let held = predecessor_alive
+                && iface.addrs.iter().any(|a| a.addr == vip.address.addr)
+                && dataplane.vip_role(iface.index, vip.address.addr) == Some(Role::Master);
+            // Hitless restart: keep what the previous run held as master. Otherwise start
+            // from a clean slate: nothing answered, no VIP held (a crash may have left them).
+            let role = if held { Role::Master } else { Role::Backup };
+            dataplane.set_vip(iface.index, vip.address.addr, vip.vhid, mac, role)?;
+            dataplane.set_vmac(iface.index, vip.vhid, iface.mac, role)?;
+            let fsm = if held {
+                adopted += 1;
+                Vhid::adopted_master(vip.vhid, params, source, now)
+            } else {
+                addresses.remove(iface.index, vip.address).await?;
+                Vhid::new(vip.vhid, params, source, now)
+            };
             vhids.push(VhidRuntime {
-                fsm: Vhid::new(vip.vhid, params, source, now),
+                fsm,
                 interface: vip.interface.clone(),
                 ifindex: iface.index,
                 if_mac: iface.mac,
@@ -307,6 +324,12 @@ impl Daemon {
             });
         }
         own_addresses.retain(|a| !vip_addrs.contains(a));
+        if adopted > 0 {
+            info!(
+                vips = adopted,
+                "hitless restart: still master of what the previous run held"
+            );
+        }
         let ifindexes: Vec<u32> = vhids.iter().map(|v| v.ifindex).collect();
         let adverts = AdvertSocket::open(&ifindexes).map_err(io_error("CARP raw socket"))?;
         let frames = FrameSocket::open().map_err(io_error("AF_PACKET socket"))?;
@@ -352,6 +375,7 @@ impl Daemon {
             heartbeat_lifetime,
             garps_sent: Arc::default(),
             sync,
+            adopted: adopted > 0,
         };
         daemon.poll_links(now);
         Ok(daemon)
@@ -598,7 +622,7 @@ impl Daemon {
             send_errors: self.vhids.iter().any(|v| v.send.demoted()),
             maintenance: self.maintenance,
             // pfsync's rule: no mastership before the first bulk update is in.
-            unsynced: self.sync.as_ref().is_some_and(SyncHandle::demoted),
+            unsynced: !self.adopted && self.sync.as_ref().is_some_and(SyncHandle::demoted),
         }
         .total()
     }

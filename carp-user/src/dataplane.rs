@@ -266,6 +266,28 @@ impl Dataplane {
             .map_err(map_error(HEARTBEAT_MAP))
     }
 
+    /// Whether XDP still counts a daemon alive: one ran here within its heartbeat lifetime
+    /// (read at start, to adopt a crashed or restarted master's VIPs).
+    pub fn heartbeat_fresh(&self) -> bool {
+        self.heartbeat
+            .get(&0, 0)
+            .is_ok_and(|heartbeat| heartbeat.is_fresh(monotonic_ns()))
+    }
+
+    /// The role XDP holds for `addr` on `ifindex`, if the VIP table has it.
+    pub fn vip_role(&self, ifindex: u32, addr: Ipv4Addr) -> Option<Role> {
+        let key = VipKey {
+            ifindex,
+            addr: addr.octets(),
+        };
+        let index = self.vip_slot(&key).ok()?;
+        let slot = self.vips.get(&index, 0).ok()?;
+        (slot.is_used() && slot.key == key).then(|| match slot.entry.role {
+            ROLE_MASTER => Role::Master,
+            _ => Role::Backup,
+        })
+    }
+
     /// Marks the daemon dead at once: XDP stops answering for every VIP.
     pub fn clear_heartbeat(&mut self) -> Result<(), DataplaneError> {
         self.heartbeat

@@ -119,6 +119,18 @@ impl Vhid {
         }
     }
 
+    /// A vhid that a restarted daemon finds still held by its previous run (heartbeat
+    /// fresh, VIP on the interface, XDP answering): MASTER at once, advertising now, so the
+    /// peer, still inside its master-down time, stays BACKUP. The VIPs are already held.
+    pub fn adopted_master(vhid: u8, params: Params, source: Ipv4Addr, now: Instant) -> Self {
+        let mut v = Self::new(vhid, params, source, now);
+        info!(vhid, "adopting mastership held by the previous run");
+        v.state = State::Master;
+        v.push_advert();
+        v.timer = Some(now + v.own_interval());
+        v
+    }
+
     pub fn state(&self) -> State {
         self.state
     }
@@ -405,6 +417,30 @@ mod tests {
             advskew,
             source,
         }
+    }
+
+    #[test]
+    fn an_adopted_master_advertises_at_once_and_keeps_the_vips_it_holds() {
+        let t0 = Instant::now();
+        let mut v = Vhid::adopted_master(1, params(0, true), ME, t0);
+        assert_eq!(v.state(), State::Master);
+        assert_eq!(
+            drain(&mut v),
+            vec![Action::SendAdvert {
+                advbase: 1,
+                advskew: 0
+            }],
+            "no TakeVips: they are held"
+        );
+        assert_eq!(v.poll_timeout(), Some(t0 + ms(1000)));
+        // Link up changes nothing; a better master still wins as usual.
+        v.handle_link(true, t0);
+        assert_eq!(v.state(), State::Master);
+        v.handle_advert(advert(0, LOWER), t0 + ms(10));
+        v.handle_timeout(t0 + ms(1000));
+        v.handle_advert(advert(0, LOWER), t0 + ms(1010));
+        assert_eq!(v.state(), State::Backup);
+        assert!(drain(&mut v).contains(&Action::ReleaseVips));
     }
 
     #[test]
