@@ -52,6 +52,12 @@ pub enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Re-execute the daemon's binary in place (after installing a new one): VIPs, XDP,
+    /// connections and sockets are kept; returns once the new run answers.
+    Upgrade {
+        #[command(flatten)]
+        target: Target,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -172,6 +178,22 @@ pub fn request_status(target: &Target, req: &Request) -> anyhow::Result<Status> 
     request(target, req)?
         .status
         .ok_or_else(|| anyhow::anyhow!("the daemon answered without a status"))
+}
+
+/// `carp upgrade`: asks for the re-exec, then waits for the new run's first status.
+pub fn upgrade(target: &Target) -> anyhow::Result<Status> {
+    request_status(target, &Request::Upgrade)?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        // The socket was handed over: this call waits in its queue for the new run.
+        match request_status(target, &Request::Status) {
+            Ok(status) => return Ok(status),
+            Err(e) if std::time::Instant::now() >= deadline => {
+                return Err(e.context("the upgraded daemon did not answer within 15 s"));
+            }
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
+        }
+    }
 }
 
 /// Asks for the flow table.

@@ -8,9 +8,12 @@ use crate::{
 use serde::{Deserialize, Serialize};
 use std::{
     io::{BufRead, BufReader, Write},
-    os::unix::{
-        fs::{FileTypeExt, PermissionsExt},
-        net::UnixStream,
+    os::{
+        fd::{AsRawFd, OwnedFd, RawFd},
+        unix::{
+            fs::{FileTypeExt, PermissionsExt},
+            net::UnixStream,
+        },
     },
     path::{Path, PathBuf},
     time::Duration,
@@ -35,6 +38,8 @@ pub enum Request {
     },
     /// The synced flow table (`carp flows`).
     Flows,
+    /// Re-execute the daemon's binary in place, keeping its VIPs, XDP and sockets.
+    Upgrade,
     /// Fault injection for the tests; refused unless the daemon runs with
     /// `CARP_TEST_HOOKS=1` in its environment.
     TestHook {
@@ -142,18 +147,36 @@ pub enum ControlError {
     },
 }
 
-/// Binds `path` (replacing a stale socket) and forwards each request to `requests`.
-pub fn serve(path: &Path, requests: mpsc::Sender<Pending>) -> Result<(), ControlError> {
+/// Binds `path` (replacing a stale socket), or takes over the socket a previous run handed
+/// over (`carp upgrade`), and forwards each request to `requests`. Returns the listening
+/// socket's descriptor, valid while the daemon runs, for the next upgrade.
+pub fn serve(
+    path: &Path,
+    requests: mpsc::Sender<Pending>,
+    inherited: Option<OwnedFd>,
+) -> Result<RawFd, ControlError> {
     let error = |source| ControlError::Socket {
         path: path.to_owned(),
         source,
     };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(error)?;
-    }
-    remove_stale_socket(path)?;
-    let listener = UnixListener::bind(path).map_err(error)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(error)?;
+    let listener = match inherited {
+        Some(fd) => {
+            let listener = std::os::unix::net::UnixListener::from(fd);
+            listener.set_nonblocking(true).map_err(error)?;
+            UnixListener::from_std(listener).map_err(error)?
+        }
+        None => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(error)?;
+            }
+            remove_stale_socket(path)?;
+            let listener = UnixListener::bind(path).map_err(error)?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+                .map_err(error)?;
+            listener
+        }
+    };
+    let fd = listener.as_raw_fd();
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
@@ -167,7 +190,7 @@ pub fn serve(path: &Path, requests: mpsc::Sender<Pending>) -> Result<(), Control
             }
         }
     });
-    Ok(())
+    Ok(fd)
 }
 
 /// Removes what a dead daemon left at `path`: a socket nobody answers on. Anything else, a
@@ -303,7 +326,7 @@ mod tests {
         let path = scratch("plain");
         std::fs::write(&path, b"precious").unwrap();
         let (tx, _rx) = mpsc::channel::<Pending>(1);
-        let refused = serve(&path, tx).unwrap_err();
+        let refused = serve(&path, tx, None).unwrap_err();
         assert!(
             matches!(refused, ControlError::NotASocket { .. }),
             "{refused}"
@@ -317,10 +340,10 @@ mod tests {
         let path = scratch("live");
         let live = std::os::unix::net::UnixListener::bind(&path).unwrap();
         let (tx, _rx) = mpsc::channel::<Pending>(1);
-        let refused = serve(&path, tx.clone()).unwrap_err();
+        let refused = serve(&path, tx.clone(), None).unwrap_err();
         assert!(matches!(refused, ControlError::InUse { .. }), "{refused}");
         drop(live);
-        serve(&path, tx).expect("a socket nobody answers on is stale");
+        serve(&path, tx, None).expect("a socket nobody answers on is stale");
         std::fs::remove_file(path).unwrap();
     }
 
@@ -328,7 +351,7 @@ mod tests {
     async fn server_answers_and_refuses_garbage() {
         let path = std::env::temp_dir().join(format!("carp-ctl-{}.sock", std::process::id()));
         let (tx, mut rx) = mpsc::channel::<Pending>(4);
-        serve(&path, tx).unwrap();
+        serve(&path, tx, None).unwrap();
         tokio::spawn(async move {
             while let Some((request, reply)) = rx.recv().await {
                 let _ = reply.send(Response::error(format!("got {request:?}")));

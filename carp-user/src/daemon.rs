@@ -13,6 +13,7 @@ use crate::{
     control::{self, Counters, Pending, Request, Response, Status, TestHook, VipStatus},
     dataplane::{Dataplane, DataplaneError, Role},
     error::Chain,
+    inherit,
     interfaces::{self, Ipv4Net},
     netlink::{Addresses, NetlinkError},
     nft::{self, NftError},
@@ -30,6 +31,7 @@ use carp_common::{
 };
 use std::{
     net::Ipv4Addr,
+    os::fd::{BorrowedFd, OwnedFd, RawFd},
     path::PathBuf,
     sync::{
         Arc,
@@ -84,6 +86,11 @@ pub enum DaemonError {
     NoSource { name: String, vip: Ipv4Net },
     #[error("interface `{name}` disappeared")]
     NoInterface { name: String },
+    #[error("in-place upgrade failed")]
+    Upgrade {
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the sync session task died (a panic: see the log above)")]
     SyncDied,
     #[error("starting state sync")]
@@ -146,12 +153,28 @@ struct Daemon {
     adopted: bool,
 }
 
+/// Why the main loop ended.
+enum Exit {
+    /// SIGTERM or SIGINT: bow out and clean up.
+    Stop,
+    /// `carp upgrade`: hand everything to the binary run anew in place.
+    Upgrade,
+}
+
 /// Runs the daemon until SIGTERM or SIGINT; then bows out, releases the VIPs, detaches XDP.
+/// `carp upgrade` instead re-executes the binary, which adopts what this run held.
 pub async fn run(config: Config) -> Result<(), DaemonError> {
+    // Sockets a previous run handed over: taken first, so no child process inherits them.
+    let inherited_control = inherit::take(inherit::CONTROL);
+    let inherited_sync = inherit::take(inherit::SYNC);
     let (packets_tx, mut packets_rx) = mpsc::channel::<(u32, Vec<u8>)>(BACKLOG);
     let (control_tx, mut control_rx) = mpsc::channel::<Pending>(16);
-    let mut daemon = Daemon::start(config).await?;
-    control::serve(&daemon.config.node.control_socket, control_tx)?;
+    let mut daemon = Daemon::start(config, inherited_sync).await?;
+    let control_fd = control::serve(
+        &daemon.config.node.control_socket,
+        control_tx,
+        inherited_control,
+    )?;
     let dropped = Arc::new(AtomicU64::new(0));
     let receiver = tokio::spawn(receive_adverts(
         daemon.adverts.clone(),
@@ -162,7 +185,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let mut interrupt = signal(SignalKind::interrupt()).map_err(io_error("SIGINT handler"))?;
     let mut tick = tokio::time::interval(TICK);
     info!(node = %daemon.config.node.name, vips = daemon.vhids.len(), "carp running");
-    loop {
+    let exit = loop {
         daemon.settle().await;
         let deadline = daemon
             .vhids
@@ -196,17 +219,24 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                 }
             }
             Some((request, reply)) = control_rx.recv() => {
+                let upgrade = request == Request::Upgrade;
                 let response = daemon.on_request(request);
                 daemon.settle().await;
                 let _ = reply.send(response);
+                if upgrade { break Exit::Upgrade; }
             }
-            _ = terminate.recv() => { info!("SIGTERM: shutting down"); break; }
-            _ = interrupt.recv() => { info!("SIGINT: shutting down"); break; }
+            _ = terminate.recv() => { info!("SIGTERM: shutting down"); break Exit::Stop; }
+            _ = interrupt.recv() => { info!("SIGINT: shutting down"); break Exit::Stop; }
         }
-    }
+    };
     receiver.abort();
-    daemon.shutdown().await;
-    Ok(())
+    match exit {
+        Exit::Stop => {
+            daemon.shutdown().await;
+            Ok(())
+        }
+        Exit::Upgrade => Err(daemon.upgrade(control_fd).await),
+    }
 }
 
 /// Reads adverts off the raw socket into the bounded backlog; a flood is dropped, counted.
@@ -233,7 +263,7 @@ async fn receive_adverts(
 }
 
 impl Daemon {
-    async fn start(config: Config) -> Result<Self, DaemonError> {
+    async fn start(config: Config, sync_listener: Option<OwnedFd>) -> Result<Self, DaemonError> {
         let host = interfaces::list().map_err(|e| DaemonError::Io {
             what: "listing interfaces".into(),
             source: e.into(),
@@ -350,6 +380,7 @@ impl Daemon {
                     &config.node.state_dir,
                     deltas,
                     flows,
+                    sync_listener,
                 )
                 .map_err(|source| DaemonError::Sync { source })?;
                 dataplane.set_capture(Some(FLOW_REFRESH))?;
@@ -652,6 +683,10 @@ impl Daemon {
                 None => Response::error("state sync is not configured ([sync])".into()),
             },
             Request::TestHook { hook } => self.test_hook(hook),
+            Request::Upgrade => {
+                info!("in-place upgrade requested");
+                Response::status(self.status())
+            }
         }
     }
 
@@ -731,6 +766,40 @@ impl Daemon {
                 .collect(),
             counters,
             sync,
+        }
+    }
+
+    /// `carp upgrade`: hands the listening sockets over and re-executes the binary, leaving
+    /// VIPs, XDP and maps as they are; the new run adopts them (its heartbeat is fresh).
+    /// Returns only if the exec failed.
+    async fn upgrade(mut self, control_fd: RawFd) -> DaemonError {
+        // The connection task writes the answer to `carp upgrade` meanwhile.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // SAFETY: the control task owns this listener and runs until the exec.
+        let control = unsafe { BorrowedFd::borrow_raw(control_fd) };
+        let handed = inherit::hand_over(control).and_then(|control| {
+            let sync = self
+                .sync
+                .as_ref()
+                .map(|s| inherit::hand_over(s.listener()))
+                .transpose()?;
+            Ok((control, sync))
+        });
+        let (control, sync) = match handed {
+            Ok(sockets) => sockets,
+            Err(source) => return DaemonError::Upgrade { source },
+        };
+        if let Some(sync) = self.sync.take() {
+            sync.stop();
+        }
+        self.refresh_heartbeat();
+        info!("re-executing in place: the new run adopts the VIPs");
+        let mut sockets = vec![(inherit::CONTROL, &control)];
+        if let Some(sync) = &sync {
+            sockets.push((inherit::SYNC, sync));
+        }
+        DaemonError::Upgrade {
+            source: inherit::exec_self(&sockets),
         }
     }
 

@@ -282,10 +282,11 @@ impl Dataplane {
         };
         let index = self.vip_slot(&key).ok()?;
         let slot = self.vips.get(&index, 0).ok()?;
-        (slot.is_used() && slot.key == key).then(|| match slot.entry.role {
+        let role = match slot.entry.role {
             ROLE_MASTER => Role::Master,
             _ => Role::Backup,
-        })
+        };
+        (slot.is_used() && slot.key == key).then_some(role)
     }
 
     /// Marks the daemon dead at once: XDP stops answering for every VIP.

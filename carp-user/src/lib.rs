@@ -8,6 +8,7 @@ pub mod control;
 pub mod daemon;
 pub mod dataplane;
 pub mod error;
+pub mod inherit;
 pub mod interfaces;
 pub mod map_batch;
 pub mod netlink;

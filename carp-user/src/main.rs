@@ -50,6 +50,11 @@ fn main() -> anyhow::Result<()> {
                 print!("{}", cli::format_flows(&flows));
             }
         }
+        Command::Upgrade { target } => {
+            let status = cli::upgrade(&target)?;
+            println!("upgraded in place");
+            print!("{}", cli::format_status(&status));
+        }
         Command::Maintenance { mode, target } => {
             let enable = matches!(mode, OnOff::On);
             let status = cli::request_status(&target, &Request::Maintenance { enable })?;

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use std::{
     collections::{HashMap, VecDeque},
     net::SocketAddr,
-    os::fd::AsRawFd,
+    os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd},
     path::Path,
     sync::{
         Arc, Mutex,
@@ -144,15 +144,19 @@ pub struct SyncHandle {
     demoted: watch::Receiver<bool>,
     jobs: std_mpsc::Sender<Job>,
     session: JoinHandle<()>,
+    /// The sync listener, valid while the session runs (handed over by `carp upgrade`).
+    listener_fd: RawFd,
 }
 
-/// Starts capture, session and installer. `deltas` and `flows` are the XDP maps.
+/// Starts capture, session and installer. `deltas` and `flows` are the XDP maps; `listener`
+/// is the sync socket a previous run handed over, if any.
 pub fn start(
     config: SyncConfig,
     node: String,
     state_dir: &Path,
     deltas: RingBuf<MapData>,
     flows: FlowMap,
+    listener: Option<OwnedFd>,
 ) -> std::io::Result<SyncHandle> {
     let conntrack = |what: &str| match Conntrack::open() {
         Ok(c) => Some(c),
@@ -161,7 +165,15 @@ pub fn start(
             None
         }
     };
-    let listener = bind(&config)?;
+    let listener = match listener {
+        Some(fd) => {
+            let listener = std::net::TcpListener::from(fd);
+            listener.set_nonblocking(true)?;
+            TcpListener::from_std(listener)?
+        }
+        None => bind(&config)?,
+    };
+    let listener_fd = listener.as_raw_fd();
     let installer_conntrack = conntrack("installing");
     let unsent = UnsentDeletes::load(state_dir);
     let shared = Arc::new(Shared {
@@ -224,6 +236,7 @@ pub fn start(
         demoted,
         jobs,
         session,
+        listener_fd,
     })
 }
 
@@ -290,6 +303,12 @@ impl SyncHandle {
             .collect();
         rows.sort_by(|a, b| (&a.src, a.sport, &a.dst).cmp(&(&b.src, b.sport, &b.dst)));
         rows
+    }
+
+    /// The sync listener, for `carp upgrade` to hand over before it stops the session.
+    pub fn listener(&self) -> BorrowedFd<'_> {
+        // SAFETY: the session task owns the listener and runs until `stop`, which takes self.
+        unsafe { BorrowedFd::borrow_raw(self.listener_fd) }
     }
 
     /// Whether the session task still runs; it ends only by a panic (logged by tokio).
