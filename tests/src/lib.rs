@@ -5,16 +5,18 @@
 //! ```text
 //!   client 198.18.1.100 ── br-lan ──┬── lan gw1 198.18.1.2   wan ──┬── br-wan ── server 198.18.2.100
 //!                      (VIP .1.1)   └── lan gw2 198.18.1.3   wan ──┘  (VIP 198.18.2.1)
-//!                                        gw1 sync 198.18.3.1 ── gw2 sync 198.18.3.2
+//!                                gw1 sync 198.18.3.1 ── br-sync ── gw2 sync 198.18.3.2
 //! ```
 
 pub mod baselines;
 pub mod bench;
 pub mod cluster;
 pub mod demo;
+pub mod impair;
 pub mod inspect;
 pub mod ping;
 pub mod probe;
+pub mod soak;
 pub mod streams;
 pub mod syncbench;
 
@@ -215,7 +217,8 @@ impl Lab {
         self.sh(
             Host::Switch,
             "ip link add br-lan type bridge && ip link add br-wan type bridge \
-             && ip link set br-lan up && ip link set br-wan up",
+             && ip link add br-sync type bridge \
+             && ip link set br-lan up && ip link set br-wan up && ip link set br-sync up",
         )?;
         for gw in [Host::Gw1, Host::Gw2] {
             let o = gw.gw_octet();
@@ -225,29 +228,11 @@ impl Lab {
                 self.sh(gw, &format!("ip addr add 198.18.{net}.{o}/24 dev {side}"))?;
             }
             self.sh(gw, "sysctl -qw net.ipv4.ip_forward=1")?;
+            // The sync link runs through the switch, where it can be impaired.
+            self.veth(gw, "sync", &format!("{t}-sync"), "br-sync")?;
+            let (me, _) = sync_addresses(gw);
+            self.sh(gw, &format!("ip addr add {me}/24 dev sync"))?;
         }
-        ip(&[
-            "link",
-            "add",
-            "sync",
-            "netns",
-            &self.ns(Host::Gw1),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "sync",
-            "netns",
-            &self.ns(Host::Gw2),
-        ])?;
-        self.sh(
-            Host::Gw1,
-            "ip addr add 198.18.3.1/24 dev sync && ip link set sync up",
-        )?;
-        self.sh(
-            Host::Gw2,
-            "ip addr add 198.18.3.2/24 dev sync && ip link set sync up",
-        )?;
         self.veth(Host::Client, "eth0", "cl", "br-lan")?;
         self.sh(
             Host::Client,
@@ -277,6 +262,32 @@ impl Lab {
                 ),
             )?;
         }
+        Ok(())
+    }
+
+    /// Impairs the sync link (loss, delay, reordering) until [`Lab::heal_sync`]: its two
+    /// switch ports leave the bridge and a `carp-traffic impair` forwards between them.
+    pub fn impair_sync(&self, impairment: &impair::Impairment) -> Result<u32> {
+        let (a, b) = ("gw1-sync", "gw2-sync");
+        self.sh(
+            Host::Switch,
+            &format!("ip link set {a} nomaster && ip link set {b} nomaster"),
+        )?;
+        let bin = traffic_bin()?.to_string_lossy().into_owned();
+        let mut args = vec![bin];
+        args.extend(impairment.args(a, b));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let log = self.dir.join(format!("impair-{}.log", unix_us()));
+        self.spawn(Host::Switch, &args, &log)
+    }
+
+    /// Ends an impairment: the forwarder `pid` stops and the ports rejoin the bridge.
+    pub fn heal_sync(&self, pid: u32) -> Result<()> {
+        end_process(pid, Duration::from_secs(2));
+        self.sh(
+            Host::Switch,
+            "ip link set gw1-sync master br-sync && ip link set gw2-sync master br-sync",
+        )?;
         Ok(())
     }
 
@@ -346,7 +357,9 @@ impl Lab {
         env: &[(&str, &str)],
         log: &Path,
     ) -> Result<u32> {
-        let log_file = fs::File::create(log)?;
+        // Appended: a daemon started again keeps its earlier runs' lines (the soak reads
+        // every run's log for panics).
+        let log_file = fs::OpenOptions::new().create(true).append(true).open(log)?;
         let child = self
             .command(host, args)
             .envs(env.iter().copied())

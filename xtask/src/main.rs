@@ -33,6 +33,14 @@ enum Task {
     Test,
     /// Failover times and XDP cost, against ucarp, keepalived and a bare XDP program.
     Bench,
+    /// Random faults over the lab under traffic, invariants checked throughout (needs root).
+    Soak {
+        #[arg(long, default_value_t = 30.0)]
+        minutes: f64,
+        /// Repeats an earlier run's draws.
+        #[arg(long)]
+        seed: Option<u64>,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -72,6 +80,17 @@ fn main() -> Result<()> {
             setup::ensure()?;
             build(Profile::Debug)?;
             test(&root)
+        }
+        Task::Soak { minutes, seed } => {
+            setup::ensure()?;
+            build(Profile::Debug)?;
+            let minutes = minutes.to_string();
+            let mut args = vec!["soak", "--minutes", &minutes];
+            let seed = seed.map(|s| s.to_string());
+            if let Some(seed) = &seed {
+                args.extend(["--seed", seed]);
+            }
+            lab_tool(&root, &args)
         }
         Task::Bench => {
             setup::ensure()?;
@@ -202,6 +221,15 @@ fn test(root: &Path) -> Result<()> {
             .args(["+nightly", "fuzz", "run", target, "--"])
             .arg(format!("-max_total_time={FUZZ_SECONDS}")))
     });
+    step(&format!("chaos soak, {SOAK_MINUTES} minutes"));
+    let soak = lab_tool(root, &["soak", "--minutes", &SOAK_MINUTES.to_string()]);
+    match &soak {
+        Ok(()) => total.passed += 1,
+        Err(e) => {
+            total.failed += 1;
+            total.failures.push(format!("chaos soak: {e:#}"));
+        }
+    }
     // CI shows only the end of a long log: repeat what failed where it will be seen.
     for block in &total.failures {
         println!("\n{block}");
@@ -210,8 +238,11 @@ fn test(root: &Path) -> Result<()> {
         "\nxtask test: {} passed, {} failed",
         total.passed, total.failed
     );
-    unit.and(namespaces).and(fuzz)
+    unit.and(namespaces).and(fuzz).and(soak)
 }
+
+/// How long `cargo xtask test` runs the chaos soak.
+const SOAK_MINUTES: u32 = 2;
 
 /// The cargo-fuzz targets under fuzz/ and how long each runs in `cargo xtask test`.
 const FUZZ_TARGETS: [&str; 3] = ["advert", "config", "sync_frame"];

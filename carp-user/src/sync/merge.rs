@@ -88,16 +88,33 @@ pub struct Held {
     pub updated: Instant,
 }
 
+/// How long a flow that ended here refuses the peer's updates. The peer may have sent one
+/// before our delete reached it (a stale answer, a bulk answer): arriving after the delete,
+/// it would bring the ended flow back, here and in this node's kernel, for good (found by
+/// the chaos soak). A tuple reused within this time by a connection through the peer waits
+/// for its next refresh.
+pub const ENDED_REFUSES_UPDATES: Duration = Duration::from_secs(5);
+
 /// The user-space copy of the flows: what the peer is sent in a bulk update, what the merge
 /// rule compares against, and what `carp flows` lists.
 #[derive(Debug, Default)]
 pub struct FlowTable {
     flows: HashMap<FlowKey, Held>,
+    /// Flows that ended here, and when.
+    ended: HashMap<FlowKey, Instant>,
 }
 
 impl FlowTable {
     /// Applies `record` from the peer if it is new or newer; returns the verdict either way.
+    /// An update for a flow that ended here moments ago is nothing new.
     pub fn merge(&mut self, record: FlowRecord, now: Instant) -> Verdict {
+        if self
+            .ended
+            .get(&record.key)
+            .is_some_and(|at| now.saturating_duration_since(*at) < ENDED_REFUSES_UPDATES)
+        {
+            return Verdict::Same;
+        }
         let verdict = judge(self.get(&record.key), &record);
         if matches!(verdict, Verdict::New | Verdict::Newer) {
             self.hold(record, Origin::Peer, now);
@@ -107,6 +124,9 @@ impl FlowTable {
 
     /// Takes `record` as captured here: local capture is the truth, never judged.
     pub fn hold(&mut self, record: FlowRecord, origin: Origin, now: Instant) {
+        if origin == Origin::Local {
+            self.ended.remove(&record.key);
+        }
         self.flows.insert(
             record.key,
             Held {
@@ -117,9 +137,15 @@ impl FlowTable {
         );
     }
 
-    /// Forgets an ended flow; returns whether it was known.
+    /// Forgets a flow the peer says ended; returns whether it was known.
     pub fn remove(&mut self, key: &FlowKey) -> bool {
         self.flows.remove(key).is_some()
+    }
+
+    /// Forgets a flow that ended here, refusing the peer's updates of it for a while.
+    pub fn end(&mut self, key: &FlowKey, now: Instant) {
+        self.flows.remove(key);
+        self.ended.insert(*key, now);
     }
 
     pub fn get(&self, key: &FlowKey) -> Option<&FlowRecord> {
@@ -158,6 +184,8 @@ impl FlowTable {
         for key in &expired {
             self.flows.remove(key);
         }
+        self.ended
+            .retain(|_, at| now.saturating_duration_since(*at) < ENDED_REFUSES_UPDATES);
         expired
     }
 }
@@ -179,6 +207,28 @@ mod tests {
         assert_eq!(table.merge(r, at()), Verdict::New);
         assert_eq!(table.merge(r, at()), Verdict::Same);
         assert_eq!(table.len(), 1);
+    }
+
+    #[test]
+    fn an_update_crossing_our_delete_does_not_bring_the_flow_back() {
+        let t0 = at();
+        let mut table = FlowTable::default();
+        let r = tcp_record(1, TcpPhase::Established, 100);
+        table.hold(r, Origin::Local, t0);
+        // The flow ends here; the peer's copy, sent before it heard, arrives after.
+        table.end(&r.key, t0);
+        assert_eq!(
+            table.merge(r, t0 + Duration::from_millis(50)),
+            Verdict::Same
+        );
+        assert!(table.get(&r.key).is_none(), "still ended");
+        // Captured here again (the tuple reused): local capture is the truth.
+        table.hold(r, Origin::Local, t0 + Duration::from_millis(60));
+        table.end(&r.key, t0 + Duration::from_millis(70));
+        // Long after, the peer's news counts again.
+        let later = t0 + ENDED_REFUSES_UPDATES + Duration::from_secs(1);
+        table.expire(later);
+        assert_eq!(table.merge(r, later), Verdict::New);
     }
 
     #[test]

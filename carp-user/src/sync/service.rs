@@ -588,7 +588,7 @@ impl Session {
                 record.key
             }
             Local::Delete(key) => {
-                table.remove(&key);
+                table.end(&key, now);
                 key
             }
         };

@@ -1,7 +1,8 @@
 //! `carp-lab`: the namespace lab from the command line (`cargo xtask lab|demo|bench` run it).
 //!
 //! `carp-lab up` builds the lab and keeps it, `carp-lab down [ID]` removes it (the last one
-//! by default), `carp-lab demo` runs the failover demonstration, `carp-lab bench` measures.
+//! by default), `carp-lab demo` runs the failover demonstration, `carp-lab bench` measures,
+//! `carp-lab soak` injects faults and checks invariants.
 
 use anyhow::{Context, Result, bail};
 use carp_lab::Lab;
@@ -46,7 +47,14 @@ fn main() -> Result<()> {
         ["bench", "xdp"] => carp_lab::bench::run_xdp()?,
         ["bench", "sync"] => carp_lab::bench::run_sync()?,
         ["load", "--iface", iface] => carp_lab::inspect::load(iface)?,
-        _ => bail!("usage: carp-lab up | down [ID] | demo | bench [xdp|sync] | load --iface IF"),
+        ["soak", "--minutes", minutes] => carp_lab::soak::run(minutes.parse()?, None)?,
+        ["soak", "--minutes", minutes, "--seed", seed] => {
+            carp_lab::soak::run(minutes.parse()?, Some(seed.parse()?))?
+        }
+        _ => bail!(
+            "usage: carp-lab up | down [ID] | demo | bench [xdp|sync] | load --iface IF \
+             | soak --minutes N [--seed S]"
+        ),
     }
     Ok(())
 }

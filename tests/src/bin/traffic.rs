@@ -7,6 +7,9 @@
 //! and one UDP flow (a datagram every 20 ms), reads for SECONDS, then prints one line per
 //! connection, `tcp <n> bytes=<b> last_rx_us=<t> error=<e>`, and
 //! `udp sent=<s> received=<r> last_rx_us=<t>`, so a test can tell which ones survived.
+//!
+//! `carp-traffic impair IF_A IF_B LOSS_% DELAY_MS JITTER_MS REORDER_%`: forwards frames
+//! between two interfaces with loss, delay and reordering (netem in user space).
 
 use anyhow::{Result, bail};
 use carp_lab::unix_us;
@@ -35,7 +38,20 @@ fn main() -> Result<()> {
             conns.parse()?,
             Duration::from_secs(seconds.parse()?),
         ),
-        _ => bail!("usage: carp-traffic serve ADDR:PORT | streams ADDR:PORT CONNS SECONDS"),
+        [_, "impair", a, b, loss, delay_ms, jitter_ms, reorder] => carp_lab::impair::run(
+            a,
+            b,
+            carp_lab::impair::Impairment {
+                loss_pct: loss.parse()?,
+                delay: Duration::from_millis(delay_ms.parse()?),
+                jitter: Duration::from_millis(jitter_ms.parse()?),
+                reorder_pct: reorder.parse()?,
+            },
+        ),
+        _ => bail!(
+            "usage: carp-traffic serve ADDR:PORT | streams ADDR:PORT CONNS SECONDS \
+             | impair IF_A IF_B LOSS_% DELAY_MS JITTER_MS REORDER_%"
+        ),
     }
 }
 
