@@ -102,6 +102,9 @@ pub enum Change<'a> {
     Update(&'a FlowRecord),
     /// An ended connection.
     Delete(&'a FlowKey),
+    /// A TCP connection whose windows moved on elsewhere: the kernel stops checking its
+    /// sequence numbers (nothing else changes).
+    Liberal(&'a FlowKey),
 }
 
 /// An open ctnetlink socket.
@@ -343,6 +346,22 @@ fn encode_change(out: &mut Vec<u8>, change: &Change, seq: u32, fence: bool) {
         Change::Delete(key) => {
             let at = begin_message(out, IPCTNL_MSG_CT_DELETE, flags, seq);
             put_tuple(out, CTA_TUPLE_ORIG, key, Direction::Original);
+            end_message(out, at, family(key));
+        }
+        Change::Liberal(key) => {
+            let at = begin_message(out, IPCTNL_MSG_CT_NEW, flags, seq);
+            put_tuple(out, CTA_TUPLE_ORIG, key, Direction::Original);
+            let info = begin_nest(out, CTA_PROTOINFO);
+            let tcp = begin_nest(out, CTA_PROTOINFO_TCP);
+            for attr in [
+                CTA_PROTOINFO_TCP_FLAGS_ORIGINAL,
+                CTA_PROTOINFO_TCP_FLAGS_REPLY,
+            ] {
+                // struct nf_ct_tcp_flags { flags, mask }: this one flag, the rest kept.
+                put(out, attr, &[TCP_FLAG_BE_LIBERAL, TCP_FLAG_BE_LIBERAL]);
+            }
+            end_nest(out, tcp);
+            end_nest(out, info);
             end_message(out, at, family(key));
         }
     }

@@ -499,7 +499,7 @@ impl Daemon {
     async fn take_vip(&mut self, i: usize) {
         // The peer's flows must be in the kernel before traffic arrives for the VIP.
         if let Some(sync) = &self.sync
-            && !sync.barrier(INSTALL_BARRIER).await
+            && !sync.prepare_takeover(INSTALL_BARRIER).await
         {
             warn!(
                 "synced flows not all installed within {INSTALL_BARRIER:?}: taking the VIP anyway"

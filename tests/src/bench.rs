@@ -106,7 +106,11 @@ pub fn run() -> Result<()> {
     let keepalived = unplanned_baseline(System::Keepalived)?;
     say("planned failover: carp, ping 100/s through the gateways");
     let planned = planned_carp()?;
+    say("restart of the master's daemon: ping 1,000/s through the gateways");
+    let restarted = restarts()?;
     let (sync, conntrackd) = measure_sync()?;
+    say("state sync: a bulk update over a lossy sync link");
+    let lossy = crate::syncbench::bulk_under_loss()?;
 
     println!("\n==================== carp benchmark results ====================");
     xdp.print();
@@ -162,7 +166,9 @@ pub fn run() -> Result<()> {
         "  target: under 50 ms and at most one lost ping: {}",
         verdict(ok)
     );
+    print_restarts(&restarted);
     print_sync(&sync, &conntrackd);
+    print_loss(lossy);
     Ok(())
 }
 
@@ -602,4 +608,119 @@ fn planned_carp() -> Result<Vec<Planned>> {
         let _ = std::fs::remove_dir_all(lab.dir.join(format!("{}-state", gw1.name)));
     }
     Ok(results)
+}
+
+/// Pings lost across a restart of the master's daemon, one way or another.
+struct Restarted {
+    how: &'static str,
+    /// From the kill or the request to the new run answering.
+    took: Duration,
+    ping: ping::PingReport,
+    backup_moved: bool,
+}
+
+/// The master's daemon SIGKILLed and started again at once, and `carp upgrade`, each under
+/// pings at 1,000/s through both VIPs, each on a fresh pair.
+fn restarts() -> Result<Vec<Restarted>> {
+    let lab = Lab::up()?;
+    let bin = carp_bin()?;
+    let mut results = Vec::new();
+    for how in ["SIGKILL + restart", "carp upgrade"] {
+        let gw1 = lab.start_carp(&bin, Host::Gw1, &NodeOptions::default())?;
+        let gw2 = lab.start_carp(&bin, Host::Gw2, &backup_opts())?;
+        wait_all(&gw1, State::Master, Duration::from_secs(10))?;
+        wait_all(&gw2, State::Backup, Duration::from_secs(10))?;
+        let backup_since: Vec<String> = gw2.status()?.vips.into_iter().map(|v| v.since).collect();
+        let log = lab.dir.join(format!("bench-restart-{}.log", unix_us()));
+        let ping_pid = lab.ping_background(Host::Client, SERVER_IP, 0.001, 5000, &log)?;
+        std::thread::sleep(Duration::from_secs(1));
+        let started = Instant::now();
+        let gw1 = if how == "carp upgrade" {
+            carp_cli(&["upgrade", "--socket", &gw1.socket.to_string_lossy()])?;
+            gw1
+        } else {
+            kill_hard(gw1.pid);
+            lab.restart_carp(&bin, &gw1)?
+        };
+        let took = started.elapsed();
+        if !wait_exit(ping_pid, Duration::from_secs(20)) {
+            bail!("ping did not finish");
+        }
+        let ping = ping::parse(&std::fs::read_to_string(&log)?);
+        let after = gw2.status()?;
+        let backup_moved = after
+            .vips
+            .iter()
+            .zip(&backup_since)
+            .any(|(v, since)| v.state != State::Backup || v.since != *since);
+        println!(
+            "    {how}: back in {:.0} ms, {} of {} pings lost, backup moved: {backup_moved}",
+            took.as_secs_f64() * 1000.0,
+            ping.lost(),
+            ping.sent
+        );
+        results.push(Restarted {
+            how,
+            took,
+            ping,
+            backup_moved,
+        });
+        end_process(gw1.pid, Duration::from_secs(5));
+        end_process(gw2.pid, Duration::from_secs(5));
+    }
+    Ok(results)
+}
+
+fn print_restarts(restarts: &[Restarted]) {
+    println!(
+        "
+Restart of the master's daemon, ping client -> server every 1 ms through both VIPs"
+    );
+    println!(
+        "  {:<18} {:>12} {:>11} {:>13}",
+        "how", "back in", "lost pings", "backup moved"
+    );
+    for r in restarts {
+        println!(
+            "  {:<18} {:>9.0} ms {:>5} of {:<4} {:>13}",
+            r.how,
+            r.took.as_secs_f64() * 1000.0,
+            r.ping.lost(),
+            r.ping.sent,
+            if r.backup_moved { "yes" } else { "no" }
+        );
+    }
+    let ok = restarts
+        .iter()
+        .all(|r| r.ping.lost() == 0 && !r.backup_moved);
+    println!(
+        "  target: 0 pings lost, the backup never moves: {}",
+        verdict(ok)
+    );
+}
+
+/// Only the restart figures (`carp-lab bench restart`).
+pub fn run_restart() -> Result<()> {
+    print_restarts(&restarts()?);
+    Ok(())
+}
+
+/// Only the lossy bulk (`carp-lab bench loss`).
+pub fn run_loss() -> Result<()> {
+    print_loss(crate::syncbench::bulk_under_loss()?);
+    Ok(())
+}
+
+fn print_loss(took: Duration) {
+    let link = crate::syncbench::LOSSY_LINK;
+    println!(
+        "
+Bulk update of {} flows over a sync link losing {}% of frames with {} ms delay each way: \
+         complete in the peer's kernel after {:.1} s ({:.0} states/s)",
+        crate::syncbench::BULK_FLOWS,
+        link.loss_pct,
+        link.delay.as_millis(),
+        took.as_secs_f64(),
+        f64::from(crate::syncbench::BULK_FLOWS) / took.as_secs_f64()
+    );
 }

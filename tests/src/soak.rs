@@ -500,11 +500,13 @@ impl Soak {
             by_pid.entry(sample.pid).or_default().push(sample);
         }
         let mut record = lock(&self.record);
+        let mut checked = 0;
         for (pid, runs) in by_pid {
             // The first samples are start-up; a life under a minute says little.
             if runs.len() < 12 {
                 continue;
             }
+            checked += 1;
             self.count_check();
             let early = &runs[2..5];
             let late = &runs[runs.len() - 3..];
@@ -530,6 +532,9 @@ impl Soak {
                 ));
             }
         }
+        record.event(format!(
+            "descriptors and memory checked over {checked} daemon lives of a minute or more"
+        ));
     }
 
     /// No daemon panicked, and both still run.

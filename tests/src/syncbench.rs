@@ -3,7 +3,10 @@
 //! sending side is this process on gw1's end of the sync link, speaking the real protocol
 //! with the real key; the receiving side is `carp run` on gw2, installing through ctnetlink.
 
-use crate::{Host, Lab, NodeOptions, SYNC_SECRET, WAN_VIP, carp_bin, cluster::backup_opts};
+use crate::{
+    Host, Lab, NodeOptions, SYNC_SECRET, WAN_VIP, carp_bin, cluster::backup_opts,
+    impair::Impairment,
+};
 use anyhow::{Context, Result};
 use carp::{
     conntrack::{Change, Conntrack},
@@ -120,9 +123,14 @@ fn rss_bytes(pid: u32) -> Result<u64> {
 
 /// Waits until `ns` holds `target` connections; the time it took from `since`.
 fn wait_count(ns: &str, target: u64, since: Instant) -> Result<Duration> {
+    wait_count_within(ns, target, since, Duration::from_secs(60))
+}
+
+/// [`wait_count`], giving up after `limit`.
+fn wait_count_within(ns: &str, target: u64, since: Instant, limit: Duration) -> Result<Duration> {
     let ns = ns.to_string();
     in_netns(&ns, move || -> Result<Duration> {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + limit;
         loop {
             let n = read_count()?;
             if n >= target {
@@ -458,4 +466,71 @@ fn commit(
     let started = Instant::now();
     lab.conntrackd(daemon, &["-c"])?;
     wait_count(ns, base + target, started)
+}
+
+/// The sync link's bad spell for [`bulk_under_loss`]: 20% of frames lost and 50 ms of delay,
+/// each way.
+pub const LOSSY_LINK: Impairment = Impairment {
+    loss_pct: 20,
+    delay: Duration::from_millis(50),
+    jitter: Duration::ZERO,
+    reorder_pct: 0,
+};
+
+/// A bulk update of [`BULK_FLOWS`] over the impaired sync link into a real `carp run` on
+/// gw2: the time from the first byte sent until all are in gw2's kernel conntrack.
+pub fn bulk_under_loss() -> Result<Duration> {
+    let lab = Lab::up()?;
+    lab.enable_nat()?;
+    let _gw2 = lab.start_carp(
+        &carp_bin()?,
+        Host::Gw2,
+        &NodeOptions {
+            sync_key: Some(SYNC_SECRET.into()),
+            ..backup_opts()
+        },
+    )?;
+    let gw2_ns = lab.ns(Host::Gw2);
+    let base = conntrack_count(&gw2_ns)?;
+    let forwarder = lab.impair_sync(&LOSSY_LINK)?;
+    let took = in_netns(&lab.ns(Host::Gw1), move || -> Result<Duration> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            // The handshake itself may lose a message: dial again, as the daemon does.
+            let mut session = None;
+            for _ in 0..10 {
+                if let Ok(Ok(s)) =
+                    tokio::time::timeout(Duration::from_secs(20), connect_as_peer()).await
+                {
+                    session = Some(s);
+                    break;
+                }
+            }
+            let mut session = session.context("no session over the lossy link")?;
+            let records: Vec<FlowRecord> = (0..BULK_FLOWS).map(synthetic).collect();
+            let mut frames = vec![Frame::BulkStart { generation: 1 }];
+            frames.extend(upsert_frames(&records));
+            frames.push(Frame::BulkEnd {
+                generation: 1,
+                count: u64::from(BULK_FLOWS),
+            });
+            let started = Instant::now();
+            let waiting = tokio::task::spawn_blocking(move || {
+                wait_count_within(
+                    &gw2_ns,
+                    base + u64::from(BULK_FLOWS),
+                    started,
+                    Duration::from_secs(1200),
+                )
+            });
+            session.send(&frames).await?;
+            waiting.await?
+        })
+    })
+    .join()
+    .expect("no panic");
+    lab.heal_sync(forwarder)?;
+    took?
 }

@@ -28,6 +28,8 @@ pub enum Job {
     Delete(Vec<FlowKey>),
     /// Answered once every earlier job is done.
     Barrier(tokio::sync::oneshot::Sender<()>),
+    /// TCP connections this node carried before the peer did: their windows moved on.
+    Liberal(Vec<FlowKey>),
     /// Panics the installer: the test hook that shows a dead installer is noticed.
     Panic,
 }
@@ -146,6 +148,7 @@ impl Installer {
                     let _ = done.send(());
                 }
             },
+            Job::Liberal(keys) => self.liberal(&keys),
             Job::Panic => panic!("installer panic requested through the test hook"),
         }
     }
@@ -206,6 +209,29 @@ impl Installer {
         let mut stats = lock(&self.report.stats);
         stats.conntrack_created += ok_created;
         stats.conntrack_updated += ok_updated;
+    }
+
+    fn liberal(&mut self, keys: &[FlowKey]) {
+        let Some(conntrack) = &mut self.conntrack else {
+            return;
+        };
+        let changes: Vec<Change> = keys.iter().map(Change::Liberal).collect();
+        for batch in changes.chunks(JOB_BATCH) {
+            match conntrack.apply(batch) {
+                // A connection the kernel no longer holds needs nothing.
+                Ok(results) => {
+                    for errno in results.into_iter().filter_map(Result::err) {
+                        if errno != libc::ENOENT {
+                            let what = std::io::Error::from_raw_os_error(errno);
+                            self.report.failed(1, format!("conntrack liberal: {what}"));
+                        }
+                    }
+                }
+                Err(e) => self
+                    .report
+                    .failed(batch.len() as u64, format!("ctnetlink: {e}")),
+            }
+        }
     }
 
     fn delete(&mut self, keys: &[FlowKey]) {

@@ -20,6 +20,7 @@ use crate::{
     error::Chain,
 };
 use aya::maps::{MapData, RingBuf};
+use carp_common::flow::IPPROTO_TCP;
 use serde::{Deserialize, Serialize};
 use std::{
     collections::{HashMap, VecDeque},
@@ -50,8 +51,6 @@ const DEAD_AFTER: Duration = Duration::from_secs(4);
 /// Deletes sent this recently are told again after a lost session: longer than it takes to
 /// notice a dead link.
 const RESEND_DELETES_WITHIN: Duration = Duration::from_secs(10);
-/// A send that takes longer means the peer stopped reading.
-const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The `[sync]` section, validated.
@@ -146,6 +145,8 @@ pub struct SyncHandle {
     session: JoinHandle<()>,
     /// The sync listener, valid while the session runs (handed over by `carp upgrade`).
     listener_fd: RawFd,
+    /// When [`SyncHandle::prepare_takeover`] last marked this node's connections.
+    last_takeover: Mutex<Option<Instant>>,
 }
 
 /// Starts capture, session and installer. `deltas` and `flows` are the XDP maps; `listener`
@@ -237,6 +238,7 @@ pub fn start(
         jobs,
         session,
         listener_fd,
+        last_takeover: Mutex::new(None),
     })
 }
 
@@ -258,8 +260,37 @@ impl SyncHandle {
         *self.demoted.borrow()
     }
 
-    /// Waits until every flow received so far is installed (before claiming VIPs); false
-    /// if that took longer than `limit`.
+    /// Before claiming VIPs: the TCP connections this node captured itself may have been
+    /// carried by the peer meanwhile, their windows moved past what this kernel saw, so the
+    /// kernel stops checking their sequence numbers (the peer's flows were installed so
+    /// already); then waits until all of it, and every flow received so far, is installed.
+    /// False if that took longer than `limit`.
+    pub async fn prepare_takeover(&self, limit: Duration) -> bool {
+        // The VIPs of one takeover come one after another: once is enough.
+        let now = Instant::now();
+        let due = {
+            let mut last = lock(&self.last_takeover);
+            let due = last.is_none_or(|at| now.duration_since(at) > limit);
+            if due {
+                *last = Some(now);
+            }
+            due
+        };
+        if due {
+            let own: Vec<FlowKey> = lock(&self.shared.table)
+                .held()
+                .filter(|h| h.origin == Origin::Local && h.record.key.proto == IPPROTO_TCP)
+                .map(|h| h.record.key)
+                .collect();
+            if !own.is_empty() {
+                let _ = self.jobs.send(Job::Liberal(own));
+            }
+        }
+        self.barrier(limit).await
+    }
+
+    /// Waits until every flow received so far is installed; false if that took longer than
+    /// `limit`.
     pub async fn barrier(&self, limit: Duration) -> bool {
         let (done, wait) = oneshot::channel();
         if self.jobs.send(Job::Barrier(done)).is_err() {
@@ -493,7 +524,8 @@ impl Session {
                     if !expired.is_empty() {
                         let _ = self.jobs.send(Job::Delete(expired));
                     }
-                    if self.stream.is_some() {
+                    if let Some(stream) = &self.stream {
+                        self.last_rx = self.last_rx.max(stream.last_progress());
                         if now.duration_since(self.last_rx) > DEAD_AFTER {
                             self.disconnected(&TransportError::Silent(DEAD_AFTER));
                         } else {
@@ -701,7 +733,13 @@ impl Session {
             return;
         }
         let frames = std::mem::take(&mut self.outbox);
-        let result = tokio::time::timeout(SEND_TIMEOUT, stream.send(&frames)).await;
+        let started = Instant::now();
+        let result = stream.send(&frames).await;
+        if result.is_ok() && started.elapsed() > KEEPALIVE {
+            // Nothing was read while the send waited for the peer to take it; that it did
+            // shows the peer alive.
+            self.last_rx = Instant::now();
+        }
         // Sent or not, the deletes are kept a while: bytes in flight when the link dies are
         // lost without an error, and the session notices only DEAD_AFTER later.
         let now = Instant::now();
@@ -715,11 +753,10 @@ impl Session {
             self.recent_deletes.pop_front();
         }
         match result {
-            Ok(Ok(())) => {
+            Ok(()) => {
                 lock(&self.shared.status).deltas_sent += sent;
             }
-            Ok(Err(e)) => self.disconnected(&e),
-            Err(_) => self.disconnected(&TransportError::SendStalled(SEND_TIMEOUT)),
+            Err(e) => self.disconnected(&e),
         }
     }
 

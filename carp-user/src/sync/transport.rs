@@ -6,6 +6,7 @@
 
 use super::proto::{Frame, HEADER_LEN, MAX_PAYLOAD, ProtoError};
 use sha2::{Digest, Sha256};
+use std::time::{Duration, Instant};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -17,10 +18,13 @@ pub const NOISE_PATTERN: &str = "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s";
 const MAX_MESSAGE: usize = 65_535;
 /// ChaChaPoly's authentication tag.
 const TAG_LEN: usize = 16;
+/// A send that moves no message into the socket for this long means the peer stopped
+/// reading. Generous: TCP's retransmission backoff on a lossy link stalls for seconds.
+pub const SEND_STALL: Duration = Duration::from_secs(60);
 /// Shortest shared secret accepted.
 pub const MIN_SECRET_LEN: usize = 16;
 /// How long a handshake may take: a peer that connects and stalls holds nothing for long.
-pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Plaintext waiting to be decoded may hold at most one frame plus one message.
 const MAX_INBOX: usize = HEADER_LEN + MAX_PAYLOAD + MAX_MESSAGE;
 
@@ -49,9 +53,9 @@ pub enum TransportError {
     #[error("sync handshake took longer than {HANDSHAKE_TIMEOUT:?}")]
     HandshakeTimeout,
     #[error("sync peer silent for {0:?}")]
-    Silent(std::time::Duration),
+    Silent(Duration),
     #[error("sync peer stopped reading for {0:?}")]
-    SendStalled(std::time::Duration),
+    SendStalled(Duration),
     #[error("sync peer sent {len} bytes of plaintext that do not form a frame")]
     Overflow { len: usize },
 }
@@ -84,6 +88,9 @@ pub struct SyncStream {
     /// Received bytes not yet a whole Noise message.
     raw: Vec<u8>,
     buf: Vec<u8>,
+    /// When bytes last arrived: on a lossy link a frame can take seconds to complete, and
+    /// the peer is alive as long as its bytes keep coming.
+    last_progress: Instant,
 }
 
 fn builder(key: &SharedKey) -> Result<snow::Builder<'_>, TransportError> {
@@ -170,7 +177,13 @@ impl SyncStream {
             inbox: Vec::new(),
             raw: Vec::with_capacity(2 * MAX_MESSAGE),
             buf: vec![0u8; MAX_MESSAGE],
+            last_progress: Instant::now(),
         }
+    }
+
+    /// When the peer's bytes last arrived.
+    pub fn last_progress(&self) -> Instant {
+        self.last_progress
     }
 
     /// Encodes, encrypts and sends `frames`, packed into as few messages as fit.
@@ -181,7 +194,11 @@ impl SyncStream {
         }
         for chunk in plaintext.chunks(MAX_MESSAGE - TAG_LEN) {
             let n = self.noise.write_message(chunk, &mut self.buf)?;
-            write_message(&mut self.stream, &self.buf[..n]).await?;
+            // Progress, not the whole send, is timed: a bulk answer over a lossy link may
+            // take minutes, and only a peer that stops taking bytes at all is stuck.
+            tokio::time::timeout(SEND_STALL, write_message(&mut self.stream, &self.buf[..n]))
+                .await
+                .map_err(|_| TransportError::SendStalled(SEND_STALL))??;
         }
         Ok(())
     }
@@ -205,6 +222,7 @@ impl SyncStream {
                 if self.stream.read_buf(&mut self.raw).await? == 0 {
                     return Err(TransportError::Closed);
                 }
+                self.last_progress = Instant::now();
                 continue;
             };
             let n = self

@@ -46,13 +46,15 @@ fn main() -> Result<()> {
         ["bench"] => carp_lab::bench::run()?,
         ["bench", "xdp"] => carp_lab::bench::run_xdp()?,
         ["bench", "sync"] => carp_lab::bench::run_sync()?,
+        ["bench", "restart"] => carp_lab::bench::run_restart()?,
+        ["bench", "loss"] => carp_lab::bench::run_loss()?,
         ["load", "--iface", iface] => carp_lab::inspect::load(iface)?,
         ["soak", "--minutes", minutes] => carp_lab::soak::run(minutes.parse()?, None)?,
         ["soak", "--minutes", minutes, "--seed", seed] => {
             carp_lab::soak::run(minutes.parse()?, Some(seed.parse()?))?
         }
         _ => bail!(
-            "usage: carp-lab up | down [ID] | demo | bench [xdp|sync] | load --iface IF \
+            "usage: carp-lab up | down [ID] | demo | bench [xdp|sync|restart|loss] | load --iface IF \
              | soak --minutes N [--seed S]"
         ),
     }
