@@ -100,11 +100,34 @@ pub struct VipSlot {
 }
 const _: () = assert!(size_of::<VipSlot>() == 16);
 
+/// `VipKey::ifindex` of a slot whose VIP was removed: no interface has it, so no lookup
+/// matches, and lookups probe on past it as past any used slot.
+pub const VIP_REMOVED_IFINDEX: u32 = u32::MAX;
+
 impl VipSlot {
-    /// Whether the slot was ever used.
+    /// A removed VIP's slot.
+    pub const REMOVED: VipSlot = VipSlot {
+        key: VipKey {
+            ifindex: VIP_REMOVED_IFINDEX,
+            addr: [0; 4],
+        },
+        entry: VipEntry {
+            mac: [0; 6],
+            role: ROLE_BACKUP,
+            vhid: 0,
+        },
+    };
+
+    /// Whether the slot was ever used (a removed VIP's slot counts: lookups probe past it).
     #[inline(always)]
     pub fn is_used(&self) -> bool {
         self.key.ifindex != 0
+    }
+
+    /// Whether a new VIP may take the slot: never used, or its VIP removed.
+    #[inline(always)]
+    pub fn is_free(&self) -> bool {
+        self.key.ifindex == 0 || self.key.ifindex == VIP_REMOVED_IFINDEX
     }
 }
 

@@ -52,6 +52,12 @@ pub enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Apply the daemon's configuration file again (as SIGHUP does): exit 2 with one line
+    /// per problem if it is refused, and the running configuration stays.
+    Reload {
+        #[command(flatten)]
+        target: Target,
+    },
     /// Re-execute the daemon's binary in place (after installing a new one): VIPs, XDP,
     /// connections and sockets are kept; returns once the new run answers.
     Upgrade {
@@ -180,9 +186,40 @@ pub fn request_status(target: &Target, req: &Request) -> anyhow::Result<Status> 
         .ok_or_else(|| anyhow::anyhow!("the daemon answered without a status"))
 }
 
+/// `carp reload`: what the daemon did and its status, or the problems that refused the file.
+pub fn reload(target: &Target) -> anyhow::Result<Result<(String, Status), Vec<String>>> {
+    let socket = target.socket()?;
+    let response = control::call(&socket, &Request::Reload)?;
+    if let Some(problems) = response.problems {
+        return Ok(Err(problems));
+    }
+    if !response.ok {
+        anyhow::bail!(
+            "{}",
+            response
+                .error
+                .unwrap_or_else(|| "the daemon refused".into())
+        );
+    }
+    let message = response.message.unwrap_or_default();
+    let status = response
+        .status
+        .ok_or_else(|| anyhow::anyhow!("the daemon answered without a status"))?;
+    if message == control::REEXECUTING {
+        // [sync] changed: the new run answers once it is up.
+        return Ok(Ok((message, wait_for_new_run(target)?)));
+    }
+    Ok(Ok((message, status)))
+}
+
 /// `carp upgrade`: asks for the re-exec, then waits for the new run's first status.
 pub fn upgrade(target: &Target) -> anyhow::Result<Status> {
     request_status(target, &Request::Upgrade)?;
+    wait_for_new_run(target)
+}
+
+/// After a re-exec: the first status of the new run.
+fn wait_for_new_run(target: &Target) -> anyhow::Result<Status> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
     loop {
         // The socket was handed over: this call waits in its queue for the new run.

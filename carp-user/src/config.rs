@@ -69,7 +69,7 @@ pub enum XdpModeChoice {
 }
 
 /// A validated configuration.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub node: Node,
     pub carp: Carp,
@@ -78,7 +78,7 @@ pub struct Config {
     pub sync: Option<SyncConfig>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Node {
     pub name: String,
     pub control_socket: PathBuf,
@@ -86,7 +86,7 @@ pub struct Node {
     pub xdp_mode: XdpModeChoice,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Carp {
     pub advbase: u8,
     pub advskew: u8,
@@ -97,7 +97,7 @@ pub struct Carp {
     pub peer: Option<Ipv4Addr>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Vip {
     pub interface: String,
     pub vhid: u8,

@@ -40,6 +40,8 @@ pub enum Request {
     Flows,
     /// Re-execute the daemon's binary in place, keeping its VIPs, XDP and sockets.
     Upgrade,
+    /// Apply the configuration file again (also SIGHUP).
+    Reload,
     /// Fault injection for the tests; refused unless the daemon runs with
     /// `CARP_TEST_HOOKS=1` in its environment.
     TestHook {
@@ -69,6 +71,12 @@ pub struct Response {
     pub status: Option<Status>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flows: Option<Vec<FlowRow>>,
+    /// What a reload did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// A refused configuration: `field: problem` lines, as `carp check` prints them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problems: Option<Vec<String>>,
 }
 
 /// The node as `carp status` shows it.
@@ -120,6 +128,9 @@ pub struct Counters {
     pub xdp_arp_dropped_stale: u64,
     pub xdp_vmac_accepted: u64,
 }
+
+/// A reload's answer when `[sync]` changed: the daemon re-executes in place to apply it.
+pub const REEXECUTING: &str = "sync settings changed: re-executing in place";
 
 /// A request waiting for the daemon's answer.
 pub type Pending = (Request, oneshot::Sender<Response>);
@@ -252,30 +263,52 @@ async fn handle_connection(stream: tokio::net::UnixStream, requests: mpsc::Sende
 }
 
 impl Response {
-    pub fn error(message: String) -> Self {
+    fn empty(ok: bool) -> Self {
         Self {
-            ok: false,
-            error: Some(message),
+            ok,
+            error: None,
             status: None,
             flows: None,
+            message: None,
+            problems: None,
+        }
+    }
+
+    pub fn error(message: String) -> Self {
+        Self {
+            error: Some(message),
+            ..Self::empty(false)
+        }
+    }
+
+    /// A configuration refused for `problems`.
+    pub fn refused(problems: Vec<String>) -> Self {
+        Self {
+            error: Some("configuration refused; the running one stays".into()),
+            problems: Some(problems),
+            ..Self::empty(false)
         }
     }
 
     pub fn flows(flows: Vec<FlowRow>) -> Self {
         Self {
-            ok: true,
-            error: None,
-            status: None,
             flows: Some(flows),
+            ..Self::empty(true)
         }
     }
 
     pub fn status(status: Status) -> Self {
         Self {
-            ok: true,
-            error: None,
             status: Some(status),
-            flows: None,
+            ..Self::empty(true)
+        }
+    }
+
+    /// The status with a word on what was done.
+    pub fn done(message: String, status: Status) -> Self {
+        Self {
+            message: Some(message),
+            ..Self::status(status)
         }
     }
 }

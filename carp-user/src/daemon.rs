@@ -6,10 +6,10 @@ use crate::{
     carp::{
         demotion::{self, SendHealth, Sources},
         frame::{self, AdvertAddrs},
-        fsm::{Action, DEMOTION_STEP, Params, PeerAdvert, State, Vhid},
+        fsm::{Action, DEMOTION_STEP, PeerAdvert, State, Vhid},
         packet::{Advert, CARP_GROUP_V4, CARP_TTL, IPPROTO_CARP},
     },
-    config::{Config, MacMode, XdpModeChoice},
+    config::{Config, ConfigError, MacMode, Vip, XdpModeChoice},
     control::{self, Counters, Pending, Request, Response, Status, TestHook, VipStatus},
     dataplane::{Dataplane, DataplaneError, Role},
     error::Chain,
@@ -17,7 +17,7 @@ use crate::{
     interfaces::{self, Ipv4Net},
     netlink::{Addresses, NetlinkError},
     nft::{self, NftError},
-    pins,
+    pins, reload,
     sockets::{AdvertSocket, FrameSocket},
     sync::service::{self, SyncHandle},
 };
@@ -151,25 +151,28 @@ struct Daemon {
     /// VIPs were adopted at start: this node serves with the kernel's state it kept, so the
     /// first bulk update does not demote it.
     adopted: bool,
+    /// The file `carp reload` reads again.
+    config_path: PathBuf,
 }
 
 /// Why the main loop ended.
 enum Exit {
     /// SIGTERM or SIGINT: bow out and clean up.
     Stop,
-    /// `carp upgrade`: hand everything to the binary run anew in place.
-    Upgrade,
+    /// `carp upgrade`, or a reload that changed `[sync]`: hand everything to the binary run
+    /// anew in place; the sync listener too unless `[sync]` changed.
+    Reexec { keep_sync_listener: bool },
 }
 
 /// Runs the daemon until SIGTERM or SIGINT; then bows out, releases the VIPs, detaches XDP.
 /// `carp upgrade` instead re-executes the binary, which adopts what this run held.
-pub async fn run(config: Config) -> Result<(), DaemonError> {
+pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError> {
     // Sockets a previous run handed over: taken first, so no child process inherits them.
     let inherited_control = inherit::take(inherit::CONTROL);
     let inherited_sync = inherit::take(inherit::SYNC);
     let (packets_tx, mut packets_rx) = mpsc::channel::<(u32, Vec<u8>)>(BACKLOG);
     let (control_tx, mut control_rx) = mpsc::channel::<Pending>(16);
-    let mut daemon = Daemon::start(config, inherited_sync).await?;
+    let mut daemon = Daemon::start(config, config_path, inherited_sync).await?;
     let control_fd = control::serve(
         &daemon.config.node.control_socket,
         control_tx,
@@ -182,6 +185,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         dropped.clone(),
     ));
     let mut terminate = signal(SignalKind::terminate()).map_err(io_error("SIGTERM handler"))?;
+    let mut hangup = signal(SignalKind::hangup()).map_err(io_error("SIGHUP handler"))?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(io_error("SIGINT handler"))?;
     let mut tick = tokio::time::interval(TICK);
     info!(node = %daemon.config.node.name, vips = daemon.vhids.len(), "carp running");
@@ -219,11 +223,28 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                 }
             }
             Some((request, reply)) = control_rx.recv() => {
-                let upgrade = request == Request::Upgrade;
-                let response = daemon.on_request(request);
+                let (response, exit) = match request {
+                    Request::Reload => daemon.reload().await,
+                    Request::Upgrade => (
+                        daemon.on_request(request),
+                        Some(Exit::Reexec { keep_sync_listener: true }),
+                    ),
+                    other => (daemon.on_request(other), None),
+                };
                 daemon.settle().await;
                 let _ = reply.send(response);
-                if upgrade { break Exit::Upgrade; }
+                if let Some(exit) = exit { break exit; }
+            }
+            _ = hangup.recv() => {
+                info!("SIGHUP: reloading the configuration");
+                let (response, exit) = daemon.reload().await;
+                daemon.settle().await;
+                if let Some(problems) = response.problems {
+                    for problem in problems {
+                        error!(problem, "reload refused");
+                    }
+                }
+                if let Some(exit) = exit { break exit; }
             }
             _ = terminate.recv() => { info!("SIGTERM: shutting down"); break Exit::Stop; }
             _ = interrupt.recv() => { info!("SIGINT: shutting down"); break Exit::Stop; }
@@ -235,7 +256,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             daemon.shutdown().await;
             Ok(())
         }
-        Exit::Upgrade => Err(daemon.upgrade(control_fd).await),
+        Exit::Reexec { keep_sync_listener } => {
+            Err(daemon.reexec(control_fd, keep_sync_listener).await)
+        }
     }
 }
 
@@ -262,8 +285,103 @@ async fn receive_adverts(
     }
 }
 
+/// What setting up a VIP needs to know.
+struct VipSetup<'a> {
+    host: &'a [interfaces::Interface],
+    /// Every configured VIP, so none is taken for the interface's own address.
+    vip_addrs: &'a [Ipv4Addr],
+    config: &'a Config,
+}
+
+impl VipSetup<'_> {
+    /// XDP on the VIP's interface, its entries in XDP's maps and its state machine. With
+    /// `predecessor_alive`, a VIP the previous run held as master (XDP says so, the address
+    /// is on the interface) is adopted; otherwise it starts from a clean slate: nothing
+    /// answered, no address held (a crash may have left them).
+    async fn run(
+        &self,
+        vip: &Vip,
+        dataplane: &mut Dataplane,
+        addresses: &Addresses,
+        predecessor_alive: bool,
+        now: Instant,
+    ) -> Result<VhidRuntime, DaemonError> {
+        let iface = self
+            .host
+            .iter()
+            .find(|i| i.name == vip.interface)
+            .ok_or_else(|| DaemonError::NoInterface {
+                name: vip.interface.clone(),
+            })?;
+        let source = iface
+            .addrs
+            .iter()
+            .find(|a| !self.vip_addrs.contains(&a.addr) && a.contains(vip.address.addr))
+            .ok_or_else(|| DaemonError::NoSource {
+                name: iface.name.clone(),
+                vip: vip.address,
+            })?
+            .addr;
+        if !dataplane.is_attached(&vip.interface) {
+            let mode = match self.config.node.xdp_mode {
+                XdpModeChoice::Native => XdpMode::Driver,
+                XdpModeChoice::Generic => XdpMode::Skb,
+                XdpModeChoice::Auto if addresses.is_veth(iface.index).await? => XdpMode::Skb,
+                XdpModeChoice::Auto => XdpMode::Driver,
+            };
+            info!(interface = %vip.interface, ?mode, "attaching XDP");
+            dataplane.attach(&vip.interface, mode)?;
+        }
+        let mac = match self.config.carp.mac {
+            MacMode::Virtual => virtual_mac(vip.vhid),
+            MacMode::Interface => iface.mac,
+        };
+        let params = reload::params(self.config, vip);
+        let held = predecessor_alive
+            && iface.addrs.iter().any(|a| a.addr == vip.address.addr)
+            && dataplane.vip_role(iface.index, vip.address.addr) == Some(Role::Master);
+        let role = if held { Role::Master } else { Role::Backup };
+        dataplane.set_vip(iface.index, vip.address.addr, vip.vhid, mac, role)?;
+        dataplane.set_vmac(iface.index, vip.vhid, iface.mac, role)?;
+        let fsm = if held {
+            Vhid::adopted_master(vip.vhid, params, source, now)
+        } else {
+            addresses.remove(iface.index, vip.address).await?;
+            Vhid::new(vip.vhid, params, source, now)
+        };
+        Ok(VhidRuntime {
+            fsm,
+            interface: vip.interface.clone(),
+            ifindex: iface.index,
+            if_mac: iface.mac,
+            address: vip.address,
+            mac,
+            counter: rand::random(),
+            link_up: false,
+            reported_state: State::Init,
+            since: SystemTime::now(),
+            garp: None,
+            send: SendHealth::default(),
+        })
+    }
+}
+
+/// This node's own addresses on the CARP interfaces (adverts from them are our own).
+fn own_addresses(host: &[interfaces::Interface], config: &Config) -> Vec<Ipv4Addr> {
+    let vip_addrs: Vec<Ipv4Addr> = config.vips.iter().map(|v| v.address.addr).collect();
+    host.iter()
+        .filter(|i| config.vips.iter().any(|v| v.interface == i.name))
+        .flat_map(|i| i.addrs.iter().map(|a| a.addr))
+        .filter(|a| !vip_addrs.contains(a))
+        .collect()
+}
+
 impl Daemon {
-    async fn start(config: Config, sync_listener: Option<OwnedFd>) -> Result<Self, DaemonError> {
+    async fn start(
+        config: Config,
+        config_path: PathBuf,
+        sync_listener: Option<OwnedFd>,
+    ) -> Result<Self, DaemonError> {
         let host = interfaces::list().map_err(|e| DaemonError::Io {
             what: "listing interfaces".into(),
             source: e.into(),
@@ -283,77 +401,20 @@ impl Daemon {
         let addresses = Addresses::open()?;
         let now = Instant::now();
         let mut vhids = Vec::new();
-        let mut own_addresses = Vec::new();
-        let mut attached: Vec<&str> = Vec::new();
         let mut adopted = 0;
         for vip in &config.vips {
-            let iface = host
-                .iter()
-                .find(|i| i.name == vip.interface)
-                .ok_or_else(|| DaemonError::NoInterface {
-                    name: vip.interface.clone(),
-                })?;
-            let source = iface
-                .addrs
-                .iter()
-                .find(|a| !vip_addrs.contains(&a.addr) && a.contains(vip.address.addr))
-                .ok_or_else(|| DaemonError::NoSource {
-                    name: iface.name.clone(),
-                    vip: vip.address,
-                })?
-                .addr;
-            own_addresses.extend(iface.addrs.iter().map(|a| a.addr));
-            if !attached.contains(&vip.interface.as_str()) {
-                let mode = match config.node.xdp_mode {
-                    XdpModeChoice::Native => XdpMode::Driver,
-                    XdpModeChoice::Generic => XdpMode::Skb,
-                    XdpModeChoice::Auto if addresses.is_veth(iface.index).await? => XdpMode::Skb,
-                    XdpModeChoice::Auto => XdpMode::Driver,
-                };
-                info!(interface = %vip.interface, ?mode, "attaching XDP");
-                dataplane.attach(&vip.interface, mode)?;
-                attached.push(&vip.interface);
-            }
-            let mac = match config.carp.mac {
-                MacMode::Virtual => virtual_mac(vip.vhid),
-                MacMode::Interface => iface.mac,
+            let setup = VipSetup {
+                host: &host,
+                vip_addrs: &vip_addrs,
+                config: &config,
             };
-            let params = Params {
-                advbase: config.carp.advbase,
-                advskew: vip.advskew,
-                preempt: config.carp.preempt,
-            };
-            let held = predecessor_alive
-                && iface.addrs.iter().any(|a| a.addr == vip.address.addr)
-                && dataplane.vip_role(iface.index, vip.address.addr) == Some(Role::Master);
-            // Hitless restart: keep what the previous run held as master. Otherwise start
-            // from a clean slate: nothing answered, no VIP held (a crash may have left them).
-            let role = if held { Role::Master } else { Role::Backup };
-            dataplane.set_vip(iface.index, vip.address.addr, vip.vhid, mac, role)?;
-            dataplane.set_vmac(iface.index, vip.vhid, iface.mac, role)?;
-            let fsm = if held {
-                adopted += 1;
-                Vhid::adopted_master(vip.vhid, params, source, now)
-            } else {
-                addresses.remove(iface.index, vip.address).await?;
-                Vhid::new(vip.vhid, params, source, now)
-            };
-            vhids.push(VhidRuntime {
-                fsm,
-                interface: vip.interface.clone(),
-                ifindex: iface.index,
-                if_mac: iface.mac,
-                address: vip.address,
-                mac,
-                counter: rand::random(),
-                link_up: false,
-                reported_state: State::Init,
-                since: SystemTime::now(),
-                garp: None,
-                send: SendHealth::default(),
-            });
+            let runtime = setup
+                .run(vip, &mut dataplane, &addresses, predecessor_alive, now)
+                .await?;
+            adopted += usize::from(runtime.fsm.state() == State::Master);
+            vhids.push(runtime);
         }
-        own_addresses.retain(|a| !vip_addrs.contains(a));
+        let own_addresses = own_addresses(&host, &config);
         if adopted > 0 {
             info!(
                 vips = adopted,
@@ -407,6 +468,7 @@ impl Daemon {
             garps_sent: Arc::default(),
             sync,
             adopted: adopted > 0,
+            config_path,
         };
         daemon.poll_links(now);
         Ok(daemon)
@@ -687,6 +749,7 @@ impl Daemon {
                 info!("in-place upgrade requested");
                 Response::status(self.status())
             }
+            Request::Reload => Response::error("reload is asynchronous".into()),
         }
     }
 
@@ -706,6 +769,132 @@ impl Daemon {
             TestHook::AcceptSyncFrames => sync.discard_frames(false),
         }
         Response::status(self.status())
+    }
+
+    /// `carp reload` and SIGHUP: applies the file's configuration, disturbing nothing it does
+    /// not change. A file `carp check` refuses, or one that changes what cannot change while
+    /// running, is refused whole and the running configuration stays. A new `[sync]` is
+    /// applied by re-executing in place, as `carp upgrade` does.
+    async fn reload(&mut self) -> (Response, Option<Exit>) {
+        let new = match Config::load(&self.config_path) {
+            Ok(config) => config,
+            Err(ConfigError::Invalid { problems }) => return (refused(&problems), None),
+            Err(e) => return (Response::refused(vec![Chain(&e).to_string()]), None),
+        };
+        let plan = match reload::plan(&self.config, &new) {
+            Ok(plan) => plan,
+            Err(problems) => return (refused(&problems), None),
+        };
+        if plan.sync_changed {
+            info!("reload: [sync] changed, re-executing in place to apply it");
+            return (
+                Response::done(control::REEXECUTING.to_owned(), self.status()),
+                Some(Exit::Reexec {
+                    keep_sync_listener: false,
+                }),
+            );
+        }
+        let host = match interfaces::list() {
+            Ok(host) => host,
+            Err(e) => {
+                return (Response::error(format!("listing interfaces: {e}")), None);
+            }
+        };
+        let now = Instant::now();
+        // Released first, so an address moving to another vhid is free again.
+        for &i in &plan.removed {
+            let vip = &self.config.vips[i];
+            if let Some(k) = self.vhid_index(&vip.interface, vip.vhid) {
+                self.remove_vhid(k, now).await;
+            }
+        }
+        for (i, params) in &plan.retuned {
+            let vip = &self.config.vips[*i];
+            if let Some(k) = self.vhid_index(&vip.interface, vip.vhid) {
+                self.vhids[k].fsm.handle_params(*params, now);
+            }
+        }
+        self.config = new;
+        self.heartbeat_lifetime = heartbeat_lifetime(self.config.carp.advbase);
+        let vip_addrs: Vec<Ipv4Addr> = self.config.vips.iter().map(|v| v.address.addr).collect();
+        let mut failed = Vec::new();
+        for &j in &plan.added {
+            let vip = self.config.vips[j].clone();
+            let setup = VipSetup {
+                host: &host,
+                vip_addrs: &vip_addrs,
+                config: &self.config,
+            };
+            let added = setup
+                .run(&vip, &mut self.dataplane, &self.addresses, false, now)
+                .await
+                .and_then(|runtime| {
+                    self.adverts
+                        .join(runtime.ifindex)
+                        .map_err(io_error("joining the CARP group"))?;
+                    Ok(runtime)
+                });
+            match added {
+                Ok(runtime) => self.vhids.push(runtime),
+                Err(e) => {
+                    error!(vhid = vip.vhid, interface = %vip.interface, error = %Chain(&e), "cannot add VIP");
+                    failed.push(format!(
+                        "vip {} on {}: {}",
+                        vip.vhid,
+                        vip.interface,
+                        Chain(&e)
+                    ));
+                }
+            }
+        }
+        self.own_addresses = own_addresses(&host, &self.config);
+        if let Err(e) = nft::apply_arp_guard(&vip_addrs) {
+            failed.push(Chain(&e).to_string());
+        }
+        self.poll_links(now);
+        let message = format!(
+            "reloaded: {} VIPs added, {} removed, {} retuned, {} unchanged{}",
+            plan.added.len(),
+            plan.removed.len(),
+            plan.retuned.len(),
+            plan.unchanged,
+            if failed.is_empty() {
+                String::new()
+            } else {
+                format!("; failed: {}", failed.join("; "))
+            }
+        );
+        info!(%message, "reload");
+        (Response::done(message, self.status()), None)
+    }
+
+    fn vhid_index(&self, interface: &str, vhid: u8) -> Option<usize> {
+        self.vhids
+            .iter()
+            .position(|v| v.interface == interface && v.fsm.vhid() == vhid)
+    }
+
+    /// A VIP gone from the configuration: a master bows out for it and releases it, then XDP
+    /// and the interface forget it.
+    async fn remove_vhid(&mut self, i: usize, now: Instant) {
+        self.vhids[i].fsm.handle_shutdown(now);
+        while let Some(action) = self.vhids[i].fsm.poll_action() {
+            self.perform(i, action).await;
+        }
+        let v = self.vhids.remove(i);
+        if let Some(garp) = v.garp {
+            garp.abort();
+        }
+        if let Err(e) = self
+            .dataplane
+            .remove_vip(v.ifindex, v.address.addr, v.fsm.vhid())
+        {
+            error!(error = %Chain(&e), "cannot remove the VIP from XDP");
+        }
+        if let Err(e) = self.addresses.remove(v.ifindex, v.address).await {
+            error!(error = %Chain(&e), "cannot remove VIP");
+        }
+        info!(vhid = v.fsm.vhid(), interface = %v.interface, vip = %v.address, "VIP removed from the configuration");
     }
 
     fn set_maintenance(&mut self, enable: bool) -> Result<(), DaemonError> {
@@ -769,10 +958,10 @@ impl Daemon {
         }
     }
 
-    /// `carp upgrade`: hands the listening sockets over and re-executes the binary, leaving
-    /// VIPs, XDP and maps as they are; the new run adopts them (its heartbeat is fresh).
-    /// Returns only if the exec failed.
-    async fn upgrade(mut self, control_fd: RawFd) -> DaemonError {
+    /// `carp upgrade`: hands the listening sockets over (the sync one only if
+    /// `keep_sync_listener`) and re-executes the binary, leaving VIPs, XDP and maps as they
+    /// are; the new run adopts them (its heartbeat is fresh). Returns only if the exec failed.
+    async fn reexec(mut self, control_fd: RawFd, keep_sync_listener: bool) -> DaemonError {
         // The connection task writes the answer to `carp upgrade` meanwhile.
         tokio::time::sleep(Duration::from_millis(50)).await;
         // SAFETY: the control task owns this listener and runs until the exec.
@@ -781,6 +970,7 @@ impl Daemon {
             let sync = self
                 .sync
                 .as_ref()
+                .filter(|_| keep_sync_listener)
                 .map(|s| inherit::hand_over(s.listener()))
                 .transpose()?;
             Ok((control, sync))
@@ -823,6 +1013,11 @@ impl Daemon {
         let _ = std::fs::remove_file(&self.config.node.control_socket);
         info!("stopped: VIPs released, XDP detached");
     }
+}
+
+/// The answer to a refused configuration.
+fn refused(problems: &[crate::config::Problem]) -> Response {
+    Response::refused(problems.iter().map(ToString::to_string).collect())
 }
 
 /// `aa:bb:cc:dd:ee:ff`.

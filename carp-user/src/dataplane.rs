@@ -160,6 +160,9 @@ impl Dataplane {
     /// Attaches to `ifname` through a pinned bpf_link. A link pinned by an earlier run is
     /// taken over atomically (bpf_link_update), so there is no moment without XDP.
     pub fn attach(&mut self, ifname: &str, mode: XdpMode) -> Result<(), DataplaneError> {
+        if self.is_attached(ifname) {
+            return Ok(());
+        }
         let path = pins::link(&self.pin_dir, ifname);
         let program = program_mut(&mut self.ebpf)?;
         let link_id = match PinnedLink::from_pin(&path) {
@@ -195,6 +198,11 @@ impl Dataplane {
             })
     }
 
+    /// Whether this run attached XDP to `ifname`.
+    pub fn is_attached(&self, ifname: &str) -> bool {
+        self.links.iter().any(|(name, _)| name == ifname)
+    }
+
     /// Tells XDP whether to answer ARP for `addr` on `ifindex`, and with which MAC.
     pub fn set_vip(
         &mut self,
@@ -219,17 +227,66 @@ impl Dataplane {
             .map_err(map_error(VIP_MAP))
     }
 
-    /// The VIP table slot `key` holds, or the first never-used one on its probe sequence.
+    /// The VIP table slot `key` holds, else the first free one on its probe sequence (a
+    /// removed VIP's slot is reused; XDP stops probing only at a never-used one).
     fn vip_slot(&self, key: &VipKey) -> Result<u32, DataplaneError> {
+        if let Some(index) = self.held_vip_slot(key)? {
+            return Ok(index);
+        }
         for index in vip_probe_slots(key) {
             let slot = self.vips.get(&index, 0).map_err(map_error(VIP_MAP))?;
-            if !slot.is_used() || slot.key == *key {
+            if slot.is_free() {
                 return Ok(index);
             }
         }
         Err(DataplaneError::VipTableFull {
             addr: Ipv4Addr::from(key.addr),
         })
+    }
+
+    /// The slot holding `key`, if any.
+    fn held_vip_slot(&self, key: &VipKey) -> Result<Option<u32>, DataplaneError> {
+        for index in vip_probe_slots(key) {
+            let slot = self.vips.get(&index, 0).map_err(map_error(VIP_MAP))?;
+            if slot.key == *key {
+                return Ok(Some(index));
+            }
+            if !slot.is_used() {
+                break;
+            }
+        }
+        Ok(None)
+    }
+
+    /// Forgets a VIP (removed from the configuration): XDP no longer knows the address, nor
+    /// the vhid's virtual MAC on `ifindex`.
+    pub fn remove_vip(
+        &mut self,
+        ifindex: u32,
+        addr: Ipv4Addr,
+        vhid: u8,
+    ) -> Result<(), DataplaneError> {
+        let key = VipKey {
+            ifindex,
+            addr: addr.octets(),
+        };
+        if let Some(index) = self.held_vip_slot(&key)? {
+            self.vips
+                .set(index, VipSlot::REMOVED, 0)
+                .map_err(map_error(VIP_MAP))?;
+        }
+        let vmac = VmacKey {
+            ifindex,
+            vhid,
+            _pad: [0; 3],
+        };
+        match self.vmacs.remove(&vmac) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(DataplaneError::Map {
+                name: VMAC_MAP,
+                source,
+            }),
+        }
     }
 
     /// Tells XDP whether frames to vhid's virtual MAC on `ifindex` are ours.
@@ -280,7 +337,7 @@ impl Dataplane {
             ifindex,
             addr: addr.octets(),
         };
-        let index = self.vip_slot(&key).ok()?;
+        let index = self.held_vip_slot(&key).ok()??;
         let slot = self.vips.get(&index, 0).ok()?;
         let role = match slot.entry.role {
             ROLE_MASTER => Role::Master,

@@ -14,6 +14,7 @@ pub mod map_batch;
 pub mod netlink;
 pub mod nft;
 pub mod pins;
+pub mod reload;
 pub mod sockets;
 pub mod sync;
 

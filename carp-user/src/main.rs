@@ -11,18 +11,18 @@ use tracing_subscriber::EnvFilter;
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config } => {
+        Command::Run { config: path } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
                     EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
                 )
                 .with_writer(std::io::stderr)
                 .init();
-            let config = match Config::load(&config) {
+            let config = match Config::load(&path) {
                 Ok(config) => config,
                 Err(ConfigError::Invalid { problems }) => {
                     for problem in problems {
-                        eprintln!("{}: {problem}", config.display());
+                        eprintln!("{}: {problem}", path.display());
                     }
                     std::process::exit(cli::EXIT_INVALID_CONFIG);
                 }
@@ -31,7 +31,9 @@ fn main() -> anyhow::Result<()> {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            runtime.block_on(carp::daemon::run(config))?;
+            // `carp reload` reads the same file again, whatever the working directory.
+            let path = std::path::absolute(&path)?;
+            runtime.block_on(carp::daemon::run(config, path))?;
         }
         Command::Check { config } => std::process::exit(cli::check(&config)),
         Command::Status { json, target } => {
@@ -50,6 +52,18 @@ fn main() -> anyhow::Result<()> {
                 print!("{}", cli::format_flows(&flows));
             }
         }
+        Command::Reload { target } => match cli::reload(&target)? {
+            Ok((message, status)) => {
+                println!("{message}");
+                print!("{}", cli::format_status(&status));
+            }
+            Err(problems) => {
+                for problem in problems {
+                    eprintln!("{problem}");
+                }
+                std::process::exit(cli::EXIT_INVALID_CONFIG);
+            }
+        },
         Command::Upgrade { target } => {
             let status = cli::upgrade(&target)?;
             println!("upgraded in place");

@@ -38,13 +38,27 @@ impl AdvertSocket {
         socket.set_ttl_v4(u32::from(CARP_TTL))?;
         socket.set_tos_v4(0x10)?;
         setsockopt(&socket, sockopt::Ipv4PacketInfo, &true).map_err(io::Error::from)?;
-        for &index in ifindexes {
-            socket.join_multicast_v4_n(&CARP_GROUP_V4, &InterfaceIndexOrAddress::Index(index))?;
-        }
         // SAFETY: `socket` owns its descriptor for as long as the AsyncFd holds it.
         let fd =
             unsafe { AsyncFd::register(socket) }.map_err(|e| io::Error::other(e.to_string()))?;
-        Ok(Self { fd })
+        let this = Self { fd };
+        for &index in ifindexes {
+            this.join(index)?;
+        }
+        Ok(this)
+    }
+
+    /// Joins 224.0.0.18 on `ifindex` (a VIP on a new interface); joined already is fine
+    /// (several VIPs share an interface).
+    pub fn join(&self, ifindex: u32) -> io::Result<()> {
+        match self
+            .fd
+            .get_ref()
+            .join_multicast_v4_n(&CARP_GROUP_V4, &InterfaceIndexOrAddress::Index(ifindex))
+        {
+            Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => Ok(()),
+            joined => joined,
+        }
     }
 
     /// Waits for the next packet; fills `buf` with it (IP header first).

@@ -191,6 +191,25 @@ fn vips_sharing_a_home_slot_are_all_answered_and_a_full_probe_window_is_refused(
     // An unplaced address whose probe runs through the full window is not ours.
     let other = arp_frame(1, rest[1]);
     assert_eq!(run(&mut l, &other), (XDP_PASS, other.clone()));
+    // A VIP removed from the configuration: XDP no longer knows it, the VIPs after it on the
+    // probe sequence are still found, and its slot takes the next VIP.
+    l.dataplane.remove_vip(TEST_IFINDEX, VIP, VHID).unwrap();
+    let removed = arp_frame(1, VIP);
+    assert_eq!(run(&mut l, &removed), (XDP_PASS, removed.clone()));
+    for addr in fits {
+        // fits[3] was made backup above.
+        let expected = if *addr == fits[3] { XDP_DROP } else { XDP_TX };
+        assert_eq!(
+            run(&mut l, &arp_frame(1, *addr)).0,
+            expected,
+            "{addr} after the removal"
+        );
+    }
+    l.dataplane
+        .set_vip(TEST_IFINDEX, rest[0], VHID, virtual_mac(VHID), Role::Master)
+        .expect("the removed VIP's slot is free again");
+    assert_eq!(run(&mut l, &arp_frame(1, rest[0])).0, XDP_TX);
+    assert_eq!(l.dataplane.vip_role(TEST_IFINDEX, VIP), None);
 }
 
 #[test]

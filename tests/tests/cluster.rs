@@ -457,3 +457,110 @@ fn no_gap_across(
     }
     Ok(gw1)
 }
+
+/// `carp reload` applies a changed file to the running master: a new VIP comes up, a new
+/// skew is advertised, a removed VIP is released cleanly; VIPs it does not change never move
+/// (their `since` stays), pings through them lose none, and an invalid file is refused with
+/// the field named, changing nothing.
+#[test]
+fn reload_applies_changes_and_disturbs_nothing_else() -> Result<()> {
+    let lab = Lab::up()?;
+    let (gw1, gw2) = pair(&lab)?;
+    let socket = gw1.socket.to_string_lossy().into_owned();
+    let since = |node: &Node| -> Result<Vec<(u8, String)>> {
+        Ok(node
+            .status()?
+            .vips
+            .into_iter()
+            .filter(|v| v.vhid <= 2)
+            .map(|v| (v.vhid, v.since))
+            .collect())
+    };
+    let (gw1_since, gw2_since) = (since(&gw1)?, since(&gw2)?);
+    let log = lab.dir.join("ping-reload.log");
+    let ping = lab.ping_background(Host::Client, SERVER_IP, 0.01, 1000, &log)?;
+    std::thread::sleep(Duration::from_millis(500));
+    // A third VIP, on gw1 only: it becomes master of it once its master-down time passes.
+    let mut opts = NodeOptions::default();
+    opts.vips.push(("lan", 3, "198.18.1.5/24".into()));
+    lab.write_config(Host::Gw1, &opts)?;
+    let shown = carp_cli(&["reload", "--socket", &socket])?;
+    assert!(
+        shown.contains("1 VIPs added, 0 removed, 0 retuned, 2 unchanged"),
+        "{shown}"
+    );
+    wait_state(&gw1, 3, State::Master, Duration::from_secs(6))?;
+    assert_answered_once_by(&lab, "198.18.1.5", "00:00:5e:00:01:03", 3)?;
+    // An invalid file: refused, field named, exit 2, nothing changed.
+    let mut bad = opts.clone();
+    bad.vips.push(("lan", 1, "198.18.1.6/24".into()));
+    lab.write_config(Host::Gw1, &bad)?;
+    let out = std::process::Command::new(carp_bin()?)
+        .args(["reload", "--socket", &socket])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("vip[3].vhid: vhid 1 is used twice"),
+        "{stderr}"
+    );
+    assert_eq!(gw1.status()?.vips.len(), 3);
+    // The third VIP goes again and gw1's skew changes: released cleanly, advertised at once.
+    let retuned = NodeOptions {
+        advskew: 20,
+        ..NodeOptions::default()
+    };
+    lab.write_config(Host::Gw1, &retuned)?;
+    let shown = carp_cli(&["reload", "--socket", &socket])?;
+    assert!(
+        shown.contains("0 VIPs added, 1 removed, 2 retuned, 0 unchanged"),
+        "{shown}"
+    );
+    let status = gw1.status()?;
+    assert!(status.vips.iter().all(|v| v.vhid != 3), "{status:?}");
+    assert!(status.vips.iter().all(|v| v.advskew == 20), "{status:?}");
+    assert!(
+        !lab.sh(Host::Gw1, "ip -4 addr show dev lan")?
+            .contains("198.18.1.5")
+    );
+    let answers = carp_lab::cluster::arp_answers(&lab, "198.18.1.5", 3)?;
+    assert!(
+        answers.iter().all(Vec::is_empty),
+        "the removed VIP still answered: {answers:?}"
+    );
+    assert!(
+        !lab.sh(Host::Gw1, "nft list table arp carp")?
+            .contains("198.18.1.5"),
+        "the ARP guard follows the VIPs"
+    );
+    assert!(
+        carp_lab::wait_exit(ping, Duration::from_secs(20)),
+        "ping finished"
+    );
+    let report = carp_lab::ping::parse(&std::fs::read_to_string(&log)?);
+    assert!(report.sent >= 990, "{report:?}");
+    assert_eq!(report.lost(), 0, "{report:?}");
+    assert_eq!(since(&gw1)?, gw1_since, "gw1's VIPs moved");
+    assert_eq!(since(&gw2)?, gw2_since, "gw2's VIPs moved");
+    wait_all(&gw1, State::Master, Duration::from_secs(1))?;
+    // SIGHUP does the same (systemd's ExecReload).
+    lab.write_config(
+        Host::Gw1,
+        &NodeOptions {
+            advskew: 30,
+            ..NodeOptions::default()
+        },
+    )?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(gw1.pid as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )?;
+    wait_for(Duration::from_secs(5), || {
+        gw1.status()
+            .ok()
+            .filter(|s| s.vips.iter().all(|v| v.advskew == 30))
+    })
+    .context("SIGHUP did not reload")?;
+    assert_eq!(since(&gw1)?, gw1_since, "gw1's VIPs moved on SIGHUP");
+    Ok(())
+}

@@ -307,6 +307,29 @@ impl Vhid {
         }
     }
 
+    /// The configuration changed this vhid's advbase, advskew or preemption (a reload). As
+    /// for a demotion: a master advertises the new values at once, a backup counts its
+    /// master-down time from the same last advert with them. Nothing else moves.
+    pub fn handle_params(&mut self, params: Params, now: Instant) {
+        if params == self.params {
+            return;
+        }
+        info!(vhid = self.vhid, old = ?self.params, new = ?params, "parameters changed");
+        let old_master_down = self.master_down_interval();
+        self.params = params;
+        match self.state {
+            State::Master => {
+                self.push_advert();
+                self.timer = Some(now + self.own_interval());
+            }
+            State::Backup => {
+                let heard = self.timer.map(|deadline| deadline - old_master_down);
+                self.timer = heard.map(|heard| heard + self.master_down_interval());
+            }
+            State::Init => {}
+        }
+    }
+
     /// Clean shutdown: a master bows out (advbase 255, advskew 255) so the peer takes over at
     /// once, then the VIPs are released.
     pub fn handle_shutdown(&mut self, now: Instant) {
@@ -441,6 +464,32 @@ mod tests {
         v.handle_advert(advert(0, LOWER), t0 + ms(1010));
         assert_eq!(v.state(), State::Backup);
         assert!(drain(&mut v).contains(&Action::ReleaseVips));
+    }
+
+    #[test]
+    fn new_parameters_are_advertised_by_a_master_and_recounted_by_a_backup() {
+        let t0 = Instant::now();
+        let (mut m, at) = master(0, true, t0);
+        m.handle_params(params(0, true), at);
+        assert!(drain(&mut m).is_empty(), "unchanged: nothing");
+        m.handle_params(params(50, true), at + ms(10));
+        assert_eq!(
+            drain(&mut m),
+            vec![Action::SendAdvert {
+                advbase: 1,
+                advskew: 50
+            }]
+        );
+        assert_eq!(m.state(), State::Master, "no transition");
+        let mut b = backup(100, true, t0);
+        // Heard at t0 (the timer's start): 3 s + 100/256 s; now 50/256 s from the same advert.
+        b.handle_params(params(50, true), t0 + ms(500));
+        assert_eq!(
+            b.poll_timeout(),
+            Some(t0 + Duration::from_micros(3_195_312))
+        );
+        assert_eq!(b.state(), State::Backup);
+        assert!(drain(&mut b).is_empty());
     }
 
     #[test]

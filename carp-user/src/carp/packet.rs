@@ -130,7 +130,7 @@ impl Advert {
 type HmacSha1 = hmac::Hmac<sha1::Sha1>;
 
 /// The CARP key: the passphrase bytes zero-padded to 20 bytes, not hashed (FreeBSD, ucarp).
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct AuthKey([u8; 20]);
 
 impl std::fmt::Debug for AuthKey {

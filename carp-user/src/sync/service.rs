@@ -54,7 +54,7 @@ const RESEND_DELETES_WITHIN: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The `[sync]` section, validated.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SyncConfig {
     pub interface: String,
     pub listen: SocketAddr,

@@ -61,7 +61,7 @@ pub enum TransportError {
 }
 
 /// The 32-byte PSK: SHA-256 of the shared secret (the key file's bytes).
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct SharedKey([u8; 32]);
 
 impl std::fmt::Debug for SharedKey {
