@@ -230,7 +230,10 @@ impl Soak {
         let began = Instant::now();
         // The streams are synced before the first fault.
         std::thread::sleep(Duration::from_secs(3));
-        self.wait_flows_equal(Duration::from_secs(10), "round start")?;
+        self.count_check();
+        if let Err(e) = self.wait_flows_equal(Duration::from_secs(10), "round start") {
+            lock(&self.record).violation(format!("{e:#}"));
+        }
         while began.elapsed() < FAULT_WINDOW {
             let fault = Fault::draw(rng);
             self.inject(fault)?;

@@ -160,9 +160,25 @@ impl FlowTable {
         self.flows.is_empty()
     }
 
-    /// Every flow, for a bulk answer.
-    pub fn records(&self) -> Vec<FlowRecord> {
-        self.flows.values().map(|h| h.record).collect()
+    /// Every flow, for a bulk answer, each with the time it has left here as its timeout
+    /// (pfsync's `expire`): the receiver's copy then expires when this one does, not a whole
+    /// timeout after the bulk (found by the chaos soak: a restarted peer kept flows long
+    /// gone here).
+    pub fn records(&self, now: Instant) -> Vec<FlowRecord> {
+        self.flows
+            .values()
+            .map(|h| {
+                let age = now.saturating_duration_since(h.updated).as_secs();
+                FlowRecord {
+                    timeout_s: h
+                        .record
+                        .timeout_s
+                        .saturating_sub(u32::try_from(age).unwrap_or(u32::MAX))
+                        .max(1),
+                    ..h.record
+                }
+            })
+            .collect()
     }
 
     /// Every flow with where it came from, for `carp flows`.
@@ -229,6 +245,28 @@ mod tests {
         let later = t0 + ENDED_REFUSES_UPDATES + Duration::from_secs(1);
         table.expire(later);
         assert_eq!(table.merge(r, later), Verdict::New);
+    }
+
+    #[test]
+    fn a_bulk_answer_carries_the_time_each_flow_has_left() {
+        let t0 = at();
+        let mut table = FlowTable::default();
+        let mut r = tcp_record(1, TcpPhase::Established, 100);
+        r.timeout_s = 120;
+        table.hold(r, Origin::Local, t0);
+        let later = t0 + Duration::from_secs(100);
+        let sent = table.records(later);
+        assert_eq!(sent[0].timeout_s, 20);
+        // A peer holding it from the bulk on lets it go when this node does.
+        let mut peer = FlowTable::default();
+        peer.merge(sent[0], later);
+        assert!(peer.expire(later + Duration::from_secs(19)).is_empty());
+        assert_eq!(peer.expire(later + Duration::from_secs(21)), [r.key]);
+        assert_eq!(table.expire(t0 + Duration::from_secs(121)), [r.key]);
+        // Never zero: a flow about to expire still arrives.
+        let mut last = FlowTable::default();
+        last.hold(r, Origin::Local, t0);
+        assert_eq!(last.records(t0 + Duration::from_secs(500))[0].timeout_s, 1);
     }
 
     #[test]

@@ -690,7 +690,7 @@ impl Session {
     /// pfsync's bulk update: start, every flow held, end.
     fn answer_bulk(&mut self) {
         self.generation += 1;
-        let records = lock(&self.shared.table).records();
+        let records = lock(&self.shared.table).records(Instant::now());
         info!(flows = records.len(), "answering the peer's bulk request");
         self.outbox.push(Frame::BulkStart {
             generation: self.generation,
