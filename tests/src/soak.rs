@@ -205,15 +205,21 @@ pub fn run(minutes: f64, seed: Option<u64>) -> Result<()> {
     };
     let start = Instant::now();
     let mut faults: Vec<Fault> = Vec::new();
-    while start.elapsed() < total {
-        soak.round(&mut rng, &mut faults)?;
-    }
+    let mut rounds = || -> Result<()> {
+        while start.elapsed() < total {
+            soak.round(&mut rng, &mut faults)?;
+        }
+        Ok(())
+    };
+    let ran = rounds();
+    // Whatever happened, the monitor lets go of the lab, so dropping it removes everything.
     soak.stop.store(true, Ordering::Relaxed);
     let samples = monitor
         .join()
         .map_err(|_| anyhow::anyhow!("the monitor panicked"))?;
     end_process(ping_pid, Duration::from_secs(2));
     end_process(probe_pid, Duration::from_secs(2));
+    ran?;
     soak.check_arp(
         &probe::parse(&std::fs::read_to_string(&probe_log)?),
         probe_started_us,
