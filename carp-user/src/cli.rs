@@ -52,6 +52,11 @@ pub enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// carp's outbound NAT table (`ip carp`), which outlives the daemon.
+    Nat {
+        #[command(subcommand)]
+        action: NatAction,
+    },
     /// Apply the daemon's configuration file again (as SIGHUP does): exit 2 with one line
     /// per problem if it is refused, and the running configuration stays.
     Reload {
@@ -64,6 +69,12 @@ pub enum Command {
         #[command(flatten)]
         target: Target,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NatAction {
+    /// Remove the table: NATed traffic stops being translated (run in the gateway's namespace).
+    Flush,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -4,6 +4,7 @@
 use crate::{
     carp::packet::{AuthKey, MAX_PASSPHRASE_LEN},
     interfaces::{Interface, Ipv4Net},
+    nat::{self, NatRule, RawNat},
     sync::{
         service::SyncConfig,
         transport::{MIN_SECRET_LEN, SharedKey},
@@ -76,6 +77,8 @@ pub struct Config {
     pub vips: Vec<Vip>,
     /// Connection-state sync; `None` leaves flow capture off.
     pub sync: Option<SyncConfig>,
+    /// Outbound NAT to the VIPs, in carp's own nftables table.
+    pub nat: Vec<NatRule>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,6 +116,8 @@ struct RawConfig {
     #[serde(default)]
     vip: Vec<RawVip>,
     sync: Option<RawSync>,
+    #[serde(default)]
+    nat: Vec<RawNat>,
 }
 
 #[derive(Deserialize)]
@@ -358,6 +363,15 @@ fn validate(raw: RawConfig, interfaces: &[Interface], problems: &mut Vec<Problem
     let sync = raw
         .sync
         .and_then(|raw| validate_sync(raw, interfaces, &mut problem));
+    let nat = nat::validate(
+        &raw.nat,
+        &nat::Cluster {
+            interfaces,
+            vips: &vips,
+            sync: sync.as_ref().map(|s| s.listen.ip()),
+        },
+        problems,
+    );
 
     Config {
         node: Node {
@@ -382,6 +396,7 @@ fn validate(raw: RawConfig, interfaces: &[Interface], problems: &mut Vec<Problem
         },
         vips,
         sync,
+        nat,
     }
 }
 

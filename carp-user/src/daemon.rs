@@ -15,6 +15,7 @@ use crate::{
     error::Chain,
     inherit,
     interfaces::{self, Ipv4Net},
+    nat,
     netlink::{Addresses, NetlinkError},
     nft::{self, NftError},
     pins, reload,
@@ -389,6 +390,7 @@ impl Daemon {
         let vip_addrs: Vec<Ipv4Addr> = config.vips.iter().map(|v| v.address.addr).collect();
         // Before anything else: from here on the kernel never answers ARP for a VIP.
         nft::apply_arp_guard(&vip_addrs)?;
+        nat::apply(&config.nat)?;
         let pin_dir = pins::node_dir(&config.node.name);
         let flows_max = config
             .sync
@@ -851,13 +853,23 @@ impl Daemon {
         if let Err(e) = nft::apply_arp_guard(&vip_addrs) {
             failed.push(Chain(&e).to_string());
         }
+        if plan.nat_changed
+            && let Err(e) = nat::apply(&self.config.nat)
+        {
+            failed.push(Chain(&e).to_string());
+        }
         self.poll_links(now);
         let message = format!(
-            "reloaded: {} VIPs added, {} removed, {} retuned, {} unchanged{}",
+            "reloaded: {} VIPs added, {} removed, {} retuned, {} unchanged; NAT {}{}",
             plan.added.len(),
             plan.removed.len(),
             plan.retuned.len(),
             plan.unchanged,
+            if plan.nat_changed {
+                format!("replaced ({} rules)", self.config.nat.len())
+            } else {
+                "unchanged".into()
+            },
             if failed.is_empty() {
                 String::new()
             } else {

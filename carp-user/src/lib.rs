@@ -11,6 +11,7 @@ pub mod error;
 pub mod inherit;
 pub mod interfaces;
 pub mod map_batch;
+pub mod nat;
 pub mod netlink;
 pub mod nft;
 pub mod pins;

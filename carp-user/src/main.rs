@@ -52,6 +52,12 @@ fn main() -> anyhow::Result<()> {
                 print!("{}", cli::format_flows(&flows));
             }
         }
+        Command::Nat {
+            action: cli::NatAction::Flush,
+        } => {
+            carp::nat::flush()?;
+            println!("removed the `ip carp` NAT table");
+        }
         Command::Reload { target } => match cli::reload(&target)? {
             Ok((message, status)) => {
                 println!("{message}");

@@ -1,6 +1,6 @@
 //! carp's own nftables tables, built with the `nftables` crate's JSON schema and loaded
 //! through `nft -j -f -`. Each is replaced whole in one transaction; no other table is ever
-//! touched. Today: the ARP guard.
+//! touched: the ARP guard (`arp carp`) here, the managed NAT (`ip carp`) in `nat`.
 
 use nftables::{
     batch::Batch,
@@ -106,7 +106,7 @@ pub fn arp_guard(vips: &[Ipv4Addr]) -> Nftables<'static> {
 
 /// One transaction that makes the `family` carp table exactly `objects`: created if missing
 /// (so the delete cannot fail), deleted, created anew.
-fn replace_table(family: NfFamily, objects: Vec<NfListObject<'static>>) -> Nftables<'static> {
+pub fn replace_table(family: NfFamily, objects: Vec<NfListObject<'static>>) -> Nftables<'static> {
     let mut batch = remove_table_batch(family);
     batch.add(NfListObject::Table(table(family)));
     for object in objects {
@@ -149,13 +149,16 @@ pub fn apply_arp_guard(vips: &[Ipv4Addr]) -> Result<(), NftError> {
 
 /// Removes the ARP guard (clean shutdown: the VIPs are released with it).
 pub fn remove_arp_guard() -> Result<(), NftError> {
-    apply(
-        NfFamily::ARP,
-        &remove_table_batch(NfFamily::ARP).to_nftables(),
-    )
+    remove_table(NfFamily::ARP)
 }
 
-fn apply(family: NfFamily, ruleset: &Nftables) -> Result<(), NftError> {
+/// Removes the `family` carp table; none there is no error.
+pub fn remove_table(family: NfFamily) -> Result<(), NftError> {
+    apply(family, &remove_table_batch(family).to_nftables())
+}
+
+/// Loads `ruleset` in one transaction.
+pub fn apply(family: NfFamily, ruleset: &Nftables) -> Result<(), NftError> {
     helper::apply_ruleset(ruleset).map_err(|source| NftError::Apply {
         family: family_name(family),
         source,

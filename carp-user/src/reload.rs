@@ -21,6 +21,8 @@ pub struct Plan {
     pub unchanged: usize,
     /// `[sync]` changed: applied by re-executing in place (the session starts anew).
     pub sync_changed: bool,
+    /// The `[[nat]]` rules changed: carp's NAT table is replaced.
+    pub nat_changed: bool,
 }
 
 impl Plan {
@@ -30,6 +32,7 @@ impl Plan {
             && self.added.is_empty()
             && self.retuned.is_empty()
             && !self.sync_changed
+            && !self.nat_changed
     }
 }
 
@@ -59,6 +62,7 @@ pub fn plan(running: &Config, new: &Config) -> Result<Plan, Vec<Problem>> {
     }
     let mut plan = Plan {
         sync_changed: running.sync != new.sync,
+        nat_changed: running.nat != new.nat,
         ..Plan::default()
     };
     // A different MAC mode changes the MAC every VIP answers with.
@@ -210,6 +214,17 @@ address = "198.18.2.1/24"
         let plan = plan(&config(BASE), &config(&new)).unwrap();
         assert_eq!(plan.removed, [0, 1]);
         assert_eq!(plan.added, [0, 1]);
+    }
+
+    #[test]
+    fn new_nat_rules_replace_the_table_and_move_no_vip() {
+        let new = format!(
+            "{BASE}\n[[nat]]\ninterface = \"wan\"\nsource = \"198.18.1.0/24\"\nto = \"198.18.2.1\"\n"
+        );
+        let plan = plan(&config(BASE), &config(&new)).unwrap();
+        assert!(plan.nat_changed);
+        assert_eq!(plan.unchanged, 2);
+        assert!(plan.added.is_empty() && plan.removed.is_empty());
     }
 
     #[test]

@@ -139,3 +139,28 @@ fn an_error_prints_each_cause_once() {
         );
     }
 }
+
+#[test]
+fn check_refuses_a_nat_rule_that_could_match_the_clusters_own_traffic() {
+    let file = write(
+        "nat.toml",
+        &format!(
+            "{GOOD}\n[[nat]]\ninterface = \"lo\"\nsource = \"0.0.0.0/0\"\nto = \"127.0.0.9\"\n"
+        ),
+    );
+    let path = file.path.as_str();
+    let (code, _, stderr) = carp(&["check", "-c", path]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{path}: nat[0].source: 0.0.0.0/0 matches everything"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "{path}: nat[0].to: 127.0.0.9 is not a VIP on `lo`"
+        )),
+        "{stderr}"
+    );
+}

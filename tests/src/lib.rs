@@ -543,6 +543,8 @@ pub struct NodeOptions {
     pub sync_key: Option<String>,
     /// The daemon accepts fault injection on its control socket (`CARP_TEST_HOOKS=1`).
     pub test_hooks: bool,
+    /// carp's managed NAT: the LAN translated to the WAN VIP (`[[nat]]`).
+    pub nat: bool,
 }
 
 impl Default for NodeOptions {
@@ -560,6 +562,7 @@ impl Default for NodeOptions {
             ],
             sync_key: None,
             test_hooks: false,
+            nat: false,
         }
     }
 }
@@ -599,6 +602,12 @@ impl Lab {
             write!(
                 text,
                 "\n[[vip]]\ninterface = \"{iface}\"\nvhid = {vhid}\naddress = \"{addr}\"\n"
+            )?;
+        }
+        if opts.nat {
+            write!(
+                text,
+                "\n[[nat]]\ninterface = \"wan\"\nsource = \"198.18.1.0/24\"\nto = \"{WAN_VIP}\"\n"
             )?;
         }
         if let Some(secret) = &opts.sync_key {

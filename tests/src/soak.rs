@@ -169,10 +169,10 @@ pub fn run(minutes: f64, seed: Option<u64>) -> Result<()> {
     let total = Duration::from_secs_f64(minutes * 60.0);
     eprintln!("soak: {minutes} min, seed {seed} (`--seed {seed}` repeats the draws)");
     let lab = Lab::up()?;
-    lab.enable_nat()?;
     streams::start_server(&lab)?;
     let with_sync = |base: NodeOptions| NodeOptions {
         sync_key: Some(SYNC_SECRET.into()),
+        nat: true,
         ..base
     };
     let (gw1, gw2) = pair_with(

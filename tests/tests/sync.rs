@@ -16,9 +16,11 @@ use std::time::Duration;
 
 const CONNECTIONS: usize = 40;
 
+/// State sync on, and carp's managed NAT of the LAN to the WAN VIP.
 fn sync_opts(base: NodeOptions) -> NodeOptions {
     NodeOptions {
         sync_key: Some(SYNC_SECRET.into()),
+        nat: true,
         ..base
     }
 }
@@ -69,14 +71,14 @@ fn diagnose(lab: &Lab, nodes: &[&Node]) -> String {
     out
 }
 
-/// gw1 master, gw2 backup, both with or without sync, NAT on, the server running.
+/// gw1 master, gw2 backup, both with or without sync, carp's NAT on, the server running.
 fn cluster(lab: &Lab, sync: bool) -> Result<(Node, Node)> {
-    lab.enable_nat()?;
     streams::start_server(lab)?;
+    let nat = |base: NodeOptions| NodeOptions { nat: true, ..base };
     let (o1, o2) = if sync {
         (sync_opts(NodeOptions::default()), sync_opts(backup_opts()))
     } else {
-        (NodeOptions::default(), backup_opts())
+        (nat(NodeOptions::default()), nat(backup_opts()))
     };
     let (gw1, gw2) = pair_with(lab, &o1, &o2)?;
     if sync {
@@ -345,7 +347,6 @@ fn ended_while_the_link_is_down(crash: bool) -> Result<()> {
 #[test]
 fn deletes_sent_on_reconnect_survive_a_daemon_killed_right_after_it() -> Result<()> {
     let lab = Lab::up()?;
-    lab.enable_nat()?;
     streams::start_server(&lab)?;
     let hooked = NodeOptions {
         test_hooks: true,
@@ -481,7 +482,6 @@ fn wrong_key_and_garbage_are_refused_and_the_session_carries_on() -> Result<()> 
 #[test]
 fn a_panicking_installer_is_seen_and_goes_on_installing() -> Result<()> {
     let lab = Lab::up()?;
-    lab.enable_nat()?;
     streams::start_server(&lab)?;
     let hooked = NodeOptions {
         test_hooks: true,
@@ -576,5 +576,59 @@ fn connections_survive_the_vips_coming_back() -> Result<()> {
     let back = unix_us();
     let report = client.finish()?;
     assert_all_survived(&report, back);
+    Ok(())
+}
+
+/// carp's managed NAT: the same `ip carp` table on both nodes, the client's connections leave
+/// as the WAN VIP, the table outlives a stopped daemon (NATed traffic must not break on a
+/// restart), and `carp nat flush` removes it without touching other tables.
+#[test]
+fn managed_nat_translates_to_the_wan_vip_on_both_nodes_and_outlives_the_daemon() -> Result<()> {
+    let lab = Lab::up()?;
+    let (gw1, gw2) = cluster(&lab, true)?;
+    let table = |host: Host| -> Result<String> {
+        let json = lab.sh(host, "nft -j list table ip carp")?;
+        // Handles differ from node to node; the rules must not.
+        let value: serde_json::Value = serde_json::from_str(&json)?;
+        let rules: Vec<&serde_json::Value> = value["nftables"]
+            .as_array()
+            .context("no nftables array")?
+            .iter()
+            .filter_map(|o| o.get("rule").map(|r| &r["expr"]))
+            .collect();
+        Ok(serde_json::to_string(&rules)?)
+    };
+    let (t1, t2) = (table(Host::Gw1)?, table(Host::Gw2)?);
+    assert_eq!(t1, t2, "the nodes' NAT differs");
+    assert!(t1.contains(r#""snat":{"addr":"198.18.2.1"}"#), "{t1}");
+    // Another table on the node is never touched.
+    lab.sh(Host::Gw1, "nft add table ip operator_own")?;
+    let client = streams::start_client(&lab, 4, 3)?;
+    wait_conntrack(&lab, Host::Gw1, 4)?;
+    let seen = lab.sh(Host::Server, "ss -tnH state established")?;
+    assert!(
+        seen.lines()
+            .filter(|l| l.contains(&format!("{}:", carp_lab::WAN_VIP)))
+            .count()
+            >= 4,
+        "the server does not see the WAN VIP: {seen}"
+    );
+    client.finish()?;
+    carp_lab::end_process(gw1.pid, Duration::from_secs(5));
+    assert!(
+        lab.sh(Host::Gw1, "nft list table ip carp")?
+            .contains("snat to 198.18.2.1"),
+        "the table went with the daemon"
+    );
+    let out = lab.output(Host::Gw1, &[&carp_bin()?.to_string_lossy(), "nat", "flush"])?;
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        lab.output(Host::Gw1, &["nft", "list", "table", "ip", "carp"])?
+            .status
+            .code()
+            != Some(0)
+    );
+    lab.sh(Host::Gw1, "nft list table ip operator_own")?;
+    drop(gw2);
     Ok(())
 }
