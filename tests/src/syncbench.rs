@@ -147,6 +147,30 @@ fn wait_count_within(ns: &str, target: u64, since: Instant, limit: Duration) -> 
     .expect("no panic")?
 }
 
+/// A bulk transfer of [`BULK_FLOWS`] synthetic flows: start, every record, end.
+fn bulk_frames() -> Vec<Frame> {
+    let records: Vec<FlowRecord> = (0..BULK_FLOWS).map(synthetic).collect();
+    let mut frames = vec![Frame::BulkStart { generation: 1 }];
+    frames.extend(upsert_frames(&records));
+    frames.push(Frame::BulkEnd {
+        generation: 1,
+        count: u64::from(BULK_FLOWS),
+    });
+    frames
+}
+
+/// The receiving side: `carp run` on gw2 with state sync on, its peer this process.
+fn start_receiver(lab: &Lab) -> Result<crate::Node> {
+    lab.start_carp(
+        &carp_bin()?,
+        Host::Gw2,
+        &NodeOptions {
+            sync_key: Some(SYNC_SECRET.into()),
+            ..backup_opts()
+        },
+    )
+}
+
 /// Connects to gw2's sync port as its peer and waits for its bulk request.
 async fn connect_as_peer() -> Result<SyncStream> {
     let key = SharedKey::from_secret(SYNC_SECRET.as_bytes())?;
@@ -172,14 +196,7 @@ pub fn measure() -> Result<SyncFigures> {
     let lab = Lab::up()?;
     lab.enable_nat()?;
     let (ctnetlink_create_per_s, ctnetlink_two_sockets_per_s) = ctnetlink_ceiling(&lab)?;
-    let gw2 = lab.start_carp(
-        &carp_bin()?,
-        Host::Gw2,
-        &NodeOptions {
-            sync_key: Some(SYNC_SECRET.into()),
-            ..backup_opts()
-        },
-    )?;
+    let gw2 = start_receiver(&lab)?;
     let gw1_ns = lab.ns(Host::Gw1);
     let gw2_ns = lab.ns(Host::Gw2);
     let rss_before = rss_bytes(gw2.pid)?;
@@ -222,13 +239,7 @@ pub fn measure() -> Result<SyncFigures> {
             rt.block_on(async move {
                 let mut session = connect_as_peer().await?;
                 // Bulk: start, every record, end; timed until all are in gw2's kernel.
-                let records: Vec<FlowRecord> = (0..BULK_FLOWS).map(synthetic).collect();
-                let mut frames = vec![Frame::BulkStart { generation: 1 }];
-                frames.extend(upsert_frames(&records));
-                frames.push(Frame::BulkEnd {
-                    generation: 1,
-                    count: u64::from(BULK_FLOWS),
-                });
+                let frames = bulk_frames();
                 let started = Instant::now();
                 session.send(&frames).await?;
                 let ns2 = ns.clone();
@@ -482,14 +493,7 @@ pub const LOSSY_LINK: Impairment = Impairment {
 pub fn bulk_under_loss() -> Result<Duration> {
     let lab = Lab::up()?;
     lab.enable_nat()?;
-    let _gw2 = lab.start_carp(
-        &carp_bin()?,
-        Host::Gw2,
-        &NodeOptions {
-            sync_key: Some(SYNC_SECRET.into()),
-            ..backup_opts()
-        },
-    )?;
+    let _gw2 = start_receiver(&lab)?;
     let gw2_ns = lab.ns(Host::Gw2);
     let base = conntrack_count(&gw2_ns)?;
     let forwarder = lab.impair_sync(&LOSSY_LINK)?;
@@ -509,13 +513,7 @@ pub fn bulk_under_loss() -> Result<Duration> {
                 }
             }
             let mut session = session.context("no session over the lossy link")?;
-            let records: Vec<FlowRecord> = (0..BULK_FLOWS).map(synthetic).collect();
-            let mut frames = vec![Frame::BulkStart { generation: 1 }];
-            frames.extend(upsert_frames(&records));
-            frames.push(Frame::BulkEnd {
-                generation: 1,
-                count: u64::from(BULK_FLOWS),
-            });
+            let frames = bulk_frames();
             let started = Instant::now();
             let waiting = tokio::task::spawn_blocking(move || {
                 wait_count_within(

@@ -294,17 +294,7 @@ impl Vhid {
         );
         let old_master_down = self.master_down_interval();
         self.demotion = demotion;
-        match self.state {
-            State::Master => {
-                self.push_advert();
-                self.timer = Some(now + self.own_interval());
-            }
-            State::Backup => {
-                let heard = self.timer.map(|deadline| deadline - old_master_down);
-                self.timer = heard.map(|heard| heard + self.master_down_interval());
-            }
-            State::Init => {}
-        }
+        self.retime(old_master_down, now);
     }
 
     /// The configuration changed this vhid's advbase, advskew or preemption (a reload). As
@@ -317,6 +307,13 @@ impl Vhid {
         info!(vhid = self.vhid, old = ?self.params, new = ?params, "parameters changed");
         let old_master_down = self.master_down_interval();
         self.params = params;
+        self.retime(old_master_down, now);
+    }
+
+    /// After the skew or timing changed: a master advertises at once, a backup counts its
+    /// master-down time from the same last advert (its deadline was `old_master_down` after
+    /// it) with the new values.
+    fn retime(&mut self, old_master_down: Duration, now: Instant) {
         match self.state {
             State::Master => {
                 self.push_advert();
