@@ -331,9 +331,26 @@ fn format_sync(s: &SyncStatus) -> String {
     ) + &format_sync_health(s)
 }
 
-/// What is wrong with sync's threads or its reach into the kernel, one line each.
+/// What is wrong with sync's threads or its reach into the kernel, one line each, and
+/// configuration sync when it is on.
 fn format_sync_health(s: &SyncStatus) -> String {
     let mut out = String::new();
+    let c = &s.config;
+    if c.role != "off" && !c.role.is_empty() {
+        out.push_str(&format!(
+            "config sync: {}  {}  here {}  peer {}  last push {}  last answer {}{}\n",
+            c.role,
+            if c.in_step { "in step" } else { "NOT IN STEP" },
+            c.local_hash.as_deref().unwrap_or("-"),
+            c.peer_hash.as_deref().unwrap_or("-"),
+            c.last_push.as_deref().unwrap_or("-"),
+            c.last_result.as_deref().unwrap_or("-"),
+            c.last_error
+                .as_ref()
+                .map(|e| format!("\n  last error: {}", e.replace('\n', "\n    ")))
+                .unwrap_or_default()
+        ));
+    }
     if !s.conntrack {
         out.push_str("conntrack NOT AVAILABLE: synced flows reach XDP only, not the kernel\n");
     }

@@ -3,6 +3,7 @@
 
 use crate::{
     carp::packet::{AuthKey, MAX_PASSPHRASE_LEN},
+    config_sync::{self, Area},
     interfaces::{Interface, Ipv4Net},
     nat::{self, NatRule, RawNat},
     sync::{
@@ -79,6 +80,15 @@ pub struct Config {
     pub sync: Option<SyncConfig>,
     /// Outbound NAT to the VIPs, in carp's own nftables table.
     pub nat: Vec<NatRule>,
+    /// What this node sends to its sync peer, or takes from it.
+    pub config_sync: ConfigSync,
+}
+
+/// The `[config_sync]` section: a primary pushes areas, a secondary accepts them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConfigSync {
+    pub push: Vec<Area>,
+    pub accept: Vec<Area>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,12 +122,23 @@ pub struct Vip {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     node: RawNode,
-    carp: RawCarp,
+    /// Optional on a secondary that accepts the carp area (it comes with the first sync).
+    carp: Option<RawCarp>,
     #[serde(default)]
     vip: Vec<RawVip>,
     sync: Option<RawSync>,
     #[serde(default)]
     nat: Vec<RawNat>,
+    config_sync: Option<RawConfigSync>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfigSync {
+    #[serde(default)]
+    push: Vec<String>,
+    #[serde(default)]
+    accept: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -179,8 +200,15 @@ fn default_preempt() -> bool {
 }
 
 impl Config {
-    /// Reads and validates `path` against the host's current interfaces.
+    /// Reads and validates `path` against the host's current interfaces; on a secondary, with
+    /// the areas it last received from the primary in place of its own.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_with(path, None)
+    }
+
+    /// [`Config::load`], with `received` (areas from the primary, rewritten for this node) in
+    /// place of the ones kept in the state directory.
+    pub fn load_with(path: &Path, received: Option<&str>) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
@@ -189,7 +217,29 @@ impl Config {
             path: "getifaddrs".into(),
             source: e.into(),
         })?;
-        Self::parse(&text, &interfaces)
+        let own = Self::parse(&text, &interfaces)?;
+        if own.config_sync.accept.is_empty() {
+            return Ok(own);
+        }
+        let kept = config_sync::applied_file(&own.node.state_dir);
+        let received = match received {
+            Some(received) => received.to_owned(),
+            None => match std::fs::read_to_string(&kept) {
+                Ok(received) => received,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(own),
+                Err(source) => return Err(ConfigError::Read { path: kept, source }),
+            },
+        };
+        let composed =
+            config_sync::compose(&text, &received, &own.config_sync.accept).map_err(|message| {
+                ConfigError::Invalid {
+                    problems: vec![Problem {
+                        field: "config_sync".into(),
+                        message,
+                    }],
+                }
+            })?;
+        Self::parse(&composed, &interfaces)
     }
 
     /// Parses and validates `text`; `interfaces` is what the host has.
@@ -241,9 +291,20 @@ fn validate(raw: RawConfig, interfaces: &[Interface], problems: &mut Vec<Problem
         );
     }
 
-    let advbase = in_range(raw.carp.advbase, 1, 255, "carp.advbase", &mut problem);
-    let advskew = in_range(raw.carp.advskew, 0, 254, "carp.advskew", &mut problem);
-    let passphrase = match (raw.carp.passphrase, raw.carp.passphrase_file) {
+    let config_sync = validate_config_sync(raw.config_sync, raw.sync.is_some(), &mut problem);
+    let waiting_for_sync = config_sync.accept.contains(&Area::Carp);
+    let carp = match raw.carp {
+        Some(carp) => carp,
+        // A secondary waits for the primary's [carp]: nothing is advertised meanwhile.
+        None if waiting_for_sync => RawCarp::waiting(),
+        None => {
+            problem("carp".into(), "missing: a [carp] section is needed".into());
+            RawCarp::waiting()
+        }
+    };
+    let advbase = in_range(carp.advbase, 1, 255, "carp.advbase", &mut problem);
+    let advskew = in_range(carp.advskew, 0, 254, "carp.advskew", &mut problem);
+    let passphrase = match (carp.passphrase, carp.passphrase_file) {
         (Some(p), None) => Some(p.into_bytes()),
         (None, Some(path)) => match read_secret(&path) {
             Ok(bytes) => Some(bytes),
@@ -357,7 +418,7 @@ fn validate(raw: RawConfig, interfaces: &[Interface], problems: &mut Vec<Problem
             advskew: vip_skew,
         });
     }
-    if raw.vip.is_empty() {
+    if raw.vip.is_empty() && !waiting_for_sync {
         problem("vip".into(), "no [[vip]] configured".into());
     }
     let sync = raw
@@ -389,15 +450,72 @@ fn validate(raw: RawConfig, interfaces: &[Interface], problems: &mut Vec<Problem
         carp: Carp {
             advbase,
             advskew,
-            preempt: raw.carp.preempt,
+            preempt: carp.preempt,
             key: key.unwrap_or_else(|| AuthKey::new(b"").expect("empty key fits")),
-            mac: raw.carp.mac,
-            peer: raw.carp.peer,
+            mac: carp.mac,
+            peer: carp.peer,
         },
         vips,
         sync,
         nat,
+        config_sync,
     }
+}
+
+impl RawCarp {
+    /// The `[carp]` of a secondary before its first sync: defaults, and no VIP to use them.
+    fn waiting() -> Self {
+        Self {
+            advbase: default_advbase(),
+            advskew: 0,
+            preempt: default_preempt(),
+            passphrase: Some(String::new()),
+            passphrase_file: None,
+            mac: MacMode::default(),
+            peer: None,
+        }
+    }
+}
+
+fn validate_config_sync(
+    raw: Option<RawConfigSync>,
+    has_sync: bool,
+    problem: &mut impl FnMut(String, String),
+) -> ConfigSync {
+    let Some(raw) = raw else {
+        return ConfigSync::default();
+    };
+    let mut areas = |names: &[String], field: &str| -> Vec<Area> {
+        let mut out = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            match Area::parse(name) {
+                Ok(area) if !out.contains(&area) => out.push(area),
+                Ok(_) => problem(
+                    format!("config_sync.{field}[{i}]"),
+                    format!("`{name}` twice"),
+                ),
+                Err(message) => problem(format!("config_sync.{field}[{i}]"), message),
+            }
+        }
+        out
+    };
+    let sync = ConfigSync {
+        push: areas(&raw.push, "push"),
+        accept: areas(&raw.accept, "accept"),
+    };
+    if !sync.push.is_empty() && !sync.accept.is_empty() {
+        problem(
+            "config_sync".into(),
+            "a node pushes or accepts, not both: the secondary follows the primary".into(),
+        );
+    }
+    if !has_sync && (!sync.push.is_empty() || !sync.accept.is_empty()) {
+        problem(
+            "config_sync".into(),
+            "needs [sync]: the configuration travels on the sync link".into(),
+        );
+    }
+    sync
 }
 
 /// A secret file's bytes without the trailing newline an editor leaves.

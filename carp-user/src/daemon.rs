@@ -10,6 +10,7 @@ use crate::{
         packet::{Advert, CARP_GROUP_V4, CARP_TTL, IPPROTO_CARP},
     },
     config::{Config, ConfigError, MacMode, Vip, XdpModeChoice},
+    config_sync,
     control::{self, Counters, Pending, Request, Response, Status, TestHook, VipStatus},
     dataplane::{Dataplane, DataplaneError, Role},
     error::Chain,
@@ -20,7 +21,10 @@ use crate::{
     nft::{self, NftError},
     pins, reload,
     sockets::{AdvertSocket, FrameSocket},
-    sync::service::{self, SyncHandle},
+    sync::{
+        config_link::Answer,
+        service::{self, ConfigRole, SyncHandle},
+    },
 };
 use aya::programs::XdpMode;
 use carp_common::{
@@ -187,6 +191,11 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
     ));
     let mut terminate = signal(SignalKind::terminate()).map_err(io_error("SIGTERM handler"))?;
     let mut hangup = signal(SignalKind::hangup()).map_err(io_error("SIGHUP handler"))?;
+    let mut config_pushes = daemon
+        .sync
+        .as_ref()
+        .and_then(SyncHandle::take_config_pushes);
+    daemon.push_config();
     let mut interrupt = signal(SignalKind::interrupt()).map_err(io_error("SIGINT handler"))?;
     let mut tick = tokio::time::interval(TICK);
     info!(node = %daemon.config.node.name, vips = daemon.vhids.len(), "carp running");
@@ -235,6 +244,13 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
                 daemon.settle().await;
                 let _ = reply.send(response);
                 if let Some(exit) = exit { break exit; }
+            }
+            Some(pushed) = recv_push(&mut config_pushes) => {
+                let answer = daemon.apply_pushed(&pushed).await;
+                daemon.settle().await;
+                if let Some(sync) = &daemon.sync {
+                    sync.answer_config(answer);
+                }
             }
             _ = hangup.recv() => {
                 info!("SIGHUP: reloading the configuration");
@@ -444,6 +460,7 @@ impl Daemon {
                     deltas,
                     flows,
                     sync_listener,
+                    config_role(&config),
                 )
                 .map_err(|source| DaemonError::Sync { source })?;
                 dataplane.set_capture(Some(FLOW_REFRESH))?;
@@ -877,7 +894,73 @@ impl Daemon {
             }
         );
         info!(%message, "reload");
+        self.push_config();
         (Response::done(message, self.status()), None)
+    }
+
+    /// A primary hands its areas to the session, which pushes them now if connected and on
+    /// every reconnect.
+    fn push_config(&self) {
+        let (Some(sync), push) = (&self.sync, &self.config.config_sync.push) else {
+            return;
+        };
+        if push.is_empty() {
+            return;
+        }
+        let areas = std::fs::read_to_string(&self.config_path)
+            .map_err(|e| e.to_string())
+            .and_then(|own| config_sync::payload(&own, push));
+        match areas {
+            Ok(areas) => {
+                // The hash of what the secondary will hold, so both sides compare alike.
+                let held = config_sync::received_for_secondary(&areas).unwrap_or_default();
+                sync.push_config(areas, config_sync::hash(&held));
+            }
+            Err(e) => error!(error = %e, "cannot build the configuration to push"),
+        }
+    }
+
+    /// A secondary applies what the primary pushed: rewritten (every advskew +100), checked
+    /// as a whole against this host with its own `[node]` and `[sync]`, kept in the state
+    /// directory (the previous version beside it) and applied like a reload. A push that
+    /// does not fit this host changes nothing and its reason goes back.
+    async fn apply_pushed(&mut self, pushed: &str) -> Answer {
+        let refuse = |message: String| {
+            warn!(%message, "configuration push refused");
+            Answer {
+                ok: false,
+                hash: String::new(),
+                message,
+            }
+        };
+        let received = match config_sync::received_for_secondary(pushed) {
+            Ok(received) => received,
+            Err(e) => return refuse(e),
+        };
+        match Config::load_with(&self.config_path, Some(&received)) {
+            Ok(_) => {}
+            Err(ConfigError::Invalid { problems }) => {
+                let lines: Vec<String> = problems.iter().map(ToString::to_string).collect();
+                return refuse(lines.join("\n"));
+            }
+            Err(e) => return refuse(Chain(&e).to_string()),
+        }
+        if let Err(e) = keep_received(&self.config.node.state_dir, &received) {
+            return refuse(format!("keeping the received configuration: {e}"));
+        }
+        let (response, _) = self.reload().await;
+        let hash = config_sync::hash(&received);
+        match response.problems {
+            Some(problems) => refuse(problems.join("\n")),
+            None => {
+                info!(%hash, "applied the primary's configuration");
+                Answer {
+                    ok: true,
+                    hash,
+                    message: response.message.unwrap_or_default(),
+                }
+            }
+        }
     }
 
     fn vhid_index(&self, interface: &str, vhid: u8) -> Option<usize> {
@@ -1024,6 +1107,39 @@ impl Daemon {
         }
         let _ = std::fs::remove_file(&self.config.node.control_socket);
         info!("stopped: VIPs released, XDP detached");
+    }
+}
+
+/// Writes what a secondary received, atomically, keeping the version before it.
+fn keep_received(state_dir: &std::path::Path, received: &str) -> std::io::Result<()> {
+    let applied = config_sync::applied_file(state_dir);
+    if let Some(dir) = applied.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if applied.exists() {
+        std::fs::rename(&applied, config_sync::previous_file(state_dir))?;
+    }
+    let tmp = applied.with_extension("tmp");
+    std::fs::write(&tmp, received)?;
+    std::fs::rename(&tmp, &applied)
+}
+
+/// The next configuration push from the peer, or never on a node that accepts none.
+async fn recv_push(pushes: &mut Option<mpsc::Receiver<String>>) -> Option<String> {
+    match pushes {
+        Some(pushes) => pushes.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// This node's part in configuration sync.
+fn config_role(config: &Config) -> ConfigRole {
+    if !config.config_sync.push.is_empty() {
+        ConfigRole::Primary
+    } else if !config.config_sync.accept.is_empty() {
+        ConfigRole::Secondary
+    } else {
+        ConfigRole::Off
     }
 }
 

@@ -3,6 +3,7 @@
 pub mod carp;
 pub mod cli;
 pub mod config;
+pub mod config_sync;
 pub mod conntrack;
 pub mod control;
 pub mod daemon;

@@ -61,7 +61,8 @@ pub fn plan(running: &Config, new: &Config) -> Result<Plan, Vec<Problem>> {
         return Err(problems);
     }
     let mut plan = Plan {
-        sync_changed: running.sync != new.sync,
+        // The session is set up for its part in configuration sync too.
+        sync_changed: running.sync != new.sync || running.config_sync != new.config_sync,
         nat_changed: running.nat != new.nat,
         ..Plan::default()
     };

@@ -545,6 +545,18 @@ pub struct NodeOptions {
     pub test_hooks: bool,
     /// carp's managed NAT: the LAN translated to the WAN VIP (`[[nat]]`).
     pub nat: bool,
+    /// Configuration sync of the carp and nat areas: pushed to the peer, or taken from it
+    /// (then this node's own `[carp]`, `[[vip]]` and `[[nat]]` are left out).
+    pub config_sync: ConfigSyncPart,
+}
+
+/// A lab node's part in configuration sync.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ConfigSyncPart {
+    #[default]
+    None,
+    Push,
+    Accept,
 }
 
 impl Default for NodeOptions {
@@ -563,6 +575,7 @@ impl Default for NodeOptions {
             sync_key: None,
             test_hooks: false,
             nat: false,
+            config_sync: ConfigSyncPart::None,
         }
     }
 }
@@ -586,25 +599,34 @@ impl Lab {
     pub fn write_config(&self, host: Host, opts: &NodeOptions) -> Result<(String, PathBuf)> {
         let name = format!("{}-{}", host.tag(), self.id);
         let mut text = format!(
-            "[node]\nname = \"{name}\"\ncontrol_socket = \"{dir}/{name}.sock\"\nstate_dir = \"{dir}/{name}-state\"\n\n\
-             [carp]\nadvbase = {}\nadvskew = {}\npreempt = {}\npassphrase = \"{}\"\nmac = \"{}\"\n",
-            opts.advbase,
-            opts.advskew,
-            opts.preempt,
-            opts.passphrase,
-            opts.mac,
+            "[node]\nname = \"{name}\"\ncontrol_socket = \"{dir}/{name}.sock\"\nstate_dir = \"{dir}/{name}-state\"\n",
             dir = self.dir.display(),
         );
-        if let Some(peer) = &opts.peer {
-            writeln!(text, "peer = \"{peer}\"")?;
+        match opts.config_sync {
+            ConfigSyncPart::None => {}
+            ConfigSyncPart::Push => text.push_str("\n[config_sync]\npush = [\"carp\", \"nat\"]\n"),
+            ConfigSyncPart::Accept => {
+                text.push_str("\n[config_sync]\naccept = [\"carp\", \"nat\"]\n")
+            }
         }
-        for (iface, vhid, addr) in &opts.vips {
+        let own_areas = opts.config_sync != ConfigSyncPart::Accept;
+        if own_areas {
             write!(
                 text,
-                "\n[[vip]]\ninterface = \"{iface}\"\nvhid = {vhid}\naddress = \"{addr}\"\n"
+                "\n[carp]\nadvbase = {}\nadvskew = {}\npreempt = {}\npassphrase = \"{}\"\nmac = \"{}\"\n",
+                opts.advbase, opts.advskew, opts.preempt, opts.passphrase, opts.mac,
             )?;
+            if let Some(peer) = &opts.peer {
+                writeln!(text, "peer = \"{peer}\"")?;
+            }
+            for (iface, vhid, addr) in &opts.vips {
+                write!(
+                    text,
+                    "\n[[vip]]\ninterface = \"{iface}\"\nvhid = {vhid}\naddress = \"{addr}\"\n"
+                )?;
+            }
         }
-        if opts.nat {
+        if opts.nat && own_areas {
             write!(
                 text,
                 "\n[[nat]]\ninterface = \"wan\"\nsource = \"198.18.1.0/24\"\nto = \"{WAN_VIP}\"\n"

@@ -4,6 +4,7 @@
 
 pub mod bulk;
 pub mod capture;
+pub mod config_link;
 pub mod flow_writer;
 pub mod install;
 pub mod merge;

@@ -32,6 +32,8 @@ pub enum ProtoError {
     Family { family: u8 },
     #[error("node name is not UTF-8")]
     NodeName,
+    #[error("{what} is not UTF-8")]
+    Text { what: &'static str },
     #[error("a record's reply tuple is not of its connection's address family and protocol")]
     ReplyMismatch,
     #[error("{extra} bytes after the last record")]
@@ -118,6 +120,19 @@ pub enum Frame {
         count: u64,
     },
     Keepalive,
+    /// The primary's configuration areas (TOML), for a secondary that accepts them.
+    ConfigPush {
+        schema: u32,
+        areas: String,
+    },
+    /// The secondary's answer: applied (and the content hash of what it now holds), or why
+    /// not.
+    ConfigResult {
+        schema: u32,
+        ok: bool,
+        hash: String,
+        message: String,
+    },
 }
 
 const KIND_HELLO: u8 = 1;
@@ -127,6 +142,10 @@ const KIND_UPSERT: u8 = 4;
 const KIND_DELETE: u8 = 5;
 const KIND_BULK_END: u8 = 6;
 const KIND_KEEPALIVE: u8 = 7;
+const KIND_CONFIG_PUSH: u8 = 8;
+const KIND_CONFIG_RESULT: u8 = 9;
+/// Longest message in a ConfigResult (the rest is cut).
+const MAX_RESULT_MESSAGE: usize = 8192;
 
 /// Longest encoding of a key (IPv6) and of a record.
 pub const MAX_KEY_LEN: usize = 6 + 32;
@@ -169,6 +188,26 @@ impl Frame {
                 out.extend_from_slice(&generation.to_be_bytes());
                 out.extend_from_slice(&count.to_be_bytes());
             }
+            Frame::ConfigPush { schema, areas } => {
+                out.extend_from_slice(&schema.to_be_bytes());
+                out.extend_from_slice(&(areas.len() as u32).to_be_bytes());
+                out.extend_from_slice(areas.as_bytes());
+            }
+            Frame::ConfigResult {
+                schema,
+                ok,
+                hash,
+                message,
+            } => {
+                out.extend_from_slice(&schema.to_be_bytes());
+                out.push(u8::from(*ok));
+                let hash = cut(hash, 255);
+                out.push(hash.len() as u8);
+                out.extend_from_slice(hash.as_bytes());
+                let message = cut(message, MAX_RESULT_MESSAGE);
+                out.extend_from_slice(&(message.len() as u16).to_be_bytes());
+                out.extend_from_slice(message.as_bytes());
+            }
         }
         let len = (out.len() - start - HEADER_LEN) as u32;
         out[start + 8..start + 12].copy_from_slice(&len.to_be_bytes());
@@ -183,6 +222,8 @@ impl Frame {
             Frame::Delete { .. } => KIND_DELETE,
             Frame::BulkEnd { .. } => KIND_BULK_END,
             Frame::Keepalive => KIND_KEEPALIVE,
+            Frame::ConfigPush { .. } => KIND_CONFIG_PUSH,
+            Frame::ConfigResult { .. } => KIND_CONFIG_RESULT,
         }
     }
 
@@ -244,6 +285,27 @@ impl Frame {
                 generation: r.u64("bulk end")?,
                 count: r.u64("bulk end")?,
             },
+            KIND_CONFIG_PUSH => {
+                let schema = r.u32("config push")?;
+                let n = r.u32("config push")? as usize;
+                Frame::ConfigPush {
+                    schema,
+                    areas: r.text(n, "config push")?,
+                }
+            }
+            KIND_CONFIG_RESULT => {
+                let schema = r.u32("config result")?;
+                let ok = r.u8("config result")? != 0;
+                let n = usize::from(r.u8("config result")?);
+                let hash = r.text(n, "config result")?;
+                let n = usize::from(r.u16("config result")?);
+                Frame::ConfigResult {
+                    schema,
+                    ok,
+                    hash,
+                    message: r.text(n, "config result")?,
+                }
+            }
             kind => return Err(ProtoError::Kind { kind }),
         };
         if !r.0.is_empty() {
@@ -251,6 +313,15 @@ impl Frame {
         }
         Ok(Some((frame, HEADER_LEN + len)))
     }
+}
+
+/// `text` cut to at most `max` bytes on a character boundary.
+fn cut(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 /// Splits `records` into Upsert frames that each fit [`MAX_PAYLOAD`] (a bulk answer).
@@ -377,6 +448,10 @@ impl<'a> Reader<'a> {
         Ok(head)
     }
 
+    fn text(&mut self, n: usize, what: &'static str) -> Result<String, ProtoError> {
+        String::from_utf8(self.take(n, what)?.to_vec()).map_err(|_| ProtoError::Text { what })
+    }
+
     fn u8(&mut self, what: &'static str) -> Result<u8, ProtoError> {
         Ok(self.take(1, what)?[0])
     }
@@ -467,9 +542,51 @@ pub(crate) mod tests {
                 count: 1,
             },
             Frame::Keepalive,
+            Frame::ConfigPush {
+                schema: 1,
+                areas: "[carp]\npassphrase = \"é\"\n".into(),
+            },
+            Frame::ConfigResult {
+                schema: 1,
+                ok: false,
+                hash: "0123456789abcdef".into(),
+                message: "vip[2].interface: no interface `dmz`".into(),
+            },
         ] {
             round_trip(&frame);
         }
+    }
+
+    #[test]
+    fn a_long_result_message_is_cut_on_a_character_boundary() {
+        let frame = Frame::ConfigResult {
+            schema: 1,
+            ok: false,
+            hash: String::new(),
+            message: "é".repeat(MAX_RESULT_MESSAGE),
+        };
+        let mut buf = Vec::new();
+        frame.encode(&mut buf);
+        let (decoded, _) = Frame::decode(&buf).unwrap().unwrap();
+        let Frame::ConfigResult { message, .. } = decoded else {
+            panic!("{decoded:?}")
+        };
+        assert_eq!(message.len(), MAX_RESULT_MESSAGE);
+        // Text that is not UTF-8 is refused, not mangled.
+        let mut bad = Vec::new();
+        Frame::ConfigPush {
+            schema: 1,
+            areas: "ab".into(),
+        }
+        .encode(&mut bad);
+        let last = bad.len() - 1;
+        bad[last] = 0xff;
+        assert_eq!(
+            Frame::decode(&bad),
+            Err(ProtoError::Text {
+                what: "config push"
+            })
+        );
     }
 
     #[test]

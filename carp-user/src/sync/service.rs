@@ -6,6 +6,7 @@
 use super::{
     bulk::{BulkSync, Event},
     capture::{Capture, Local},
+    config_link::{Answer, ConfigLink, ConfigSyncStatus},
     flow_writer::FlowMap,
     install::{self, InstallStats, Job, Workers},
     merge::{FlowTable, Origin, Verdict},
@@ -101,6 +102,8 @@ pub struct SyncStatus {
     /// Mean cost of one conntrack lookup (the price of taking NAT from the kernel).
     pub conntrack_lookup_ns: u64,
     pub install: InstallStats,
+    /// Configuration sync over this link.
+    pub config: ConfigSyncStatus,
 }
 
 /// One row of `carp flows`.
@@ -147,6 +150,22 @@ pub struct SyncHandle {
     listener_fd: RawFd,
     /// When [`SyncHandle::prepare_takeover`] last marked this node's connections.
     last_takeover: Mutex<Option<Instant>>,
+    /// A primary's areas for the session to push.
+    config_out: watch::Sender<Option<(String, String)>>,
+    /// A secondary's pushes from the peer, for the daemon (taken once).
+    config_in: Mutex<Option<mpsc::Receiver<String>>>,
+    /// The daemon's answers to them.
+    config_answers: mpsc::Sender<Answer>,
+}
+
+/// This node's part in configuration sync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigRole {
+    Off,
+    /// Pushes its areas.
+    Primary,
+    /// Accepts the peer's.
+    Secondary,
 }
 
 /// Starts capture, session and installer. `deltas` and `flows` are the XDP maps; `listener`
@@ -158,6 +177,7 @@ pub fn start(
     deltas: RingBuf<MapData>,
     flows: FlowMap,
     listener: Option<OwnedFd>,
+    role: ConfigRole,
 ) -> std::io::Result<SyncHandle> {
     let conntrack = |what: &str| match Conntrack::open() {
         Ok(c) => Some(c),
@@ -188,6 +208,15 @@ pub fn start(
             // Shown from the first status on, not only once the session has run.
             deletes_waiting: unsent.len() as u64,
             conntrack: installer_conntrack.is_some(),
+            config: ConfigSyncStatus {
+                role: match role {
+                    ConfigRole::Off => "off",
+                    ConfigRole::Primary => "primary",
+                    ConfigRole::Secondary => "secondary",
+                }
+                .into(),
+                ..ConfigSyncStatus::default()
+            },
             ..SyncStatus::default()
         }),
         install: Arc::new(Mutex::new(InstallStats::default())),
@@ -214,8 +243,17 @@ pub fn start(
         .name("carp-capture".into())
         .spawn(move || capture_loop(deltas, lookups, local_tx, &capture_shared))?;
     let (demoted_tx, demoted) = watch::channel(true);
+    let (config_out, outgoing) = watch::channel(None);
+    let (pushes, config_in) = mpsc::channel(1);
+    let (config_answers, answers) = mpsc::channel(4);
+    let config_link = ConfigLink {
+        outgoing,
+        to_daemon: (role == ConfigRole::Secondary).then_some(pushes),
+        answers,
+    };
     let session = tokio::spawn(
         Session {
+            config_link,
             config,
             node,
             shared: shared.clone(),
@@ -239,6 +277,9 @@ pub fn start(
         session,
         listener_fd,
         last_takeover: Mutex::new(None),
+        config_out,
+        config_in: Mutex::new(Some(config_in)),
+        config_answers,
     })
 }
 
@@ -334,6 +375,21 @@ impl SyncHandle {
             .collect();
         rows.sort_by(|a, b| (&a.src, a.sport, &a.dst).cmp(&(&b.src, b.sport, &b.dst)));
         rows
+    }
+
+    /// A primary's areas to push now and on every reconnect, with their content hash.
+    pub fn push_config(&self, areas: String, hash: String) {
+        self.config_out.send_replace(Some((areas, hash)));
+    }
+
+    /// A secondary's pushes from the peer (the daemon takes them once).
+    pub fn take_config_pushes(&self) -> Option<mpsc::Receiver<String>> {
+        lock(&self.config_in).take()
+    }
+
+    /// The daemon's answer to a push, for the peer.
+    pub fn answer_config(&self, answer: Answer) {
+        let _ = self.config_answers.try_send(answer);
     }
 
     /// The sync listener, for `carp upgrade` to hand over before it stops the session.
@@ -458,6 +514,7 @@ fn capture_round(
 
 /// The session task's state.
 struct Session {
+    config_link: ConfigLink,
     config: SyncConfig,
     node: String,
     shared: Arc<Shared>,
@@ -509,6 +566,15 @@ impl Session {
                     Ok(frame) => self.on_frame(frame),
                     Err(e) => self.disconnected(&e),
                 },
+                Ok(()) = self.config_link.outgoing.changed() => {
+                    if self.stream.is_some() {
+                        self.push_config();
+                    }
+                }
+                Some(answer) = self.config_link.answers.recv() => {
+                    let frame = ConfigLink::answer(answer, &mut lock(&self.shared.status).config);
+                    self.outbox.push(frame);
+                }
                 Some(event) = local.recv() => {
                     let now = Instant::now();
                     self.on_local(event, &mut pending, now);
@@ -551,6 +617,7 @@ impl Session {
         self.outbox.push(Frame::Hello {
             node: self.node.clone(),
         });
+        self.push_config();
         // Kept until the peer answers the bulk request that follows them.
         let keys = self.unsent.send_all();
         if !keys.is_empty() {
@@ -677,6 +744,24 @@ impl Session {
                 lock(&self.shared.status).deltas_received += keys.len() as u64;
                 let _ = self.jobs.send(Job::Delete(keys));
             }
+            Frame::ConfigPush { schema, areas } => {
+                let refused =
+                    self.config_link
+                        .on_push(schema, areas, &mut lock(&self.shared.status).config);
+                self.outbox.extend(refused);
+            }
+            Frame::ConfigResult {
+                schema,
+                ok,
+                hash,
+                message,
+            } => ConfigLink::on_result(
+                schema,
+                ok,
+                hash,
+                message,
+                &mut lock(&self.shared.status).config,
+            ),
             Frame::BulkEnd { .. } | Frame::Keepalive => {}
         }
         while let Some(event) = self.bulk.poll_event() {
@@ -685,6 +770,12 @@ impl Session {
                 Event::GaveUp { attempts } => warn!(attempts, "bulk update given up"),
             }
         }
+    }
+
+    /// Our areas, if this node pushes any.
+    fn push_config(&mut self) {
+        let frame = self.config_link.push(&mut lock(&self.shared.status).config);
+        self.outbox.extend(frame);
     }
 
     /// pfsync's bulk update: start, every flow held, end.

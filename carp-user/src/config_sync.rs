@@ -1,0 +1,255 @@
+//! Configuration sync, one direction (pfSense's XMLRPC sync): the primary sends the areas it
+//! pushes as TOML over the sync link; the secondary takes the areas it accepts, every advskew
+//! raised by 100, in place of its own, and keeps them in its state directory so it restarts
+//! with them even while the primary is down. Pure: what is sent, how the secondary rewrites
+//! it, and what configuration results.
+
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use toml::{Table, Value};
+
+/// The configuration schema both sides must speak; a peer on another refuses.
+pub const SCHEMA: u32 = 1;
+/// What a secondary adds to every advskew it receives (pfSense's rule), and the cap.
+pub const SECONDARY_SKEW: i64 = 100;
+pub const MAX_SKEW: i64 = 254;
+
+/// A part of the configuration that can be synced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Area {
+    /// `[carp]` and every `[[vip]]`.
+    Carp,
+    /// The `[[nat]]` rules.
+    Nat,
+}
+
+impl Area {
+    /// The TOML keys the area owns.
+    fn keys(self) -> &'static [&'static str] {
+        match self {
+            Area::Carp => &["carp", "vip"],
+            Area::Nat => &["nat"],
+        }
+    }
+
+    /// The area named `name`; the issue's other areas are named as not supported yet.
+    pub fn parse(name: &str) -> Result<Self, String> {
+        match name {
+            "carp" => Ok(Area::Carp),
+            "nat" => Ok(Area::Nat),
+            "nftables" | "files" | "dhcp" => Err(format!(
+                "the `{name}` area is not supported yet (carp and nat are)"
+            )),
+            other => Err(format!("unknown area `{other}` (carp, nat)")),
+        }
+    }
+}
+
+/// Where a secondary keeps what it received: the areas now applied, and the ones before.
+pub fn applied_file(state_dir: &Path) -> PathBuf {
+    state_dir.join("config-sync").join("areas.toml")
+}
+
+pub fn previous_file(state_dir: &Path) -> PathBuf {
+    state_dir.join("config-sync").join("areas.prev.toml")
+}
+
+/// The content hash `carp status` shows for each side.
+pub fn hash(areas: &str) -> String {
+    let digest = Sha256::digest(areas.as_bytes());
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What the primary sends: the `areas` of its own configuration text, with a passphrase file
+/// read in (its path means nothing on the peer). The text parsed already as a configuration.
+pub fn payload(own: &str, areas: &[Area]) -> Result<String, String> {
+    let table: Table = own.parse().map_err(|e: toml::de::Error| e.to_string())?;
+    let mut out = Table::new();
+    for area in areas {
+        for key in area.keys() {
+            if let Some(value) = table.get(*key) {
+                out.insert((*key).to_owned(), value.clone());
+            }
+        }
+    }
+    if let Some(Value::Table(carp)) = out.get_mut("carp")
+        && let Some(Value::String(file)) = carp.remove("passphrase_file")
+    {
+        let secret = std::fs::read(&file).map_err(|e| format!("reading {file}: {e}"))?;
+        let secret = String::from_utf8_lossy(&secret)
+            .trim_end_matches(['\n', '\r'])
+            .to_owned();
+        carp.insert("passphrase".into(), Value::String(secret));
+    }
+    toml::to_string(&out).map_err(|e| e.to_string())
+}
+
+/// The secondary's rewrite of what it received: every advskew, the node's and each VIP's
+/// override, raised by [`SECONDARY_SKEW`] and capped at [`MAX_SKEW`].
+pub fn rewrite_for_secondary(areas: &mut Table) {
+    let raise = |value: Option<&Value>| {
+        let skew = value.and_then(Value::as_integer).unwrap_or(0);
+        Value::Integer((skew + SECONDARY_SKEW).min(MAX_SKEW))
+    };
+    if let Some(Value::Table(carp)) = areas.get_mut("carp") {
+        let raised = raise(carp.get("advskew"));
+        carp.insert("advskew".into(), raised);
+    }
+    if let Some(Value::Array(vips)) = areas.get_mut("vip") {
+        for vip in vips.iter_mut().filter_map(Value::as_table_mut) {
+            if vip.contains_key("advskew") {
+                let raised = raise(vip.get("advskew"));
+                vip.insert("advskew".into(), raised);
+            }
+        }
+    }
+}
+
+/// The secondary's configuration: its own text with every accepted area replaced by what
+/// was received (already rewritten). Its `[node]`, `[sync]` and `[config_sync]` are its own.
+pub fn compose(own: &str, received: &str, accept: &[Area]) -> Result<String, String> {
+    let mut table: Table = own.parse().map_err(|e: toml::de::Error| e.to_string())?;
+    let received: Table = received
+        .parse()
+        .map_err(|e: toml::de::Error| format!("the received areas: {e}"))?;
+    for area in accept {
+        for key in area.keys() {
+            table.remove(*key);
+            if let Some(value) = received.get(*key) {
+                table.insert((*key).to_owned(), value.clone());
+            }
+        }
+    }
+    toml::to_string(&table).map_err(|e| e.to_string())
+}
+
+/// What the secondary makes of a push: the received text rewritten for it.
+pub fn received_for_secondary(pushed: &str) -> Result<String, String> {
+    let mut areas: Table = pushed
+        .parse()
+        .map_err(|e: toml::de::Error| format!("the pushed areas: {e}"))?;
+    rewrite_for_secondary(&mut areas);
+    toml::to_string(&areas).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PRIMARY: &str = r#"
+[node]
+name = "gw1"
+[sync]
+interface = "sync"
+listen = "198.18.3.1:8370"
+peer = "198.18.3.2:8370"
+key_file = "/etc/carp/sync.key"
+[config_sync]
+push = ["carp", "nat"]
+[carp]
+advskew = 0
+passphrase = "secret"
+[[vip]]
+interface = "lan"
+vhid = 1
+address = "198.18.1.1/24"
+[[vip]]
+interface = "wan"
+vhid = 2
+address = "198.18.2.1/24"
+advskew = 200
+[[nat]]
+interface = "wan"
+source = "198.18.1.0/24"
+to = "198.18.2.1"
+"#;
+
+    const SECONDARY: &str = r#"
+[node]
+name = "gw2"
+[sync]
+interface = "sync"
+listen = "198.18.3.2:8370"
+peer = "198.18.3.1:8370"
+key_file = "/etc/carp/sync.key"
+[config_sync]
+accept = ["carp", "nat"]
+"#;
+
+    fn table(text: &str) -> Table {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn the_payload_holds_the_pushed_areas_and_nothing_of_the_node() {
+        let sent = table(&payload(PRIMARY, &[Area::Carp, Area::Nat]).unwrap());
+        let keys: Vec<&String> = sent.keys().collect();
+        assert_eq!(keys, ["carp", "nat", "vip"]);
+        let carp_only = table(&payload(PRIMARY, &[Area::Carp]).unwrap());
+        assert!(!carp_only.contains_key("nat"));
+    }
+
+    #[test]
+    fn a_passphrase_file_travels_as_its_content() {
+        let dir = std::env::temp_dir().join(format!("carp-cs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("pass");
+        std::fs::write(&file, "from a file\n").unwrap();
+        let own = PRIMARY.replace(
+            "passphrase = \"secret\"",
+            &format!("passphrase_file = \"{}\"", file.display()),
+        );
+        let sent = table(&payload(&own, &[Area::Carp]).unwrap());
+        assert_eq!(sent["carp"]["passphrase"].as_str(), Some("from a file"));
+        assert!(sent["carp"].get("passphrase_file").is_none());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn every_skew_gets_100_more_capped_at_254() {
+        let received =
+            table(&received_for_secondary(&payload(PRIMARY, &[Area::Carp]).unwrap()).unwrap());
+        assert_eq!(received["carp"]["advskew"].as_integer(), Some(100));
+        let vips = received["vip"].as_array().unwrap();
+        assert!(vips[0].get("advskew").is_none(), "no override stays none");
+        assert_eq!(
+            vips[1]["advskew"].as_integer(),
+            Some(254),
+            "200 + 100 capped"
+        );
+        // A node skew left out counts as 0.
+        let mut no_skew = table("[carp]\npassphrase = \"x\"\n");
+        rewrite_for_secondary(&mut no_skew);
+        assert_eq!(no_skew["carp"]["advskew"].as_integer(), Some(100));
+    }
+
+    #[test]
+    fn the_secondary_keeps_its_own_node_sync_and_takes_the_accepted_areas() {
+        let received =
+            received_for_secondary(&payload(PRIMARY, &[Area::Carp, Area::Nat]).unwrap()).unwrap();
+        let composed = table(&compose(SECONDARY, &received, &[Area::Carp]).unwrap());
+        assert_eq!(composed["node"]["name"].as_str(), Some("gw2"));
+        assert_eq!(composed["sync"]["listen"].as_str(), Some("198.18.3.2:8370"));
+        assert_eq!(composed["vip"].as_array().unwrap().len(), 2);
+        assert!(!composed.contains_key("nat"), "nat is not accepted");
+        // Its own [carp] is replaced, not merged.
+        let own = format!("{SECONDARY}\n[carp]\npassphrase = \"local\"\nmac = \"interface\"\n");
+        let composed = table(&compose(&own, &received, &[Area::Carp]).unwrap());
+        assert_eq!(composed["carp"]["passphrase"].as_str(), Some("secret"));
+        assert!(composed["carp"].get("mac").is_none());
+    }
+
+    #[test]
+    fn areas_are_named_and_the_unsupported_ones_said_so() {
+        assert_eq!(Area::parse("carp"), Ok(Area::Carp));
+        assert!(
+            Area::parse("files")
+                .unwrap_err()
+                .contains("not supported yet")
+        );
+        assert!(Area::parse("bogus").unwrap_err().contains("unknown area"));
+        assert_eq!(hash("a"), hash("a"));
+        assert_ne!(hash("a"), hash("b"));
+    }
+}

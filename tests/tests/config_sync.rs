@@ -1,0 +1,145 @@
+//! Configuration sync in the namespace lab: a secondary whose file has only its own `[node]`,
+//! `[sync]` and `[config_sync]` follows the primary's VIPs (every skew +100) and NAT, takes
+//! changes within 2 s of `carp reload` on the primary, refuses a push that does not fit its
+//! host as a whole (the primary hears why), and restarts with what it last received while
+//! the primary is down. Needs root.
+
+use anyhow::{Context, Result};
+use carp::{carp::fsm::State, sync::config_link::ConfigSyncStatus};
+use carp_lab::{
+    ConfigSyncPart, Host, Lab, Node, NodeOptions, SYNC_SECRET, carp_bin,
+    cluster::{carp_cli, wait_all},
+    kill_hard, wait_for,
+};
+use std::time::{Duration, Instant};
+
+fn config_status(node: &Node) -> Result<ConfigSyncStatus> {
+    Ok(node.status()?.sync.context("no sync")?.config)
+}
+
+fn primary() -> NodeOptions {
+    NodeOptions {
+        sync_key: Some(SYNC_SECRET.into()),
+        nat: true,
+        config_sync: ConfigSyncPart::Push,
+        ..NodeOptions::default()
+    }
+}
+
+/// The NAT rules of `host`'s `ip carp` table, without the handles that differ per node.
+fn nat_rules(lab: &Lab, host: Host) -> Result<String> {
+    let json = lab.sh(host, "nft -j list table ip carp")?;
+    let value: serde_json::Value = serde_json::from_str(&json)?;
+    let rules: Vec<&serde_json::Value> = value["nftables"]
+        .as_array()
+        .context("no nftables array")?
+        .iter()
+        .filter_map(|o| o.get("rule").map(|r| &r["expr"]))
+        .collect();
+    Ok(serde_json::to_string(&rules)?)
+}
+
+/// `node`'s (vhid, advskew) pairs.
+fn skews(node: &Node) -> Vec<(u8, u8)> {
+    node.status()
+        .map(|s| s.vips.iter().map(|v| (v.vhid, v.advskew)).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn the_secondary_follows_the_primary_and_keeps_what_it_received() -> Result<()> {
+    let lab = Lab::up()?;
+    let bin = carp_bin()?;
+    let gw1 = lab.start_carp(&bin, Host::Gw1, &primary())?;
+    let follower = NodeOptions {
+        sync_key: Some(SYNC_SECRET.into()),
+        config_sync: ConfigSyncPart::Accept,
+        ..NodeOptions::default()
+    };
+    let gw2 = lab.start_carp(&bin, Host::Gw2, &follower)?;
+    // gw2 starts with no VIP, then gets both with skew 0 + 100, and the NAT.
+    wait_for(Duration::from_secs(15), || {
+        (skews(&gw2) == [(1, 100), (2, 100)]).then_some(())
+    })
+    .with_context(|| format!("gw2 never got the VIPs: {:?}\n{}", gw2.status(), gw2.log()))?;
+    wait_all(&gw1, State::Master, Duration::from_secs(10))?;
+    wait_all(&gw2, State::Backup, Duration::from_secs(5))?;
+    assert_eq!(nat_rules(&lab, Host::Gw1)?, nat_rules(&lab, Host::Gw2)?);
+    let (s1, s2) = wait_for(Duration::from_secs(5), || {
+        let (s1, s2) = (config_status(&gw1).ok()?, config_status(&gw2).ok()?);
+        (s1.in_step && s2.in_step).then_some((s1, s2))
+    })
+    .with_context(|| {
+        format!(
+            "not in step: {:?} {:?}",
+            config_status(&gw1),
+            config_status(&gw2)
+        )
+    })?;
+    assert_eq!(
+        (s1.role.as_str(), s2.role.as_str()),
+        ("primary", "secondary")
+    );
+    assert_eq!(s1.local_hash, s2.local_hash);
+    let shown = carp_cli(&["status", "--socket", &gw2.socket.to_string_lossy()])?;
+    assert!(shown.contains("config sync: secondary  in step"), "{shown}");
+
+    // A new VIP and a new skew on the primary reach the secondary within 2 s of the reload.
+    let mut changed = primary();
+    changed.advskew = 20;
+    changed.vips.push(("lan", 3, "198.18.1.5/24".into()));
+    lab.write_config(Host::Gw1, &changed)?;
+    let reloaded = Instant::now();
+    carp_cli(&["reload", "--socket", &gw1.socket.to_string_lossy()])?;
+    wait_for(Duration::from_secs(2), || {
+        (skews(&gw2) == [(1, 120), (2, 120), (3, 120)]).then_some(())
+    })
+    .with_context(|| format!("not within 2 s: {:?}", skews(&gw2)))?;
+    eprintln!(
+        "secondary applied the reload {:?} after it",
+        reloaded.elapsed()
+    );
+    wait_state_of(&gw1, 3, State::Master)?;
+
+    // A VIP that does not fit the secondary's host: refused whole, the primary hears why.
+    lab.sh(Host::Gw1, "ip addr add 198.18.6.2/24 dev lan")?;
+    let mut unfit = changed.clone();
+    unfit.vips.push(("lan", 6, "198.18.6.1/24".into()));
+    lab.write_config(Host::Gw1, &unfit)?;
+    carp_cli(&["reload", "--socket", &gw1.socket.to_string_lossy()])?;
+    let refused = wait_for(Duration::from_secs(5), || {
+        config_status(&gw1).ok().filter(|s| {
+            s.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("198.18.6.1"))
+        })
+    })
+    .with_context(|| format!("no refusal reached gw1: {:?}", config_status(&gw1)))?;
+    assert!(!refused.in_step, "{refused:?}");
+    assert!(
+        refused
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("is not inside the subnet of a real address on `lan`"),
+        "{refused:?}"
+    );
+    assert_eq!(
+        skews(&gw2),
+        [(1, 120), (2, 120), (3, 120)],
+        "gw2 changed nothing"
+    );
+
+    // The primary goes; the secondary restarted meanwhile comes up with what it had.
+    carp_lab::end_process(gw1.pid, Duration::from_secs(5));
+    kill_hard(gw2.pid);
+    let gw2 = lab.restart_carp(&bin, &gw2)?;
+    assert_eq!(skews(&gw2), [(1, 120), (2, 120), (3, 120)]);
+    wait_all(&gw2, State::Master, Duration::from_secs(10))?;
+    assert!(nat_rules(&lab, Host::Gw2)?.contains("snat"));
+    Ok(())
+}
+
+fn wait_state_of(node: &Node, vhid: u8, state: State) -> Result<()> {
+    carp_lab::cluster::wait_state(node, vhid, state, Duration::from_secs(8))
+}
