@@ -89,6 +89,9 @@ pub struct Config {
 pub struct ConfigSync {
     pub push: Vec<Area>,
     pub accept: Vec<Area>,
+    /// The primary's nftables area: ruleset files, loaded on the secondary as one
+    /// transaction.
+    pub nftables: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,6 +142,8 @@ struct RawConfigSync {
     push: Vec<String>,
     #[serde(default)]
     accept: Vec<String>,
+    #[serde(default)]
+    nftables: Vec<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -502,7 +507,22 @@ fn validate_config_sync(
     let sync = ConfigSync {
         push: areas(&raw.push, "push"),
         accept: areas(&raw.accept, "accept"),
+        nftables: raw.nftables,
     };
+    for (i, file) in sync.nftables.iter().enumerate() {
+        if let Err(e) = std::fs::metadata(file) {
+            problem(
+                format!("config_sync.nftables[{i}]"),
+                format!("cannot read {}: {e}", file.display()),
+            );
+        }
+    }
+    if sync.push.contains(&Area::Nftables) && sync.nftables.is_empty() {
+        problem(
+            "config_sync.nftables".into(),
+            "the nftables area is pushed but names no ruleset file".into(),
+        );
+    }
     if !sync.push.is_empty() && !sync.accept.is_empty() {
         problem(
             "config_sync".into(),

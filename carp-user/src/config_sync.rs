@@ -22,14 +22,18 @@ pub enum Area {
     Carp,
     /// The `[[nat]]` rules.
     Nat,
+    /// nftables ruleset files, loaded on the secondary as one transaction.
+    Nftables,
 }
 
 impl Area {
-    /// The TOML keys the area owns.
+    /// The TOML keys the area owns in the configuration (the nftables area owns none: its
+    /// files travel beside it).
     fn keys(self) -> &'static [&'static str] {
         match self {
             Area::Carp => &["carp", "vip"],
             Area::Nat => &["nat"],
+            Area::Nftables => &[],
         }
     }
 
@@ -38,10 +42,11 @@ impl Area {
         match name {
             "carp" => Ok(Area::Carp),
             "nat" => Ok(Area::Nat),
-            "nftables" | "files" | "dhcp" => Err(format!(
-                "the `{name}` area is not supported yet (carp and nat are)"
+            "nftables" => Ok(Area::Nftables),
+            "files" | "dhcp" => Err(format!(
+                "the `{name}` area is not supported yet (carp, nat and nftables are)"
             )),
-            other => Err(format!("unknown area `{other}` (carp, nat)")),
+            other => Err(format!("unknown area `{other}` (carp, nat, nftables)")),
         }
     }
 }
@@ -61,11 +66,27 @@ pub fn hash(areas: &str) -> String {
     digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The key under which the nftables area's files travel: `[[nftables]] path, content`.
+const NFTABLES_KEY: &str = "nftables";
+
 /// What the primary sends: the `areas` of its own configuration text, with a passphrase file
-/// read in (its path means nothing on the peer). The text parsed already as a configuration.
-pub fn payload(own: &str, areas: &[Area]) -> Result<String, String> {
+/// read in (its path means nothing on the peer), and the nftables area's files with their
+/// content. The text parsed already as a configuration.
+pub fn payload(own: &str, areas: &[Area], nftables: &[PathBuf]) -> Result<String, String> {
     let table: Table = own.parse().map_err(|e: toml::de::Error| e.to_string())?;
     let mut out = Table::new();
+    if areas.contains(&Area::Nftables) {
+        let mut files = Vec::new();
+        for path in nftables {
+            let content = std::fs::read_to_string(path)
+                .map_err(|e| format!("reading {}: {e}", path.display()))?;
+            let mut file = Table::new();
+            file.insert("path".into(), Value::String(path.display().to_string()));
+            file.insert("content".into(), Value::String(content));
+            files.push(Value::Table(file));
+        }
+        out.insert(NFTABLES_KEY.into(), Value::Array(files));
+    }
     for area in areas {
         for key in area.keys() {
             if let Some(value) = table.get(*key) {
@@ -122,6 +143,29 @@ pub fn compose(own: &str, received: &str, accept: &[Area]) -> Result<String, Str
         }
     }
     toml::to_string(&table).map_err(|e| e.to_string())
+}
+
+/// The nftables files in what was received, as (path, content), in order.
+pub fn nftables_files(received: &str) -> Result<Vec<(PathBuf, String)>, String> {
+    let table: Table = received
+        .parse()
+        .map_err(|e: toml::de::Error| format!("the received areas: {e}"))?;
+    let Some(files) = table.get(NFTABLES_KEY) else {
+        return Ok(Vec::new());
+    };
+    files
+        .as_array()
+        .ok_or("nftables: not a list")?
+        .iter()
+        .map(|file| {
+            let path = file.get("path").and_then(Value::as_str);
+            let content = file.get("content").and_then(Value::as_str);
+            match (path, content) {
+                (Some(path), Some(content)) => Ok((PathBuf::from(path), content.to_owned())),
+                _ => Err("nftables: a file without path or content".to_owned()),
+            }
+        })
+        .collect()
 }
 
 /// What the secondary makes of a push: the received text rewritten for it.
@@ -183,11 +227,40 @@ accept = ["carp", "nat"]
 
     #[test]
     fn the_payload_holds_the_pushed_areas_and_nothing_of_the_node() {
-        let sent = table(&payload(PRIMARY, &[Area::Carp, Area::Nat]).unwrap());
+        let sent = table(&payload(PRIMARY, &[Area::Carp, Area::Nat], &[]).unwrap());
         let keys: Vec<&String> = sent.keys().collect();
         assert_eq!(keys, ["carp", "nat", "vip"]);
-        let carp_only = table(&payload(PRIMARY, &[Area::Carp]).unwrap());
+        let carp_only = table(&payload(PRIMARY, &[Area::Carp], &[]).unwrap());
         assert!(!carp_only.contains_key("nat"));
+    }
+
+    #[test]
+    fn nftables_files_travel_with_their_content_in_order() {
+        let dir = std::env::temp_dir().join(format!("carp-cs-nft-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b) = (dir.join("a.nft"), dir.join("b.nft"));
+        std::fs::write(&a, "table inet a {}\n").unwrap();
+        std::fs::write(&b, "table inet b {}\n").unwrap();
+        let sent = payload(PRIMARY, &[Area::Nftables], &[a.clone(), b.clone()]).unwrap();
+        let files = nftables_files(&received_for_secondary(&sent).unwrap()).unwrap();
+        assert_eq!(
+            files,
+            [
+                (a, "table inet a {}\n".to_owned()),
+                (b, "table inet b {}\n".to_owned())
+            ]
+        );
+        let composed = table(&compose(SECONDARY, &sent, &[Area::Nftables]).unwrap());
+        assert!(
+            !composed.contains_key("nftables"),
+            "not part of the configuration"
+        );
+        assert!(
+            nftables_files(&payload(PRIMARY, &[Area::Carp], &[]).unwrap())
+                .unwrap()
+                .is_empty()
+        );
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
@@ -200,7 +273,7 @@ accept = ["carp", "nat"]
             "passphrase = \"secret\"",
             &format!("passphrase_file = \"{}\"", file.display()),
         );
-        let sent = table(&payload(&own, &[Area::Carp]).unwrap());
+        let sent = table(&payload(&own, &[Area::Carp], &[]).unwrap());
         assert_eq!(sent["carp"]["passphrase"].as_str(), Some("from a file"));
         assert!(sent["carp"].get("passphrase_file").is_none());
         std::fs::remove_dir_all(dir).unwrap();
@@ -209,7 +282,7 @@ accept = ["carp", "nat"]
     #[test]
     fn every_skew_gets_100_more_capped_at_254() {
         let received =
-            table(&received_for_secondary(&payload(PRIMARY, &[Area::Carp]).unwrap()).unwrap());
+            table(&received_for_secondary(&payload(PRIMARY, &[Area::Carp], &[]).unwrap()).unwrap());
         assert_eq!(received["carp"]["advskew"].as_integer(), Some(100));
         let vips = received["vip"].as_array().unwrap();
         assert!(vips[0].get("advskew").is_none(), "no override stays none");
@@ -227,7 +300,8 @@ accept = ["carp", "nat"]
     #[test]
     fn the_secondary_keeps_its_own_node_sync_and_takes_the_accepted_areas() {
         let received =
-            received_for_secondary(&payload(PRIMARY, &[Area::Carp, Area::Nat]).unwrap()).unwrap();
+            received_for_secondary(&payload(PRIMARY, &[Area::Carp, Area::Nat], &[]).unwrap())
+                .unwrap();
         let composed = table(&compose(SECONDARY, &received, &[Area::Carp]).unwrap());
         assert_eq!(composed["node"]["name"].as_str(), Some("gw2"));
         assert_eq!(composed["sync"]["listen"].as_str(), Some("198.18.3.2:8370"));

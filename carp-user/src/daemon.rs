@@ -10,7 +10,7 @@ use crate::{
         packet::{Advert, CARP_GROUP_V4, CARP_TTL, IPPROTO_CARP},
     },
     config::{Config, ConfigError, MacMode, Vip, XdpModeChoice},
-    config_sync,
+    config_sync::{self, Area},
     control::{self, Counters, Pending, Request, Response, Status, TestHook, VipStatus},
     dataplane::{Dataplane, DataplaneError, Role},
     error::Chain,
@@ -909,7 +909,7 @@ impl Daemon {
         }
         let areas = std::fs::read_to_string(&self.config_path)
             .map_err(|e| e.to_string())
-            .and_then(|own| config_sync::payload(&own, push));
+            .and_then(|own| config_sync::payload(&own, push, &self.config.config_sync.nftables));
         match areas {
             Ok(areas) => {
                 // The hash of what the secondary will hold, so both sides compare alike.
@@ -944,6 +944,28 @@ impl Daemon {
                 return refuse(lines.join("\n"));
             }
             Err(e) => return refuse(Chain(&e).to_string()),
+        }
+        // The nftables area: checked, then loaded as one transaction, before anything else
+        // changes; a ruleset the kernel refuses leaves everything as it was.
+        if self.config.config_sync.accept.contains(&Area::Nftables) {
+            let files = match config_sync::nftables_files(&received) {
+                Ok(files) => files,
+                Err(e) => return refuse(e),
+            };
+            if !files.is_empty() {
+                let ruleset: String = files.iter().map(|(_, content)| content.as_str()).collect();
+                if let Err(e) = nft::check_text(&ruleset) {
+                    return refuse(format!("nftables ruleset refused by nft -c: {e}"));
+                }
+                if let Err(e) = nft::load_text(&ruleset) {
+                    return refuse(format!("nftables ruleset failed to load: {e}"));
+                }
+                for (path, content) in &files {
+                    if let Err(e) = write_atomically(path, content) {
+                        warn!(path = %path.display(), error = %e, "loaded, but cannot keep the ruleset file");
+                    }
+                }
+            }
         }
         if let Err(e) = keep_received(&self.config.node.state_dir, &received) {
             return refuse(format!("keeping the received configuration: {e}"));
@@ -1119,9 +1141,18 @@ fn keep_received(state_dir: &std::path::Path, received: &str) -> std::io::Result
     if applied.exists() {
         std::fs::rename(&applied, config_sync::previous_file(state_dir))?;
     }
-    let tmp = applied.with_extension("tmp");
-    std::fs::write(&tmp, received)?;
-    std::fs::rename(&tmp, &applied)
+    write_atomically(&applied, received)
+}
+
+/// Writes `path` through a temporary file beside it and a rename.
+fn write_atomically(path: &std::path::Path, content: &str) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".carp-tmp");
+    std::fs::write(&tmp, content)?;
+    std::fs::rename(&tmp, path)
 }
 
 /// The next configuration push from the peer, or never on a node that accepts none.

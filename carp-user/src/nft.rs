@@ -165,6 +165,41 @@ pub fn apply(family: NfFamily, ruleset: &Nftables) -> Result<(), NftError> {
     })
 }
 
+/// Checks a ruleset in nft's own syntax without loading it (`nft -c -f -`); nft's message
+/// when it refuses.
+pub fn check_text(ruleset: &str) -> Result<(), String> {
+    run_nft(&["-c", "-f", "-"], ruleset)
+}
+
+/// Loads a ruleset in nft's own syntax as one transaction (`nft -f -`).
+pub fn load_text(ruleset: &str) -> Result<(), String> {
+    run_nft(&["-f", "-"], ruleset)
+}
+
+fn run_nft(args: &[&str], input: &str) -> Result<(), String> {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new("nft")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("running nft: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(input.as_bytes())
+            .map_err(|e| format!("writing to nft: {e}"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("waiting for nft: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -548,6 +548,8 @@ pub struct NodeOptions {
     /// Configuration sync of the carp and nat areas: pushed to the peer, or taken from it
     /// (then this node's own `[carp]`, `[[vip]]` and `[[nat]]` are left out).
     pub config_sync: ConfigSyncPart,
+    /// A pushing node's nftables area: ruleset files.
+    pub nftables: Vec<PathBuf>,
 }
 
 /// A lab node's part in configuration sync.
@@ -576,6 +578,7 @@ impl Default for NodeOptions {
             test_hooks: false,
             nat: false,
             config_sync: ConfigSyncPart::None,
+            nftables: Vec::new(),
         }
     }
 }
@@ -604,9 +607,23 @@ impl Lab {
         );
         match opts.config_sync {
             ConfigSyncPart::None => {}
-            ConfigSyncPart::Push => text.push_str("\n[config_sync]\npush = [\"carp\", \"nat\"]\n"),
+            ConfigSyncPart::Push if opts.nftables.is_empty() => {
+                text.push_str("\n[config_sync]\npush = [\"carp\", \"nat\"]\n")
+            }
+            ConfigSyncPart::Push => {
+                let files: Vec<String> = opts
+                    .nftables
+                    .iter()
+                    .map(|f| format!("\"{}\"", f.display()))
+                    .collect();
+                write!(
+                    text,
+                    "\n[config_sync]\npush = [\"carp\", \"nat\", \"nftables\"]\nnftables = [{}]\n",
+                    files.join(", ")
+                )?;
+            }
             ConfigSyncPart::Accept => {
-                text.push_str("\n[config_sync]\naccept = [\"carp\", \"nat\"]\n")
+                text.push_str("\n[config_sync]\naccept = [\"carp\", \"nat\", \"nftables\"]\n")
             }
         }
         let own_areas = opts.config_sync != ConfigSyncPart::Accept;

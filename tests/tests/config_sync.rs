@@ -143,3 +143,85 @@ fn the_secondary_follows_the_primary_and_keeps_what_it_received() -> Result<()> 
 fn wait_state_of(node: &Node, vhid: u8, state: State) -> Result<()> {
     carp_lab::cluster::wait_state(node, vhid, state, Duration::from_secs(8))
 }
+
+/// The nftables area: the primary's ruleset file is checked and loaded on the secondary; one
+/// the secondary's kernel refuses (an interface only the primary has) changes nothing there,
+/// and the primary hears nft's reason.
+#[test]
+fn an_nftables_ruleset_follows_and_a_refused_one_changes_nothing() -> Result<()> {
+    let lab = Lab::up()?;
+    let bin = carp_bin()?;
+    let rules = lab.dir.join("rules.nft");
+    let table = "table inet carp_lab_filter {\n  chain input {\n    type filter hook input priority 0; policy accept;\n    tcp dport 9999 counter drop\n  }\n}\n";
+    std::fs::write(&rules, table)?;
+    let pusher = NodeOptions {
+        nftables: vec![rules.clone()],
+        ..primary()
+    };
+    let gw1 = lab.start_carp(&bin, Host::Gw1, &pusher)?;
+    let follower = NodeOptions {
+        sync_key: Some(SYNC_SECRET.into()),
+        config_sync: ConfigSyncPart::Accept,
+        ..NodeOptions::default()
+    };
+    let gw2 = lab.start_carp(&bin, Host::Gw2, &follower)?;
+    let loaded = || -> String {
+        lab.output(
+            Host::Gw2,
+            &["nft", "list", "table", "inet", "carp_lab_filter"],
+        )
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+    };
+    wait_for(Duration::from_secs(15), || {
+        loaded().contains("dport 9999").then_some(())
+    })
+    .with_context(|| format!("the ruleset never reached gw2: {:?}", config_status(&gw2)))?;
+    assert!(
+        lab.output(
+            Host::Gw1,
+            &["nft", "list", "table", "inet", "carp_lab_filter"]
+        )?
+        .status
+        .code()
+            != Some(0),
+        "the primary does not load its own ruleset: the operator does"
+    );
+    // A rule for an interface gw2 lacks: nft -c refuses it there.
+    lab.sh(
+        Host::Gw1,
+        "ip link add dmz type veth peer name dmz-peer && ip link set dmz up",
+    )?;
+    std::fs::write(
+        &rules,
+        table.replace(
+            "tcp dport 9999 counter drop",
+            "tcp dport 9999 counter drop\n    iif \"dmz\" accept",
+        ),
+    )?;
+    carp_cli(&["reload", "--socket", &gw1.socket.to_string_lossy()])?;
+    let refused = wait_for(Duration::from_secs(5), || {
+        config_status(&gw1).ok().filter(|s| {
+            s.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("nft -c"))
+        })
+    })
+    .with_context(|| format!("no refusal reached gw1: {:?}", config_status(&gw1)))?;
+    assert!(
+        refused
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("Interface does not exist"),
+        "{refused:?}"
+    );
+    let now = loaded();
+    assert!(now.contains("dport 9999") && !now.contains("dmz"), "{now}");
+    assert_eq!(
+        skews(&gw2),
+        [(1, 100), (2, 100)],
+        "the other areas stayed too"
+    );
+    Ok(())
+}
