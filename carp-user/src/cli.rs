@@ -52,6 +52,11 @@ pub enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Configuration sync.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
     /// carp's outbound NAT table (`ip carp`), which outlives the daemon.
     Nat {
         #[command(subcommand)]
@@ -66,6 +71,15 @@ pub enum Command {
     /// Re-execute the daemon's binary in place (after installing a new one): VIPs, XDP,
     /// connections and sockets are kept; returns once the new run answers.
     Upgrade {
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigAction {
+    /// On a secondary: apply the version received before the last one again.
+    Rollback {
         #[command(flatten)]
         target: Target,
     },
@@ -221,6 +235,15 @@ pub fn reload(target: &Target) -> anyhow::Result<Result<(String, Status), Vec<St
         return Ok(Ok((message, wait_for_new_run(target)?)));
     }
     Ok(Ok((message, status)))
+}
+
+/// `carp config rollback`: what the daemon did and its status.
+pub fn config_rollback(target: &Target) -> anyhow::Result<(String, Status)> {
+    let response = request(target, &Request::ConfigRollback)?;
+    let status = response
+        .status
+        .ok_or_else(|| anyhow::anyhow!("the daemon answered without a status"))?;
+    Ok((response.message.unwrap_or_default(), status))
 }
 
 /// `carp upgrade`: asks for the re-exec, then waits for the new run's first status.

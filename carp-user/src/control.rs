@@ -42,6 +42,9 @@ pub enum Request {
     Upgrade,
     /// Apply the configuration file again (also SIGHUP).
     Reload,
+    /// A secondary: apply the configuration received before the last one again.
+    #[serde(rename = "config-rollback")]
+    ConfigRollback,
     /// Fault injection for the tests; refused unless the daemon runs with
     /// `CARP_TEST_HOOKS=1` in its environment.
     TestHook {

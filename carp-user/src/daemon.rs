@@ -235,6 +235,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
             Some((request, reply)) = control_rx.recv() => {
                 let (response, exit) = match request {
                     Request::Reload => daemon.reload().await,
+                    Request::ConfigRollback => (daemon.rollback().await, None),
                     Request::Upgrade => (
                         daemon.on_request(request),
                         Some(Exit::Reexec { keep_sync_listener: true }),
@@ -768,7 +769,9 @@ impl Daemon {
                 info!("in-place upgrade requested");
                 Response::status(self.status())
             }
-            Request::Reload => Response::error("reload is asynchronous".into()),
+            Request::Reload | Request::ConfigRollback => {
+                Response::error("handled asynchronously".into())
+            }
         }
     }
 
@@ -925,18 +928,45 @@ impl Daemon {
     /// directory (the previous version beside it) and applied like a reload. A push that
     /// does not fit this host changes nothing and its reason goes back.
     async fn apply_pushed(&mut self, pushed: &str) -> Answer {
-        let refuse = |message: String| {
-            warn!(%message, "configuration push refused");
-            Answer {
-                ok: false,
-                hash: String::new(),
-                message,
+        match config_sync::received_for_secondary(pushed) {
+            Ok(received) => self.apply_received(&received).await,
+            Err(e) => refused_push(e),
+        }
+    }
+
+    /// `carp config rollback` on a secondary: the version before the last applied again
+    /// (the last one becomes the one before).
+    async fn rollback(&mut self) -> Response {
+        if self.config.config_sync.accept.is_empty() {
+            return Response::error("this node accepts no configuration to roll back".into());
+        }
+        let previous = config_sync::previous_file(&self.config.node.state_dir);
+        let received = match std::fs::read_to_string(&previous) {
+            Ok(received) => received,
+            Err(e) => {
+                return Response::error(format!(
+                    "nothing to roll back to ({}: {e})",
+                    previous.display()
+                ));
             }
         };
-        let received = match config_sync::received_for_secondary(pushed) {
-            Ok(received) => received,
-            Err(e) => return refuse(e),
-        };
+        let answer = self.apply_received(&received).await;
+        if let Some(sync) = &self.sync
+            && answer.ok
+        {
+            sync.config_held(answer.hash.clone());
+        }
+        if answer.ok {
+            Response::done(format!("rolled back to {}", answer.hash), self.status())
+        } else {
+            Response::error(answer.message)
+        }
+    }
+
+    /// Applies areas received from the primary (rewritten already) as one transaction.
+    async fn apply_received(&mut self, received: &str) -> Answer {
+        let refuse = refused_push;
+        let received = received.to_owned();
         match Config::load_with(&self.config_path, Some(&received)) {
             Ok(_) => {}
             Err(ConfigError::Invalid { problems }) => {
@@ -1129,6 +1159,16 @@ impl Daemon {
         }
         let _ = std::fs::remove_file(&self.config.node.control_socket);
         info!("stopped: VIPs released, XDP detached");
+    }
+}
+
+/// The answer to a push this node cannot take.
+fn refused_push(message: String) -> Answer {
+    warn!(%message, "configuration push refused");
+    Answer {
+        ok: false,
+        hash: String::new(),
+        message,
     }
 }
 

@@ -52,6 +52,13 @@ fn main() -> anyhow::Result<()> {
                 print!("{}", cli::format_flows(&flows));
             }
         }
+        Command::Config {
+            action: cli::ConfigAction::Rollback { target },
+        } => {
+            let (message, status) = cli::config_rollback(&target)?;
+            println!("{message}");
+            print!("{}", cli::format_status(&status));
+        }
         Command::Nat {
             action: cli::NatAction::Flush,
         } => {

@@ -130,6 +130,24 @@ fn the_secondary_follows_the_primary_and_keeps_what_it_received() -> Result<()> 
         "gw2 changed nothing"
     );
 
+    // Rollback on the secondary: the version before, and no longer in step.
+    let shown = carp_cli(&[
+        "config",
+        "rollback",
+        "--socket",
+        &gw2.socket.to_string_lossy(),
+    ])?;
+    assert!(shown.contains("rolled back to"), "{shown}");
+    assert_eq!(skews(&gw2), [(1, 100), (2, 100)]);
+    assert!(!config_status(&gw2)?.in_step);
+    // A reload on the primary brings it back in step.
+    lab.write_config(Host::Gw1, &changed)?;
+    carp_cli(&["reload", "--socket", &gw1.socket.to_string_lossy()])?;
+    wait_for(Duration::from_secs(2), || {
+        (skews(&gw2) == [(1, 120), (2, 120), (3, 120)]).then_some(())
+    })
+    .context("not back in step")?;
+
     // The primary goes; the secondary restarted meanwhile comes up with what it had.
     carp_lab::end_process(gw1.pid, Duration::from_secs(5));
     kill_hard(gw2.pid);

@@ -387,6 +387,13 @@ impl SyncHandle {
         lock(&self.config_in).take()
     }
 
+    /// What this node holds now, changed here (a rollback): no longer in step with the peer.
+    pub fn config_held(&self, hash: String) {
+        let mut status = lock(&self.shared.status);
+        status.config.in_step = status.config.peer_hash.as_ref() == Some(&hash);
+        status.config.local_hash = Some(hash);
+    }
+
     /// The daemon's answer to a push, for the peer.
     pub fn answer_config(&self, answer: Answer) {
         let _ = self.config_answers.try_send(answer);
