@@ -2,7 +2,7 @@
 //! (re)connect and whenever they change; a secondary hands what arrives to the daemon, which
 //! applies it, and sends back the daemon's answer. The session task drives it.
 
-use super::proto::Frame;
+use super::proto::{Frame, config_push_frames};
 use crate::config_sync::SCHEMA;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
@@ -41,28 +41,52 @@ pub struct ConfigLink {
     pub to_daemon: Option<mpsc::Sender<String>>,
     /// The daemon's answers to them.
     pub answers: mpsc::Receiver<Answer>,
+    /// The parts of a push received so far.
+    pub partial: Vec<String>,
 }
 
 impl ConfigLink {
-    /// The push to send now, if this node pushes.
-    pub fn push(&mut self, status: &mut ConfigSyncStatus) -> Option<Frame> {
-        let (areas, hash) = self.outgoing.borrow_and_update().clone()?;
+    /// The push to send now (its frames), if this node pushes.
+    pub fn push(&mut self, status: &mut ConfigSyncStatus) -> Vec<Frame> {
+        let Some((areas, hash)) = self.outgoing.borrow_and_update().clone() else {
+            return Vec::new();
+        };
         status.local_hash = Some(hash);
         status.in_step = status.local_hash == status.peer_hash;
         status.last_push = Some(now());
-        Some(Frame::ConfigPush {
-            schema: SCHEMA,
-            areas,
+        config_push_frames(SCHEMA, &areas).unwrap_or_else(|| {
+            warn!(bytes = areas.len(), "configuration too large to push");
+            status.last_error = Some(format!(
+                "configuration of {} bytes is too large to push",
+                areas.len()
+            ));
+            Vec::new()
         })
     }
 
-    /// A push from the peer: handed to the daemon, or refused at once.
+    /// A part of a push from the peer: the whole push, once its last part is in, goes to
+    /// the daemon (or is refused at once).
     pub fn on_push(
-        &self,
+        &mut self,
         schema: u32,
+        part: u16,
+        parts: u16,
         areas: String,
         status: &mut ConfigSyncStatus,
     ) -> Option<Frame> {
+        if part == 0 {
+            self.partial.clear();
+        }
+        if usize::from(part) != self.partial.len() || part >= parts {
+            // A part out of order: what came before it is lost; wait for the next push.
+            self.partial.clear();
+            return None;
+        }
+        self.partial.push(areas);
+        if usize::from(part) + 1 < usize::from(parts) {
+            return None;
+        }
+        let areas = std::mem::take(&mut self.partial).concat();
         status.last_push = Some(now());
         let refusal = if schema != SCHEMA {
             format!("configuration schema {schema} is not this node's {SCHEMA}")
@@ -128,4 +152,62 @@ impl ConfigLink {
 
 fn now() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(accepts: bool) -> (ConfigLink, mpsc::Receiver<String>) {
+        let (_out, outgoing) = watch::channel(None);
+        let (to_daemon, from_link) = mpsc::channel(1);
+        let (_answer, answers) = mpsc::channel(1);
+        let link = ConfigLink {
+            outgoing,
+            to_daemon: accepts.then_some(to_daemon),
+            answers,
+            partial: Vec::new(),
+        };
+        (link, from_link)
+    }
+
+    #[test]
+    fn parts_are_joined_in_order_and_a_gap_drops_the_push() {
+        let (mut link, mut daemon) = link(true);
+        let mut status = ConfigSyncStatus::default();
+        assert!(
+            link.on_push(SCHEMA, 0, 2, "ab".into(), &mut status)
+                .is_none()
+        );
+        assert!(
+            link.on_push(SCHEMA, 1, 2, "cd".into(), &mut status)
+                .is_none()
+        );
+        assert_eq!(daemon.try_recv().unwrap(), "abcd");
+        // Part 1 of 3 missing: nothing reaches the daemon.
+        link.on_push(SCHEMA, 0, 3, "x".into(), &mut status);
+        link.on_push(SCHEMA, 2, 3, "z".into(), &mut status);
+        assert!(daemon.try_recv().is_err());
+    }
+
+    #[test]
+    fn another_schema_or_a_node_that_accepts_nothing_is_refused_with_the_reason() {
+        let (mut link, _daemon) = link(true);
+        let mut status = ConfigSyncStatus::default();
+        let answer = link.on_push(SCHEMA + 1, 0, 1, "a".into(), &mut status);
+        let Some(Frame::ConfigResult { ok, message, .. }) = answer else {
+            panic!("{answer:?}")
+        };
+        assert!(!ok);
+        assert!(message.contains(&format!(
+            "schema {} is not this node's {SCHEMA}",
+            SCHEMA + 1
+        )));
+        let (mut deaf, _daemon) = link(false);
+        let answer = deaf.on_push(SCHEMA, 0, 1, "a".into(), &mut status);
+        assert!(matches!(
+            answer,
+            Some(Frame::ConfigResult { ok: false, .. })
+        ));
+    }
 }

@@ -120,9 +120,12 @@ pub enum Frame {
         count: u64,
     },
     Keepalive,
-    /// The primary's configuration areas (TOML), for a secondary that accepts them.
+    /// Part `part` of `parts` of the primary's configuration areas (TOML), for a secondary
+    /// that accepts them; a large nftables ruleset takes many.
     ConfigPush {
         schema: u32,
+        part: u16,
+        parts: u16,
         areas: String,
     },
     /// The secondary's answer: applied (and the content hash of what it now holds), or why
@@ -188,8 +191,15 @@ impl Frame {
                 out.extend_from_slice(&generation.to_be_bytes());
                 out.extend_from_slice(&count.to_be_bytes());
             }
-            Frame::ConfigPush { schema, areas } => {
+            Frame::ConfigPush {
+                schema,
+                part,
+                parts,
+                areas,
+            } => {
                 out.extend_from_slice(&schema.to_be_bytes());
+                out.extend_from_slice(&part.to_be_bytes());
+                out.extend_from_slice(&parts.to_be_bytes());
                 out.extend_from_slice(&(areas.len() as u32).to_be_bytes());
                 out.extend_from_slice(areas.as_bytes());
             }
@@ -287,9 +297,13 @@ impl Frame {
             },
             KIND_CONFIG_PUSH => {
                 let schema = r.u32("config push")?;
+                let part = r.u16("config push")?;
+                let parts = r.u16("config push")?;
                 let n = r.u32("config push")? as usize;
                 Frame::ConfigPush {
                     schema,
+                    part,
+                    parts,
                     areas: r.text(n, "config push")?,
                 }
             }
@@ -313,6 +327,41 @@ impl Frame {
         }
         Ok(Some((frame, HEADER_LEN + len)))
     }
+}
+
+/// Bytes of configuration text per ConfigPush frame.
+const CONFIG_PART: usize = MAX_PAYLOAD - 64;
+/// The most parts a push may have (about 15 MB of configuration).
+pub const MAX_CONFIG_PARTS: u16 = 256;
+
+/// The ConfigPush frames carrying `areas`, each within [`MAX_PAYLOAD`]; `None` if it would
+/// take more than [`MAX_CONFIG_PARTS`].
+pub fn config_push_frames(schema: u32, areas: &str) -> Option<Vec<Frame>> {
+    let mut chunks = Vec::new();
+    let mut rest = areas;
+    loop {
+        let chunk = cut(rest, CONFIG_PART);
+        chunks.push(chunk);
+        rest = &rest[chunk.len()..];
+        if rest.is_empty() {
+            break;
+        }
+    }
+    let parts = u16::try_from(chunks.len())
+        .ok()
+        .filter(|n| *n <= MAX_CONFIG_PARTS)?;
+    Some(
+        chunks
+            .into_iter()
+            .enumerate()
+            .map(|(part, chunk)| Frame::ConfigPush {
+                schema,
+                part: part as u16,
+                parts,
+                areas: chunk.to_owned(),
+            })
+            .collect(),
+    )
 }
 
 /// `text` cut to at most `max` bytes on a character boundary.
@@ -544,6 +593,8 @@ pub(crate) mod tests {
             Frame::Keepalive,
             Frame::ConfigPush {
                 schema: 1,
+                part: 0,
+                parts: 1,
                 areas: "[carp]\npassphrase = \"é\"\n".into(),
             },
             Frame::ConfigResult {
@@ -555,6 +606,32 @@ pub(crate) mod tests {
         ] {
             round_trip(&frame);
         }
+    }
+
+    #[test]
+    fn a_large_configuration_travels_in_parts_that_each_fit_and_rejoin() {
+        let areas = "é".repeat(200_000);
+        let frames = config_push_frames(1, &areas).unwrap();
+        assert!(frames.len() > 1);
+        let mut joined = String::new();
+        for (i, frame) in frames.iter().enumerate() {
+            let mut buf = Vec::new();
+            frame.encode(&mut buf);
+            assert!(buf.len() - HEADER_LEN <= MAX_PAYLOAD);
+            let (decoded, _) = Frame::decode(&buf).unwrap().unwrap();
+            let Frame::ConfigPush {
+                part, parts, areas, ..
+            } = decoded
+            else {
+                panic!("{decoded:?}")
+            };
+            assert_eq!((usize::from(part), usize::from(parts)), (i, frames.len()));
+            joined.push_str(&areas);
+        }
+        assert_eq!(joined, areas);
+        assert_eq!(config_push_frames(1, "").unwrap().len(), 1, "even empty");
+        let too_big = "x".repeat(CONFIG_PART * usize::from(MAX_CONFIG_PARTS) + 1);
+        assert!(config_push_frames(1, &too_big).is_none());
     }
 
     #[test]
@@ -576,6 +653,8 @@ pub(crate) mod tests {
         let mut bad = Vec::new();
         Frame::ConfigPush {
             schema: 1,
+            part: 0,
+            parts: 1,
             areas: "ab".into(),
         }
         .encode(&mut bad);

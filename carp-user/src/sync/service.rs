@@ -250,6 +250,7 @@ pub fn start(
         outgoing,
         to_daemon: (role == ConfigRole::Secondary).then_some(pushes),
         answers,
+        partial: Vec::new(),
     };
     let session = tokio::spawn(
         Session {
@@ -751,10 +752,19 @@ impl Session {
                 lock(&self.shared.status).deltas_received += keys.len() as u64;
                 let _ = self.jobs.send(Job::Delete(keys));
             }
-            Frame::ConfigPush { schema, areas } => {
-                let refused =
-                    self.config_link
-                        .on_push(schema, areas, &mut lock(&self.shared.status).config);
+            Frame::ConfigPush {
+                schema,
+                part,
+                parts,
+                areas,
+            } => {
+                let refused = self.config_link.on_push(
+                    schema,
+                    part,
+                    parts,
+                    areas,
+                    &mut lock(&self.shared.status).config,
+                );
                 self.outbox.extend(refused);
             }
             Frame::ConfigResult {
