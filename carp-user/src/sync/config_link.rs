@@ -192,9 +192,9 @@ mod tests {
 
     #[test]
     fn another_schema_or_a_node_that_accepts_nothing_is_refused_with_the_reason() {
-        let (mut link, _daemon) = link(true);
+        let (mut accepting, _daemon) = link(true);
         let mut status = ConfigSyncStatus::default();
-        let answer = link.on_push(SCHEMA + 1, 0, 1, "a".into(), &mut status);
+        let answer = accepting.on_push(SCHEMA + 1, 0, 1, "a".into(), &mut status);
         let Some(Frame::ConfigResult { ok, message, .. }) = answer else {
             panic!("{answer:?}")
         };
