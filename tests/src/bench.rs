@@ -121,6 +121,8 @@ pub fn run() -> Result<()> {
     let (sync, conntrackd) = measure_sync()?;
     say("state sync: a bulk update over a lossy sync link");
     let lossy = crate::syncbench::bulk_under_loss()?;
+    say("configuration sync: one reload with 100 VIPs and a 10,000-rule ruleset");
+    let config = config_sync_reload()?;
 
     println!("\n==================== carp benchmark results ====================");
     xdp.print();
@@ -182,6 +184,7 @@ pub fn run() -> Result<()> {
     print_restarts(&restarted);
     print_sync(&sync, &conntrackd);
     print_loss(lossy);
+    print_config_sync(&config);
     Ok(())
 }
 
@@ -746,4 +749,108 @@ Bulk update of {} flows over a sync link losing {}% of frames with {} ms delay e
         took.as_secs_f64(),
         f64::from(crate::syncbench::BULK_FLOWS) / took.as_secs_f64()
     );
+}
+
+/// VIPs and nftables rules the configuration-sync bench adds in one reload.
+const SYNCED_VIPS: u8 = 100;
+const SYNCED_RULES: u32 = 10_000;
+
+/// What one reload on the primary took to reach the secondary.
+struct ConfigSyncFigures {
+    applied: Duration,
+    ping: ping::PingReport,
+}
+
+/// `carp reload` on the primary adding [`SYNCED_VIPS`] VIPs and a ruleset of
+/// [`SYNCED_RULES`] rules, timed until the secondary holds them all (its VIPs in its status,
+/// hence the ruleset loaded before them); pings at 100/s through the untouched VIPs.
+fn config_sync_reload() -> Result<ConfigSyncFigures> {
+    let lab = Lab::up()?;
+    let bin = carp_bin()?;
+    let rules = lab.dir.join("bench-rules.nft");
+    std::fs::write(&rules, "table inet carp_bench {\n}\n")?;
+    let primary = NodeOptions {
+        sync_key: Some(crate::SYNC_SECRET.into()),
+        nat: true,
+        config_sync: crate::ConfigSyncPart::Push,
+        nftables: vec![rules.clone()],
+        ..NodeOptions::default()
+    };
+    let gw1 = lab.start_carp(&bin, Host::Gw1, &primary)?;
+    let follower = NodeOptions {
+        sync_key: Some(crate::SYNC_SECRET.into()),
+        config_sync: crate::ConfigSyncPart::Accept,
+        ..NodeOptions::default()
+    };
+    let gw2 = lab.start_carp(&bin, Host::Gw2, &follower)?;
+    let vips = |node: &crate::Node| node.status().map_or(0, |s| s.vips.len());
+    wait_for(Duration::from_secs(15), || (vips(&gw2) == 2).then_some(()))
+        .context("the secondary never got the first push")?;
+    wait_all(&gw1, State::Master, Duration::from_secs(10))?;
+    let mut ruleset = String::from(
+        "table inet carp_bench {\n  chain c {\n    type filter hook input priority 0; policy accept;\n",
+    );
+    for i in 0..SYNCED_RULES {
+        ruleset.push_str(&format!("    tcp dport {} counter accept\n", 10_000 + i));
+    }
+    ruleset.push_str("  }\n}\n");
+    std::fs::write(&rules, ruleset)?;
+    let mut bigger = primary.clone();
+    // 198.18.1.120-219: clear of the gateways (.1-.3) and the client (.100).
+    for i in 0..SYNCED_VIPS {
+        bigger
+            .vips
+            .push(("lan", 10 + i, format!("198.18.1.{}/24", 120 + u16::from(i))));
+    }
+    lab.write_config(Host::Gw1, &bigger)?;
+    let log = lab.dir.join("bench-config-ping.log");
+    let ping_pid = lab.ping_background(Host::Client, SERVER_IP, 0.01, 500, &log)?;
+    std::thread::sleep(Duration::from_secs(1));
+    let want = 2 + usize::from(SYNCED_VIPS);
+    let started = Instant::now();
+    carp_cli(&["reload", "--socket", &gw1.socket.to_string_lossy()])?;
+    wait_for(Duration::from_secs(30), || {
+        (vips(&gw2) == want).then_some(())
+    })
+    .context("the secondary never held the new configuration")?;
+    let applied = started.elapsed();
+    anyhow::ensure!(
+        lab.sh(Host::Gw2, "nft list chain inet carp_bench c")?
+            .contains(&format!("dport {}", 10_000 + SYNCED_RULES - 1)),
+        "the ruleset is not on the secondary"
+    );
+    if !wait_exit(ping_pid, Duration::from_secs(20)) {
+        bail!("ping did not finish");
+    }
+    let ping = ping::parse(&std::fs::read_to_string(&log)?);
+    println!(
+        "    applied on the secondary {:.0} ms after the reload; {} of {} pings lost",
+        applied.as_secs_f64() * 1e3,
+        ping.lost(),
+        ping.sent
+    );
+    Ok(ConfigSyncFigures { applied, ping })
+}
+
+fn print_config_sync(c: &ConfigSyncFigures) {
+    println!(
+        "\nConfiguration sync: carp reload on the primary adding {SYNCED_VIPS} VIPs and a {SYNCED_RULES}-rule nftables ruleset"
+    );
+    println!(
+        "  applied on the secondary (VIPs at skew +100, ruleset checked and loaded): {:.0} ms (target < 1 s: {})",
+        c.applied.as_secs_f64() * 1e3,
+        verdict(c.applied < Duration::from_secs(1))
+    );
+    println!(
+        "  pings lost through the untouched VIPs at 100/s: {} of {} (target 0: {})",
+        c.ping.lost(),
+        c.ping.sent,
+        verdict(c.ping.lost() == 0)
+    );
+}
+
+/// Only the configuration-sync figures (`carp-lab bench config`).
+pub fn run_config() -> Result<()> {
+    print_config_sync(&config_sync_reload()?);
+    Ok(())
 }
