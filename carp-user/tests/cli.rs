@@ -164,3 +164,25 @@ fn check_refuses_a_nat_rule_that_could_match_the_clusters_own_traffic() {
         "{stderr}"
     );
 }
+
+#[test]
+fn check_accepts_a_secondary_that_waits_for_its_first_sync() {
+    let key = write("sync.key", "a secret of enough bytes for sync\n");
+    let secondary = format!(
+        "[node]\nname = \"clitest2\"\n\
+         [sync]\ninterface = \"lo\"\nlisten = \"127.0.0.1:8370\"\npeer = \"127.0.0.2:8370\"\nkey_file = \"{}\"\n\
+         [config_sync]\naccept = [\"carp\", \"nat\"]\n",
+        key.path
+    );
+    let file = write("secondary.toml", &secondary);
+    let (code, stdout, stderr) = carp(&["check", "-c", file.path.as_str()]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("OK (node clitest2, 0 VIPs)"), "{stdout}");
+    // Without accepting the carp area, [carp] and [[vip]] are needed as ever.
+    let own = secondary.replace("accept = [\"carp\", \"nat\"]", "accept = [\"nat\"]");
+    let file = write("not-secondary.toml", &own);
+    let (code, _, stderr) = carp(&["check", "-c", file.path.as_str()]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("carp: missing"), "{stderr}");
+    assert!(stderr.contains("vip: no [[vip]] configured"), "{stderr}");
+}
