@@ -78,6 +78,23 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum ConfigAction {
+    /// On the primary: push now; exit non-zero with the secondary's reason if it refuses.
+    Push {
+        /// Show what the push would change on the secondary, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Overwrite what was changed by hand on the secondary.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// On the primary: a unified diff per area of what a push would change on the
+    /// secondary, read over the link.
+    Diff {
+        #[command(flatten)]
+        target: Target,
+    },
     /// On a secondary: apply the version received before the last one again.
     Rollback {
         #[command(flatten)]
@@ -235,6 +252,13 @@ pub fn reload(target: &Target) -> anyhow::Result<Result<(String, Status), Vec<St
         return Ok(Ok((message, wait_for_new_run(target)?)));
     }
     Ok(Ok((message, status)))
+}
+
+/// `carp config push` / `diff`: what the secondary said; an error with its reason when it
+/// refused.
+pub fn config_push(target: &Target, dry_run: bool, force: bool) -> anyhow::Result<String> {
+    let response = request(target, &Request::ConfigPush { dry_run, force })?;
+    Ok(response.message.unwrap_or_default())
 }
 
 /// `carp config rollback`: what the daemon did and its status.

@@ -168,6 +168,96 @@ pub fn nftables_files(received: &str) -> Result<Vec<(PathBuf, String)>, String> 
         .collect()
 }
 
+/// A push's flags on the wire.
+pub const DRY_RUN: u8 = 1;
+pub const FORCE: u8 = 2;
+
+/// Where a secondary seals what it wrote, to tell a hand edit from it (drift).
+pub fn sealed_file(state_dir: &Path) -> PathBuf {
+    state_dir.join("config-sync").join("areas.sealed")
+}
+
+/// A unified diff per area from `old` to `new` (both areas as received), empty when they
+/// hold the same: carp ([carp] and the VIPs), nat, and each nftables file.
+pub fn diff(old: &str, new: &str, old_label: &str, new_label: &str) -> String {
+    let parse = |text: &str| text.parse::<Table>().unwrap_or_default();
+    let (old, new) = (parse(old), parse(new));
+    let mut out = String::new();
+    for (area, keys) in [("carp", &["carp", "vip"][..]), ("nat", &["nat"][..])] {
+        let part = |table: &Table| {
+            let mut sub = Table::new();
+            for key in keys {
+                if let Some(value) = table.get(*key) {
+                    sub.insert((*key).to_owned(), value.clone());
+                }
+            }
+            toml::to_string(&sub).unwrap_or_default()
+        };
+        out.push_str(&unified(
+            &part(&old),
+            &part(&new),
+            &format!("{area} ({old_label})"),
+            &format!("{area} ({new_label})"),
+        ));
+    }
+    let files = |table: &Table| -> Vec<(String, String)> {
+        toml::to_string(table)
+            .ok()
+            .and_then(|text| nftables_files(&text).ok())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(path, content)| (path.display().to_string(), content))
+            .collect()
+    };
+    let (old_files, new_files) = (files(&old), files(&new));
+    let mut paths: Vec<&String> = old_files.iter().chain(&new_files).map(|(p, _)| p).collect();
+    paths.sort();
+    paths.dedup();
+    for path in paths {
+        let content = |files: &[(String, String)]| {
+            files
+                .iter()
+                .find(|(p, _)| p == path)
+                .map(|(_, c)| c.clone())
+                .unwrap_or_default()
+        };
+        out.push_str(&unified(
+            &content(&old_files),
+            &content(&new_files),
+            &format!("{path} ({old_label})"),
+            &format!("{path} ({new_label})"),
+        ));
+    }
+    out
+}
+
+/// A unified diff, or nothing when the texts agree.
+pub fn unified(old: &str, new: &str, old_label: &str, new_label: &str) -> String {
+    if old == new {
+        return String::new();
+    }
+    similar::TextDiff::from_lines(old, new)
+        .unified_diff()
+        .header(old_label, new_label)
+        .to_string()
+}
+
+/// What was changed by hand since the secondary applied `sealed`: the areas file it keeps
+/// (`current`), and each nftables file on disk against the copy it loaded. Empty: no drift.
+pub fn drift(sealed: &str, current: &str) -> String {
+    let mut out = diff(sealed, current, "as applied", "as found");
+    for (path, loaded) in nftables_files(sealed).unwrap_or_default() {
+        let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+        out.push_str(&unified(
+            &loaded,
+            &on_disk,
+            &format!("{} (as loaded)", path.display()),
+            &format!("{} (as found)", path.display()),
+        ));
+    }
+    out
+}
+
 /// What the secondary makes of a push: the received text rewritten for it.
 pub fn received_for_secondary(pushed: &str) -> Result<String, String> {
     let mut areas: Table = pushed
@@ -312,6 +402,50 @@ accept = ["carp", "nat"]
         let composed = table(&compose(&own, &received, &[Area::Carp]).unwrap());
         assert_eq!(composed["carp"]["passphrase"].as_str(), Some("secret"));
         assert!(composed["carp"].get("mac").is_none());
+    }
+
+    #[test]
+    fn the_diff_names_each_area_that_changes_and_only_those() {
+        let old = payload(PRIMARY, &[Area::Carp, Area::Nat], &[]).unwrap();
+        assert_eq!(diff(&old, &old, "secondary", "primary"), "");
+        let new = payload(
+            &PRIMARY.replace("advskew = 0", "advskew = 7"),
+            &[Area::Carp, Area::Nat],
+            &[],
+        )
+        .unwrap();
+        let shown = diff(&old, &new, "secondary", "primary");
+        assert!(shown.contains("--- carp (secondary)"), "{shown}");
+        assert!(shown.contains("+++ carp (primary)"), "{shown}");
+        assert!(
+            shown.contains("-advskew = 0") && shown.contains("+advskew = 7"),
+            "{shown}"
+        );
+        assert!(!shown.contains("nat ("), "nat did not change: {shown}");
+    }
+
+    #[test]
+    fn drift_shows_a_hand_edit_of_the_areas_and_of_a_loaded_ruleset() {
+        let dir = std::env::temp_dir().join(format!("carp-cs-drift-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let rules = dir.join("r.nft");
+        std::fs::write(&rules, "table inet a {}\n").unwrap();
+        let sealed = payload(
+            PRIMARY,
+            &[Area::Carp, Area::Nftables],
+            std::slice::from_ref(&rules),
+        )
+        .unwrap();
+        assert_eq!(drift(&sealed, &sealed), "", "nothing touched");
+        let edited = sealed.replace("passphrase = \"secret\"", "passphrase = \"mine\"");
+        assert!(drift(&sealed, &edited).contains("+passphrase = \"mine\""));
+        std::fs::write(&rules, "table inet a {}\ntable inet b {}\n").unwrap();
+        let shown = drift(&sealed, &sealed);
+        assert!(
+            shown.contains("(as found)") && shown.contains("+table inet b {}"),
+            "{shown}"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

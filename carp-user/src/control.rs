@@ -42,6 +42,13 @@ pub enum Request {
     Upgrade,
     /// Apply the configuration file again (also SIGHUP).
     Reload,
+    /// A primary: push the configuration now (or show what it would change) and wait for
+    /// the secondary's answer.
+    #[serde(rename = "config-push")]
+    ConfigPush {
+        dry_run: bool,
+        force: bool,
+    },
     /// A secondary: apply the configuration received before the last one again.
     #[serde(rename = "config-rollback")]
     ConfigRollback,
@@ -303,6 +310,14 @@ impl Response {
     pub fn status(status: Status) -> Self {
         Self {
             status: Some(status),
+            ..Self::empty(true)
+        }
+    }
+
+    /// What the peer said when it took a push (a diff, or what it applied).
+    pub fn taken(message: String) -> Self {
+        Self {
+            message: Some(message),
             ..Self::empty(true)
         }
     }

@@ -22,7 +22,7 @@ use crate::{
     pins, reload,
     sockets::{AdvertSocket, FrameSocket},
     sync::{
-        config_link::Answer,
+        config_link::{Answer, Received},
         service::{self, ConfigRole, SyncHandle},
     },
 };
@@ -65,6 +65,8 @@ const BACKLOG: usize = 1024;
 const FLOW_REFRESH: Duration = Duration::from_secs(10);
 /// Longest wait for the peer's flows to reach the kernel before a VIP is claimed anyway.
 const INSTALL_BARRIER: Duration = Duration::from_secs(1);
+/// How long `carp config push` waits for the secondary's answer.
+const PUSH_ANSWER: Duration = Duration::from_secs(8);
 /// The environment variable that lets the control socket inject faults (tests only).
 const TEST_HOOKS_ENV: &str = "CARP_TEST_HOOKS";
 /// File in state_dir whose presence means maintenance mode (kept across restarts).
@@ -233,6 +235,10 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
                 }
             }
             Some((request, reply)) = control_rx.recv() => {
+                if let Request::ConfigPush { dry_run, force } = request {
+                    daemon.config_push_request(dry_run, force, reply);
+                    continue;
+                }
                 let (response, exit) = match request {
                     Request::Reload => daemon.reload().await,
                     Request::ConfigRollback => (daemon.rollback().await, None),
@@ -246,8 +252,8 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
                 let _ = reply.send(response);
                 if let Some(exit) = exit { break exit; }
             }
-            Some(pushed) = recv_push(&mut config_pushes) => {
-                let answer = daemon.apply_pushed(&pushed).await;
+            Some((pushed, flags)) = recv_push(&mut config_pushes) => {
+                let answer = daemon.apply_pushed(&pushed, flags).await;
                 daemon.settle().await;
                 if let Some(sync) = &daemon.sync {
                     sync.answer_config(answer);
@@ -769,7 +775,7 @@ impl Daemon {
                 info!("in-place upgrade requested");
                 Response::status(self.status())
             }
-            Request::Reload | Request::ConfigRollback => {
+            Request::Reload | Request::ConfigRollback | Request::ConfigPush { .. } => {
                 Response::error("handled asynchronously".into())
             }
         }
@@ -904,33 +910,128 @@ impl Daemon {
     /// A primary hands its areas to the session, which pushes them now if connected and on
     /// every reconnect.
     fn push_config(&self) {
-        let (Some(sync), push) = (&self.sync, &self.config.config_sync.push) else {
+        let (Some(sync), false) = (&self.sync, self.config.config_sync.push.is_empty()) else {
             return;
         };
-        if push.is_empty() {
-            return;
-        }
-        let areas = std::fs::read_to_string(&self.config_path)
-            .map_err(|e| e.to_string())
-            .and_then(|own| config_sync::payload(&own, push, &self.config.config_sync.nftables));
-        match areas {
-            Ok(areas) => {
-                // The hash of what the secondary will hold, so both sides compare alike.
-                let held = config_sync::received_for_secondary(&areas).unwrap_or_default();
-                sync.push_config(areas, config_sync::hash(&held));
-            }
+        match self.payload() {
+            Ok((areas, hash)) => sync.push_config(areas, hash),
             Err(e) => error!(error = %e, "cannot build the configuration to push"),
         }
+    }
+
+    /// The areas this node pushes, and the hash of what the secondary will hold of them
+    /// (so both sides compare alike).
+    fn payload(&self) -> Result<(String, String), String> {
+        let own = std::fs::read_to_string(&self.config_path).map_err(|e| e.to_string())?;
+        let areas = config_sync::payload(
+            &own,
+            &self.config.config_sync.push,
+            &self.config.config_sync.nftables,
+        )?;
+        let held = config_sync::received_for_secondary(&areas)?;
+        Ok((areas, config_sync::hash(&held)))
+    }
+
+    /// Answers `carp config push` once the secondary has; the daemon goes on meanwhile.
+    fn config_push_request(
+        &self,
+        dry_run: bool,
+        force: bool,
+        reply: tokio::sync::oneshot::Sender<Response>,
+    ) {
+        let flags = if dry_run { config_sync::DRY_RUN } else { 0 }
+            | if force { config_sync::FORCE } else { 0 };
+        let answered = match self.push_now(flags) {
+            Ok(answered) => answered,
+            Err(e) => {
+                let _ = reply.send(Response::error(e));
+                return;
+            }
+        };
+        tokio::spawn(async move {
+            let response = match tokio::time::timeout(PUSH_ANSWER, answered).await {
+                Ok(Ok(answer)) if answer.ok => Response::taken(answer.message),
+                Ok(Ok(answer)) => Response::error(answer.message),
+                Ok(Err(_)) => Response::error("the sync session ended".into()),
+                Err(_) => {
+                    Response::error(format!("no answer from the peer within {PUSH_ANSWER:?}"))
+                }
+            };
+            let _ = reply.send(response);
+        });
+    }
+
+    /// `carp config push` and `carp config diff` on the primary: a push with these flags
+    /// now; the receiver gets the secondary's answer.
+    fn push_now(&self, flags: u8) -> Result<tokio::sync::oneshot::Receiver<Answer>, String> {
+        if self.config.config_sync.push.is_empty() {
+            return Err("this node pushes no configuration ([config_sync] push)".into());
+        }
+        let sync = self
+            .sync
+            .as_ref()
+            .ok_or("state sync is not configured ([sync])")?;
+        let (areas, hash) = self.payload()?;
+        Ok(sync.push_config_now(areas, hash, flags))
     }
 
     /// A secondary applies what the primary pushed: rewritten (every advskew +100), checked
     /// as a whole against this host with its own `[node]` and `[sync]`, kept in the state
     /// directory (the previous version beside it) and applied like a reload. A push that
     /// does not fit this host changes nothing and its reason goes back.
-    async fn apply_pushed(&mut self, pushed: &str) -> Answer {
-        match config_sync::received_for_secondary(pushed) {
-            Ok(received) => self.apply_received(&received).await,
-            Err(e) => refused_push(e),
+    async fn apply_pushed(&mut self, pushed: &str, flags: u8) -> Answer {
+        let received = match config_sync::received_for_secondary(pushed) {
+            Ok(received) => received,
+            Err(e) => return refused_push(e),
+        };
+        let state_dir = &self.config.node.state_dir;
+        let held =
+            std::fs::read_to_string(config_sync::applied_file(state_dir)).unwrap_or_default();
+        // Drift: what was changed here by hand since the last sync is not overwritten
+        // silently (pfSense does); the operator forces it.
+        let drift = std::fs::read_to_string(config_sync::sealed_file(state_dir))
+            .map(|sealed| config_sync::drift(&sealed, &held))
+            .unwrap_or_default();
+        if flags & config_sync::DRY_RUN != 0 {
+            return self.dry_run(&received, &held, &drift);
+        }
+        if !drift.is_empty() && flags & config_sync::FORCE == 0 {
+            return refused_push(format!(
+                "changed by hand on the secondary since the last sync (push with --force to overwrite):\n{drift}"
+            ));
+        }
+        self.apply_received(&received).await
+    }
+
+    /// What a push would change here, and whether it would be taken; nothing applied.
+    fn dry_run(&self, received: &str, held: &str, drift: &str) -> Answer {
+        let mut message = config_sync::diff(held, received, "secondary", "primary");
+        if message.is_empty() {
+            message = "no difference\n".into();
+        }
+        if !drift.is_empty() {
+            message.push_str(&format!(
+                "\nchanged by hand on the secondary since the last sync (a push needs --force):\n{drift}"
+            ));
+        }
+        let fits = match Config::load_with(&self.config_path, Some(received)) {
+            Ok(_) => None,
+            Err(ConfigError::Invalid { problems }) => Some(
+                problems
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            ),
+            Err(e) => Some(Chain(&e).to_string()),
+        };
+        match fits {
+            None => Answer {
+                ok: true,
+                hash: config_sync::hash(received),
+                message,
+            },
+            Some(problems) => refused_push(format!("{message}\nwould be refused:\n{problems}")),
         }
     }
 
@@ -1181,7 +1282,9 @@ fn keep_received(state_dir: &std::path::Path, received: &str) -> std::io::Result
     if applied.exists() {
         std::fs::rename(&applied, config_sync::previous_file(state_dir))?;
     }
-    write_atomically(&applied, received)
+    write_atomically(&applied, received)?;
+    // The seal tells a later hand edit of what was applied from what carp wrote.
+    write_atomically(&config_sync::sealed_file(state_dir), received)
 }
 
 /// Writes `path` through a temporary file beside it and a rename.
@@ -1196,7 +1299,7 @@ fn write_atomically(path: &std::path::Path, content: &str) -> std::io::Result<()
 }
 
 /// The next configuration push from the peer, or never on a node that accepts none.
-async fn recv_push(pushes: &mut Option<mpsc::Receiver<String>>) -> Option<String> {
+async fn recv_push(pushes: &mut Option<mpsc::Receiver<Received>>) -> Option<Received> {
     match pushes {
         Some(pushes) => pushes.recv().await,
         None => std::future::pending().await,

@@ -53,6 +53,17 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Command::Config {
+            action:
+                cli::ConfigAction::Push {
+                    dry_run,
+                    force,
+                    target,
+                },
+        } => print!("{}", cli::config_push(&target, dry_run, force)?),
+        Command::Config {
+            action: cli::ConfigAction::Diff { target },
+        } => print!("{}", cli::config_push(&target, true, false)?),
+        Command::Config {
             action: cli::ConfigAction::Rollback { target },
         } => {
             let (message, status) = cli::config_rollback(&target)?;

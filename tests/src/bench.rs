@@ -767,7 +767,11 @@ struct ConfigSyncFigures {
 fn config_sync_reload() -> Result<ConfigSyncFigures> {
     let lab = Lab::up()?;
     let bin = carp_bin()?;
-    let rules = lab.dir.join("bench-rules.nft");
+    // gw2 keeps its copy of the ruleset in its own etc/ (lab nodes share a filesystem).
+    let (etc, gw2_etc) = (lab.dir.join("etc"), lab.dir.join("gw2-etc"));
+    std::fs::create_dir_all(&etc)?;
+    std::fs::create_dir_all(&gw2_etc)?;
+    let rules = etc.join("bench-rules.nft");
     std::fs::write(&rules, "table inet carp_bench {\n}\n")?;
     let primary = NodeOptions {
         sync_key: Some(crate::SYNC_SECRET.into()),
@@ -782,7 +786,7 @@ fn config_sync_reload() -> Result<ConfigSyncFigures> {
         config_sync: crate::ConfigSyncPart::Accept,
         ..NodeOptions::default()
     };
-    let gw2 = lab.start_carp(&bin, Host::Gw2, &follower)?;
+    let gw2 = lab.start_carp_with_own_dir(&bin, Host::Gw2, &follower, &etc, &gw2_etc)?;
     let vips = |node: &crate::Node| node.status().map_or(0, |s| s.vips.len());
     wait_for(Duration::from_secs(15), || (vips(&gw2) == 2).then_some(()))
         .context("the secondary never got the first push")?;

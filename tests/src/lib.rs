@@ -686,6 +686,34 @@ impl Lab {
         self.start_carp_with(carp_bin, host, name, config, &launcher, opts.test_hooks)
     }
 
+    /// Starts `carp run` in a mount namespace of its own where `own` is mounted over `over`:
+    /// lab nodes share one filesystem, and a node that writes synced files must not write
+    /// its peer's.
+    pub fn start_carp_with_own_dir(
+        &self,
+        carp_bin: &Path,
+        host: Host,
+        opts: &NodeOptions,
+        over: &Path,
+        own: &Path,
+    ) -> Result<Node> {
+        let (name, config) = self.write_config(host, opts)?;
+        let (over, own) = (over.to_string_lossy(), own.to_string_lossy());
+        let launcher = [
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            "mount --bind \"$1\" \"$2\" && shift 2 && exec \"$@\"",
+            "sh",
+            &own,
+            &over,
+        ];
+        self.start_carp_with(carp_bin, host, name, config, &launcher, opts.test_hooks)
+    }
+
     /// Starts `node` again: `carp run` on its config, pins and state directory.
     pub fn restart_carp(&self, carp_bin: &Path, node: &Node) -> Result<Node> {
         self.start_carp_with(

@@ -169,7 +169,12 @@ fn wait_state_of(node: &Node, vhid: u8, state: State) -> Result<()> {
 fn an_nftables_ruleset_follows_and_a_refused_one_changes_nothing() -> Result<()> {
     let lab = Lab::up()?;
     let bin = carp_bin()?;
-    let rules = lab.dir.join("rules.nft");
+    // The ruleset lives in etc/; gw2 sees its own etc/ there (lab nodes share a filesystem).
+    let etc = lab.dir.join("etc");
+    let gw2_etc = lab.dir.join("gw2-etc");
+    std::fs::create_dir_all(&etc)?;
+    std::fs::create_dir_all(&gw2_etc)?;
+    let rules = etc.join("rules.nft");
     let table = "table inet carp_lab_filter {\n  chain input {\n    type filter hook input priority 0; policy accept;\n    tcp dport 9999 counter drop\n  }\n}\n";
     std::fs::write(&rules, table)?;
     let pusher = NodeOptions {
@@ -182,7 +187,7 @@ fn an_nftables_ruleset_follows_and_a_refused_one_changes_nothing() -> Result<()>
         config_sync: ConfigSyncPart::Accept,
         ..NodeOptions::default()
     };
-    let gw2 = lab.start_carp(&bin, Host::Gw2, &follower)?;
+    let gw2 = lab.start_carp_with_own_dir(&bin, Host::Gw2, &follower, &etc, &gw2_etc)?;
     let loaded = || -> String {
         lab.output(
             Host::Gw2,
@@ -204,6 +209,11 @@ fn an_nftables_ruleset_follows_and_a_refused_one_changes_nothing() -> Result<()>
         .code()
             != Some(0),
         "the primary does not load its own ruleset: the operator does"
+    );
+    assert_eq!(
+        std::fs::read_to_string(gw2_etc.join("rules.nft"))?,
+        table,
+        "gw2 keeps its copy at the same path, in its own view of the filesystem"
     );
     // A rule for an interface gw2 lacks: nft -c refuses it there.
     lab.sh(
@@ -241,5 +251,66 @@ fn an_nftables_ruleset_follows_and_a_refused_one_changes_nothing() -> Result<()>
         [(1, 100), (2, 100)],
         "the other areas stayed too"
     );
+    Ok(())
+}
+
+/// `carp config diff` shows what a push would change, per area; a hand edit on the
+/// secondary refuses the next push with the diff of that edit, until `--force`.
+#[test]
+fn diff_shows_the_change_and_drift_needs_force() -> Result<()> {
+    let lab = Lab::up()?;
+    let bin = carp_bin()?;
+    let gw1 = lab.start_carp(&bin, Host::Gw1, &primary())?;
+    let follower = NodeOptions {
+        sync_key: Some(SYNC_SECRET.into()),
+        config_sync: ConfigSyncPart::Accept,
+        ..NodeOptions::default()
+    };
+    let gw2 = lab.start_carp(&bin, Host::Gw2, &follower)?;
+    wait_for(Duration::from_secs(15), || {
+        (skews(&gw2) == [(1, 100), (2, 100)]).then_some(())
+    })
+    .context("gw2 never got the VIPs")?;
+    let socket = gw1.socket.to_string_lossy().into_owned();
+    // Edited on the primary, not yet reloaded: the diff shows it and changes nothing.
+    lab.write_config(
+        Host::Gw1,
+        &NodeOptions {
+            advskew: 5,
+            ..primary()
+        },
+    )?;
+    let shown = carp_cli(&["config", "diff", "--socket", &socket])?;
+    assert!(shown.contains("--- carp (secondary)"), "{shown}");
+    assert!(
+        shown.contains("-advskew = 100") && shown.contains("+advskew = 105"),
+        "{shown}"
+    );
+    assert!(!shown.contains("nat ("), "NAT did not change: {shown}");
+    assert_eq!(skews(&gw2), [(1, 100), (2, 100)]);
+    // A hand edit of what gw2 holds: the push is refused with that edit, gw2 unchanged.
+    let held = lab
+        .dir
+        .join(format!("{}-state/config-sync/areas.toml", gw2.name));
+    let text = std::fs::read_to_string(&held)?;
+    std::fs::write(&held, text.replace("labsecret", "edited by hand"))?;
+    let out = std::process::Command::new(&bin)
+        .args(["config", "push", "--socket", &socket])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the push went through the drift");
+    assert!(
+        stderr.contains("changed by hand on the secondary"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("+passphrase = \"edited by hand\""),
+        "{stderr}"
+    );
+    assert_eq!(skews(&gw2), [(1, 100), (2, 100)]);
+    // --force overwrites it.
+    carp_cli(&["config", "push", "--force", "--socket", &socket])?;
+    assert_eq!(skews(&gw2), [(1, 105), (2, 105)]);
+    assert!(!std::fs::read_to_string(&held)?.contains("edited by hand"));
     Ok(())
 }

@@ -124,6 +124,8 @@ pub enum Frame {
     /// that accepts them; a large nftables ruleset takes many.
     ConfigPush {
         schema: u32,
+        /// `config_sync::DRY_RUN`, `config_sync::FORCE`.
+        flags: u8,
         part: u16,
         parts: u16,
         areas: String,
@@ -193,11 +195,13 @@ impl Frame {
             }
             Frame::ConfigPush {
                 schema,
+                flags,
                 part,
                 parts,
                 areas,
             } => {
                 out.extend_from_slice(&schema.to_be_bytes());
+                out.push(*flags);
                 out.extend_from_slice(&part.to_be_bytes());
                 out.extend_from_slice(&parts.to_be_bytes());
                 out.extend_from_slice(&(areas.len() as u32).to_be_bytes());
@@ -297,11 +301,13 @@ impl Frame {
             },
             KIND_CONFIG_PUSH => {
                 let schema = r.u32("config push")?;
+                let flags = r.u8("config push")?;
                 let part = r.u16("config push")?;
                 let parts = r.u16("config push")?;
                 let n = r.u32("config push")? as usize;
                 Frame::ConfigPush {
                     schema,
+                    flags,
                     part,
                     parts,
                     areas: r.text(n, "config push")?,
@@ -336,7 +342,7 @@ pub const MAX_CONFIG_PARTS: u16 = 256;
 
 /// The ConfigPush frames carrying `areas`, each within [`MAX_PAYLOAD`]; `None` if it would
 /// take more than [`MAX_CONFIG_PARTS`].
-pub fn config_push_frames(schema: u32, areas: &str) -> Option<Vec<Frame>> {
+pub fn config_push_frames(schema: u32, flags: u8, areas: &str) -> Option<Vec<Frame>> {
     let mut chunks = Vec::new();
     let mut rest = areas;
     loop {
@@ -356,6 +362,7 @@ pub fn config_push_frames(schema: u32, areas: &str) -> Option<Vec<Frame>> {
             .enumerate()
             .map(|(part, chunk)| Frame::ConfigPush {
                 schema,
+                flags,
                 part: part as u16,
                 parts,
                 areas: chunk.to_owned(),
@@ -593,6 +600,7 @@ pub(crate) mod tests {
             Frame::Keepalive,
             Frame::ConfigPush {
                 schema: 1,
+                flags: 3,
                 part: 0,
                 parts: 1,
                 areas: "[carp]\npassphrase = \"é\"\n".into(),
@@ -611,7 +619,7 @@ pub(crate) mod tests {
     #[test]
     fn a_large_configuration_travels_in_parts_that_each_fit_and_rejoin() {
         let areas = "é".repeat(200_000);
-        let frames = config_push_frames(1, &areas).unwrap();
+        let frames = config_push_frames(1, 0, &areas).unwrap();
         assert!(frames.len() > 1);
         let mut joined = String::new();
         for (i, frame) in frames.iter().enumerate() {
@@ -629,9 +637,9 @@ pub(crate) mod tests {
             joined.push_str(&areas);
         }
         assert_eq!(joined, areas);
-        assert_eq!(config_push_frames(1, "").unwrap().len(), 1, "even empty");
+        assert_eq!(config_push_frames(1, 0, "").unwrap().len(), 1, "even empty");
         let too_big = "x".repeat(CONFIG_PART * usize::from(MAX_CONFIG_PARTS) + 1);
-        assert!(config_push_frames(1, &too_big).is_none());
+        assert!(config_push_frames(1, 0, &too_big).is_none());
     }
 
     #[test]
@@ -653,6 +661,7 @@ pub(crate) mod tests {
         let mut bad = Vec::new();
         Frame::ConfigPush {
             schema: 1,
+            flags: 0,
             part: 0,
             parts: 1,
             areas: "ab".into(),

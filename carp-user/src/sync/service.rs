@@ -6,7 +6,7 @@
 use super::{
     bulk::{BulkSync, Event},
     capture::{Capture, Local},
-    config_link::{Answer, ConfigLink, ConfigSyncStatus},
+    config_link::{Answer, ConfigLink, ConfigSyncStatus, Explicit, Received},
     flow_writer::FlowMap,
     install::{self, InstallStats, Job, Workers},
     merge::{FlowTable, Origin, Verdict},
@@ -153,7 +153,9 @@ pub struct SyncHandle {
     /// A primary's areas for the session to push.
     config_out: watch::Sender<Option<(String, String)>>,
     /// A secondary's pushes from the peer, for the daemon (taken once).
-    config_in: Mutex<Option<mpsc::Receiver<String>>>,
+    config_in: Mutex<Option<mpsc::Receiver<Received>>>,
+    /// A primary's operator pushes (`carp config push`, `diff`).
+    config_explicit: mpsc::Sender<Explicit>,
     /// The daemon's answers to them.
     config_answers: mpsc::Sender<Answer>,
 }
@@ -246,11 +248,16 @@ pub fn start(
     let (config_out, outgoing) = watch::channel(None);
     let (pushes, config_in) = mpsc::channel(1);
     let (config_answers, answers) = mpsc::channel(4);
+    let (config_explicit, explicit) = mpsc::channel(4);
     let config_link = ConfigLink {
         outgoing,
+        explicit,
         to_daemon: (role == ConfigRole::Secondary).then_some(pushes),
         answers,
         partial: Vec::new(),
+        sent: 0,
+        answered: 0,
+        waiter: None,
     };
     let session = tokio::spawn(
         Session {
@@ -280,6 +287,7 @@ pub fn start(
         last_takeover: Mutex::new(None),
         config_out,
         config_in: Mutex::new(Some(config_in)),
+        config_explicit,
         config_answers,
     })
 }
@@ -383,8 +391,25 @@ impl SyncHandle {
         self.config_out.send_replace(Some((areas, hash)));
     }
 
+    /// An operator's push of `areas` with `flags`; the receiver gets the secondary's answer.
+    pub fn push_config_now(
+        &self,
+        areas: String,
+        hash: String,
+        flags: u8,
+    ) -> oneshot::Receiver<Answer> {
+        let (answer, answered) = oneshot::channel();
+        let _ = self.config_explicit.try_send(Explicit {
+            areas,
+            hash,
+            flags,
+            answer,
+        });
+        answered
+    }
+
     /// A secondary's pushes from the peer (the daemon takes them once).
-    pub fn take_config_pushes(&self) -> Option<mpsc::Receiver<String>> {
+    pub fn take_config_pushes(&self) -> Option<mpsc::Receiver<Received>> {
         lock(&self.config_in).take()
     }
 
@@ -579,6 +604,15 @@ impl Session {
                         self.push_config();
                     }
                 }
+                Some(push) = self.config_link.explicit.recv() => {
+                    let connected = self.stream.is_some();
+                    let frames = self.config_link.push_explicit(
+                        push,
+                        connected,
+                        &mut lock(&self.shared.status).config,
+                    );
+                    self.outbox.extend(frames);
+                }
                 Some(answer) = self.config_link.answers.recv() => {
                     let frame = ConfigLink::answer(answer, &mut lock(&self.shared.status).config);
                     self.outbox.push(frame);
@@ -662,6 +696,7 @@ impl Session {
         }
         warn!(error = %Chain(e), "sync session lost");
         self.bulk.handle_disconnected();
+        self.config_link.disconnected();
         self.unsent.unacknowledged();
         self.outbox.clear();
         // The peer may have missed the last deletes: told again on reconnect (a delete of a
@@ -754,12 +789,14 @@ impl Session {
             }
             Frame::ConfigPush {
                 schema,
+                flags,
                 part,
                 parts,
                 areas,
             } => {
                 let refused = self.config_link.on_push(
                     schema,
+                    flags,
                     part,
                     parts,
                     areas,
@@ -772,7 +809,7 @@ impl Session {
                 ok,
                 hash,
                 message,
-            } => ConfigLink::on_result(
+            } => self.config_link.on_result(
                 schema,
                 ok,
                 hash,
