@@ -155,6 +155,14 @@ fn the_secondary_follows_the_primary_and_keeps_what_it_received() -> Result<()> 
     assert_eq!(skews(&gw2), [(1, 120), (2, 120), (3, 120)]);
     wait_all(&gw2, State::Master, Duration::from_secs(10))?;
     assert!(nat_rules(&lab, Host::Gw2)?.contains("snat"));
+    // The client reaches the server through gw2, translated to the WAN VIP by the NAT it
+    // received.
+    lab.sh(Host::Client, "ping -c 3 -i 0.2 -W 1 198.18.2.100")?;
+    let natted = lab.sh(Host::Gw2, "conntrack -L -p icmp 2>/dev/null")?;
+    assert!(
+        natted.contains(&format!("dst={}", carp_lab::WAN_VIP)),
+        "not translated to the WAN VIP: {natted}"
+    );
     Ok(())
 }
 
