@@ -177,6 +177,11 @@ pub fn sealed_file(state_dir: &Path) -> PathBuf {
     state_dir.join("config-sync").join("areas.sealed")
 }
 
+/// Where a secondary seals the NAT table as it loaded it.
+pub fn sealed_nat_file(state_dir: &Path) -> PathBuf {
+    state_dir.join("config-sync").join("nat.sealed")
+}
+
 /// A unified diff per area from `old` to `new` (both areas as received), empty when they
 /// hold the same: carp ([carp] and the VIPs), nat, and each nftables file.
 pub fn diff(old: &str, new: &str, old_label: &str, new_label: &str) -> String {

@@ -989,9 +989,18 @@ impl Daemon {
             std::fs::read_to_string(config_sync::applied_file(state_dir)).unwrap_or_default();
         // Drift: what was changed here by hand since the last sync is not overwritten
         // silently (pfSense does); the operator forces it.
-        let drift = std::fs::read_to_string(config_sync::sealed_file(state_dir))
+        let mut drift = std::fs::read_to_string(config_sync::sealed_file(state_dir))
             .map(|sealed| config_sync::drift(&sealed, &held))
             .unwrap_or_default();
+        // carp's own NAT table, touched by hand.
+        if let Ok(sealed) = std::fs::read_to_string(config_sync::sealed_nat_file(state_dir)) {
+            drift.push_str(&config_sync::unified(
+                &sealed,
+                &nat::listing(),
+                "ip carp table (as applied)",
+                "ip carp table (as found)",
+            ));
+        }
         if flags & config_sync::DRY_RUN != 0 {
             return self.dry_run(&received, &held, &drift);
         }
@@ -1107,6 +1116,15 @@ impl Daemon {
             Some(problems) => refuse(problems.join("\n")),
             None => {
                 info!(%hash, "applied the primary's configuration");
+                // The NAT table as pushed, whatever was done to it here (a forced push
+                // overwrites a hand change), then sealed to tell a later one from it.
+                if let Err(e) = nat::apply(&self.config.nat) {
+                    return refuse(format!("loading the NAT table: {}", Chain(&e)));
+                }
+                let seal = config_sync::sealed_nat_file(&self.config.node.state_dir);
+                if let Err(e) = write_atomically(&seal, &nat::listing()) {
+                    warn!(error = %e, "cannot seal the NAT table");
+                }
                 Answer {
                     ok: true,
                     hash,

@@ -335,6 +335,30 @@ pub fn apply(rules: &[NatRule]) -> Result<(), NftError> {
     }
 }
 
+/// The rules of the `ip carp` table as the kernel holds them, one line each (handles left
+/// out), or nothing when there is no table: what a hand change to the table would change.
+pub fn listing() -> String {
+    let Ok(out) = std::process::Command::new("nft")
+        .args(["-j", "list", "table", "ip", nft::TABLE])
+        .output()
+    else {
+        return String::new();
+    };
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
+        return String::new();
+    };
+    value["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|object| {
+            object
+                .get("rule")
+                .map(|rule| rule["expr"].to_string() + "\n")
+        })
+        .collect()
+}
+
 /// Removes the `ip carp` table (`carp nat flush`).
 pub fn flush() -> Result<(), NftError> {
     nft::remove_table(NfFamily::IP)

@@ -320,5 +320,22 @@ fn diff_shows_the_change_and_drift_needs_force() -> Result<()> {
     carp_cli(&["config", "push", "--force", "--socket", &socket])?;
     assert_eq!(skews(&gw2), [(1, 105), (2, 105)]);
     assert!(!std::fs::read_to_string(&held)?.contains("edited by hand"));
+    // A hand change to carp's NAT table on gw2 is drift too.
+    lab.sh(
+        Host::Gw2,
+        "nft add rule ip carp postrouting oifname \"lan\" counter",
+    )?;
+    let out = std::process::Command::new(&bin)
+        .args(["config", "push", "--socket", &socket])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the push went through the NAT drift");
+    assert!(stderr.contains("ip carp table (as found)"), "{stderr}");
+    carp_cli(&["config", "push", "--force", "--socket", &socket])?;
+    assert!(
+        !lab.sh(Host::Gw2, "nft list table ip carp")?
+            .contains("\"lan\""),
+        "--force put carp's table back"
+    );
     Ok(())
 }
