@@ -101,3 +101,16 @@ pub fn assert_answered_once_by(lab: &Lab, target: &str, mac: &str, count: u32) -
     );
     Ok(())
 }
+
+/// The rules of `host`'s `ip carp` table, without the handles that differ from node to node.
+pub fn nat_rules(lab: &Lab, host: crate::Host) -> Result<String> {
+    let json = lab.sh(host, "nft -j list table ip carp")?;
+    let value: serde_json::Value = serde_json::from_str(&json)?;
+    let rules: Vec<&serde_json::Value> = value["nftables"]
+        .as_array()
+        .context("no nftables array")?
+        .iter()
+        .filter_map(|o| o.get("rule").map(|r| &r["expr"]))
+        .collect();
+    Ok(serde_json::to_string(&rules)?)
+}

@@ -26,17 +26,20 @@ fn primary() -> NodeOptions {
     }
 }
 
-/// The NAT rules of `host`'s `ip carp` table, without the handles that differ per node.
-fn nat_rules(lab: &Lab, host: Host) -> Result<String> {
-    let json = lab.sh(host, "nft -j list table ip carp")?;
-    let value: serde_json::Value = serde_json::from_str(&json)?;
-    let rules: Vec<&serde_json::Value> = value["nftables"]
-        .as_array()
-        .context("no nftables array")?
-        .iter()
-        .filter_map(|o| o.get("rule").map(|r| &r["expr"]))
-        .collect();
-    Ok(serde_json::to_string(&rules)?)
+/// A secondary whose file holds only its own sections.
+fn follower() -> NodeOptions {
+    NodeOptions {
+        sync_key: Some(SYNC_SECRET.into()),
+        config_sync: ConfigSyncPart::Accept,
+        ..NodeOptions::default()
+    }
+}
+
+/// Waits until `node` holds exactly these (vhid, advskew) pairs.
+#[track_caller]
+fn wait_skews(node: &Node, want: &[(u8, u8)], within: Duration) -> Result<()> {
+    wait_for(within, || (skews(node) == want).then_some(()))
+        .with_context(|| format!("{} holds {:?}, not {want:?}", node.name, skews(node)))
 }
 
 /// `node`'s (vhid, advskew) pairs.
@@ -51,20 +54,15 @@ fn the_secondary_follows_the_primary_and_keeps_what_it_received() -> Result<()> 
     let lab = Lab::up()?;
     let bin = carp_bin()?;
     let gw1 = lab.start_carp(&bin, Host::Gw1, &primary())?;
-    let follower = NodeOptions {
-        sync_key: Some(SYNC_SECRET.into()),
-        config_sync: ConfigSyncPart::Accept,
-        ..NodeOptions::default()
-    };
-    let gw2 = lab.start_carp(&bin, Host::Gw2, &follower)?;
+    let gw2 = lab.start_carp(&bin, Host::Gw2, &follower())?;
     // gw2 starts with no VIP, then gets both with skew 0 + 100, and the NAT.
-    wait_for(Duration::from_secs(15), || {
-        (skews(&gw2) == [(1, 100), (2, 100)]).then_some(())
-    })
-    .with_context(|| format!("gw2 never got the VIPs: {:?}\n{}", gw2.status(), gw2.log()))?;
+    wait_skews(&gw2, &[(1, 100), (2, 100)], Duration::from_secs(15))?;
     wait_all(&gw1, State::Master, Duration::from_secs(10))?;
     wait_all(&gw2, State::Backup, Duration::from_secs(5))?;
-    assert_eq!(nat_rules(&lab, Host::Gw1)?, nat_rules(&lab, Host::Gw2)?);
+    assert_eq!(
+        carp_lab::cluster::nat_rules(&lab, Host::Gw1)?,
+        carp_lab::cluster::nat_rules(&lab, Host::Gw2)?
+    );
     let (s1, s2) = wait_for(Duration::from_secs(5), || {
         let (s1, s2) = (config_status(&gw1).ok()?, config_status(&gw2).ok()?);
         (s1.in_step && s2.in_step).then_some((s1, s2))
@@ -91,10 +89,11 @@ fn the_secondary_follows_the_primary_and_keeps_what_it_received() -> Result<()> 
     lab.write_config(Host::Gw1, &changed)?;
     let reloaded = Instant::now();
     carp_cli(&["reload", "--socket", &gw1.socket.to_string_lossy()])?;
-    wait_for(Duration::from_secs(2), || {
-        (skews(&gw2) == [(1, 120), (2, 120), (3, 120)]).then_some(())
-    })
-    .with_context(|| format!("not within 2 s: {:?}", skews(&gw2)))?;
+    wait_skews(
+        &gw2,
+        &[(1, 120), (2, 120), (3, 120)],
+        Duration::from_secs(2),
+    )?;
     eprintln!(
         "secondary applied the reload {:?} after it",
         reloaded.elapsed()
@@ -143,10 +142,11 @@ fn the_secondary_follows_the_primary_and_keeps_what_it_received() -> Result<()> 
     // A reload on the primary brings it back in step.
     lab.write_config(Host::Gw1, &changed)?;
     carp_cli(&["reload", "--socket", &gw1.socket.to_string_lossy()])?;
-    wait_for(Duration::from_secs(2), || {
-        (skews(&gw2) == [(1, 120), (2, 120), (3, 120)]).then_some(())
-    })
-    .context("not back in step")?;
+    wait_skews(
+        &gw2,
+        &[(1, 120), (2, 120), (3, 120)],
+        Duration::from_secs(2),
+    )?;
 
     // The primary goes; the secondary restarted meanwhile comes up with what it had.
     carp_lab::end_process(gw1.pid, Duration::from_secs(5));
@@ -154,7 +154,7 @@ fn the_secondary_follows_the_primary_and_keeps_what_it_received() -> Result<()> 
     let gw2 = lab.restart_carp(&bin, &gw2)?;
     assert_eq!(skews(&gw2), [(1, 120), (2, 120), (3, 120)]);
     wait_all(&gw2, State::Master, Duration::from_secs(10))?;
-    assert!(nat_rules(&lab, Host::Gw2)?.contains("snat"));
+    assert!(carp_lab::cluster::nat_rules(&lab, Host::Gw2)?.contains("snat"));
     // The client reaches the server through gw2, translated to the WAN VIP by the NAT it
     // received.
     lab.sh(Host::Client, "ping -c 3 -i 0.2 -W 1 198.18.2.100")?;
@@ -190,12 +190,7 @@ fn an_nftables_ruleset_follows_and_a_refused_one_changes_nothing() -> Result<()>
         ..primary()
     };
     let gw1 = lab.start_carp(&bin, Host::Gw1, &pusher)?;
-    let follower = NodeOptions {
-        sync_key: Some(SYNC_SECRET.into()),
-        config_sync: ConfigSyncPart::Accept,
-        ..NodeOptions::default()
-    };
-    let gw2 = lab.start_carp_with_own_dir(&bin, Host::Gw2, &follower, &etc, &gw2_etc)?;
+    let gw2 = lab.start_carp_with_own_dir(&bin, Host::Gw2, &follower(), &etc, &gw2_etc)?;
     let loaded = || -> String {
         lab.output(
             Host::Gw2,
@@ -269,16 +264,8 @@ fn diff_shows_the_change_and_drift_needs_force() -> Result<()> {
     let lab = Lab::up()?;
     let bin = carp_bin()?;
     let gw1 = lab.start_carp(&bin, Host::Gw1, &primary())?;
-    let follower = NodeOptions {
-        sync_key: Some(SYNC_SECRET.into()),
-        config_sync: ConfigSyncPart::Accept,
-        ..NodeOptions::default()
-    };
-    let gw2 = lab.start_carp(&bin, Host::Gw2, &follower)?;
-    wait_for(Duration::from_secs(15), || {
-        (skews(&gw2) == [(1, 100), (2, 100)]).then_some(())
-    })
-    .context("gw2 never got the VIPs")?;
+    let gw2 = lab.start_carp(&bin, Host::Gw2, &follower())?;
+    wait_skews(&gw2, &[(1, 100), (2, 100)], Duration::from_secs(15))?;
     let socket = gw1.socket.to_string_lossy().into_owned();
     // Edited on the primary, not yet reloaded: the diff shows it and changes nothing.
     lab.write_config(

@@ -586,19 +586,10 @@ fn connections_survive_the_vips_coming_back() -> Result<()> {
 fn managed_nat_translates_to_the_wan_vip_on_both_nodes_and_outlives_the_daemon() -> Result<()> {
     let lab = Lab::up()?;
     let (gw1, gw2) = cluster(&lab, true)?;
-    let table = |host: Host| -> Result<String> {
-        let json = lab.sh(host, "nft -j list table ip carp")?;
-        // Handles differ from node to node; the rules must not.
-        let value: serde_json::Value = serde_json::from_str(&json)?;
-        let rules: Vec<&serde_json::Value> = value["nftables"]
-            .as_array()
-            .context("no nftables array")?
-            .iter()
-            .filter_map(|o| o.get("rule").map(|r| &r["expr"]))
-            .collect();
-        Ok(serde_json::to_string(&rules)?)
-    };
-    let (t1, t2) = (table(Host::Gw1)?, table(Host::Gw2)?);
+    let (t1, t2) = (
+        carp_lab::cluster::nat_rules(&lab, Host::Gw1)?,
+        carp_lab::cluster::nat_rules(&lab, Host::Gw2)?,
+    );
     assert_eq!(t1, t2, "the nodes' NAT differs");
     assert!(t1.contains(r#""snat":{"addr":"198.18.2.1"}"#), "{t1}");
     // Another table on the node is never touched.
