@@ -62,6 +62,10 @@ enum Fault {
     Upgrade {
         node: usize,
     },
+    /// `carp reload` of a changed file: the node's skew moves by 10 and back.
+    Reload {
+        node: usize,
+    },
     LinkFlap {
         node: usize,
         link: &'static str,
@@ -92,7 +96,8 @@ impl Fault {
                 down: secs(rng, 0, 3),
             },
             2 => Fault::Restart { node },
-            3 => Fault::Upgrade { node },
+            3 if rng.random_bool(0.5) => Fault::Upgrade { node },
+            3 => Fault::Reload { node },
             4 | 5 => Fault::LinkFlap {
                 node,
                 link: ["lan", "wan", "sync"][rng.random_range(0..3)],
@@ -114,6 +119,7 @@ impl Fault {
             Fault::Term { .. } => "SIGTERM",
             Fault::Restart { .. } => "restart",
             Fault::Upgrade { .. } => "in-place upgrade",
+            Fault::Reload { .. } => "reload",
             Fault::LinkFlap { .. } => "link flap",
             Fault::SyncImpaired { .. } => "sync loss, delay, reordering",
             Fault::Maintenance { .. } => "maintenance",
@@ -157,6 +163,8 @@ impl Record {
 struct Soak {
     lab: Lab,
     nodes: Mutex<[Node; 2]>,
+    /// Each node's configuration as last written (reloads change it).
+    options: Mutex<[NodeOptions; 2]>,
     record: Mutex<Record>,
     checks: AtomicU64,
     stop: AtomicBool,
@@ -175,14 +183,12 @@ pub fn run(minutes: f64, seed: Option<u64>) -> Result<()> {
         nat: true,
         ..base
     };
-    let (gw1, gw2) = pair_with(
-        &lab,
-        &with_sync(NodeOptions::default()),
-        &with_sync(backup_opts()),
-    )?;
+    let options = [with_sync(NodeOptions::default()), with_sync(backup_opts())];
+    let (gw1, gw2) = pair_with(&lab, &options[0], &options[1])?;
     let soak = Arc::new(Soak {
         lab,
         nodes: Mutex::new([gw1, gw2]),
+        options: Mutex::new(options),
         record: Mutex::new(Record::default()),
         checks: AtomicU64::new(0),
         stop: AtomicBool::new(false),
@@ -283,6 +289,26 @@ impl Soak {
                 let old = lock(&self.nodes)[node].clone();
                 kill_hard(old.pid);
                 self.replace(node, self.lab.restart_carp(&bin, &old)?);
+            }
+            Fault::Reload { node } => {
+                // 0 <-> 10 on gw1, 100 <-> 110 on gw2: retuned, the roles unchanged.
+                let opts = {
+                    let mut options = lock(&self.options);
+                    options[node].advskew ^= 10;
+                    options[node].clone()
+                };
+                self.lab.write_config(name(node), &opts)?;
+                let socket = lock(&self.nodes)[node].socket.clone();
+                let out = std::process::Command::new(&bin)
+                    .args(["reload", "--socket"])
+                    .arg(&socket)
+                    .output()?;
+                if !out.status.success() {
+                    lock(&self.record).violation(format!(
+                        "carp reload failed: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    ));
+                }
             }
             Fault::Upgrade { node } => {
                 let socket = lock(&self.nodes)[node].socket.clone();
