@@ -79,6 +79,16 @@ pub fn carp_cli(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Runs the `carp` CLI expecting it to fail; returns its exit code and stderr.
+pub fn carp_cli_refused(args: &[&str]) -> Result<(Option<i32>, String)> {
+    let out = std::process::Command::new(crate::carp_bin()?)
+        .args(args)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    anyhow::ensure!(!out.status.success(), "carp {args:?} succeeded: {stderr}");
+    Ok((out.status.code(), stderr))
+}
+
 /// Asserts that no ARP request got more than one answer.
 pub fn assert_never_two_answers(exchanges: &[crate::probe::Exchange]) {
     for e in exchanges {

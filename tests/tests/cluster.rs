@@ -495,11 +495,8 @@ fn reload_applies_changes_and_disturbs_nothing_else() -> Result<()> {
     let mut bad = opts.clone();
     bad.vips.push(("lan", 1, "198.18.1.6/24".into()));
     lab.write_config(Host::Gw1, &bad)?;
-    let out = std::process::Command::new(carp_bin()?)
-        .args(["reload", "--socket", &socket])
-        .output()?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let (code, stderr) = carp_lab::cluster::carp_cli_refused(&["reload", "--socket", &socket])?;
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(
         stderr.contains("vip[3].vhid: vhid 1 is used twice"),
         "{stderr}"

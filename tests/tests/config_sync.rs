@@ -289,11 +289,8 @@ fn diff_shows_the_change_and_drift_needs_force() -> Result<()> {
         .join(format!("{}-state/config-sync/areas.toml", gw2.name));
     let text = std::fs::read_to_string(&held)?;
     std::fs::write(&held, text.replace("labsecret", "edited by hand"))?;
-    let out = std::process::Command::new(&bin)
-        .args(["config", "push", "--socket", &socket])
-        .output()?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "the push went through the drift");
+    let (_, stderr) = carp_lab::cluster::carp_cli_refused(&["config", "push", "--socket", &socket])
+        .context("the push went through the drift")?;
     assert!(
         stderr.contains("changed by hand on the secondary"),
         "{stderr}"
@@ -312,11 +309,8 @@ fn diff_shows_the_change_and_drift_needs_force() -> Result<()> {
         Host::Gw2,
         "nft add rule ip carp postrouting oifname \"lan\" counter",
     )?;
-    let out = std::process::Command::new(&bin)
-        .args(["config", "push", "--socket", &socket])
-        .output()?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "the push went through the NAT drift");
+    let (_, stderr) = carp_lab::cluster::carp_cli_refused(&["config", "push", "--socket", &socket])
+        .context("the push went through the NAT drift")?;
     assert!(stderr.contains("ip carp table (as found)"), "{stderr}");
     carp_cli(&["config", "push", "--force", "--socket", &socket])?;
     assert!(
