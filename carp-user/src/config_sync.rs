@@ -150,6 +150,11 @@ pub fn nftables_files(received: &str) -> Result<Vec<(PathBuf, String)>, String> 
     let table: Table = received
         .parse()
         .map_err(|e: toml::de::Error| format!("the received areas: {e}"))?;
+    nftables_files_of(&table)
+}
+
+/// [`nftables_files`] of areas parsed already.
+fn nftables_files_of(table: &Table) -> Result<Vec<(PathBuf, String)>, String> {
     let Some(files) = table.get(NFTABLES_KEY) else {
         return Ok(Vec::new());
     };
@@ -206,9 +211,7 @@ pub fn diff(old: &str, new: &str, old_label: &str, new_label: &str) -> String {
         ));
     }
     let files = |table: &Table| -> Vec<(String, String)> {
-        toml::to_string(table)
-            .ok()
-            .and_then(|text| nftables_files(&text).ok())
+        nftables_files_of(table)
             .unwrap_or_default()
             .into_iter()
             .map(|(path, content)| (path.display().to_string(), content))
