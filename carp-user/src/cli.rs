@@ -397,6 +397,9 @@ fn format_sync_health(s: &SyncStatus) -> String {
                 .map(|e| format!("\n  last error: {}", e.replace('\n', "\n    ")))
                 .unwrap_or_default()
         ));
+        if let Some(failure) = &c.reload_after_failure {
+            out.push_str(&format!("  {failure}\n"));
+        }
     }
     if !s.conntrack {
         out.push_str("conntrack NOT AVAILABLE: synced flows reach XDP only, not the kernel\n");

@@ -14,7 +14,7 @@ use crate::{
 use carp_common::flow::DEFAULT_FLOWS_MAX;
 use serde::Deserialize;
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashSet},
     fmt,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
@@ -92,6 +92,19 @@ pub struct ConfigSync {
     /// The primary's nftables area: ruleset files, loaded on the secondary as one
     /// transaction.
     pub nftables: Vec<PathBuf>,
+    /// The primary's files area: files written on the secondary with their mode.
+    pub files: Vec<SyncedFile>,
+    /// The secondary's own commands to run after a synced file changed (the primary never
+    /// sends a command).
+    pub reload_after: BTreeMap<PathBuf, Vec<String>>,
+}
+
+/// A file of the files area, as the primary declares it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncedFile {
+    pub path: PathBuf,
+    /// Permission bits, as `chmod` takes them.
+    pub mode: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,7 +157,21 @@ struct RawConfigSync {
     accept: Vec<String>,
     #[serde(default)]
     nftables: Vec<PathBuf>,
+    #[serde(default)]
+    files: Vec<RawSyncedFile>,
+    #[serde(default)]
+    reload_after: BTreeMap<PathBuf, Vec<String>>,
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSyncedFile {
+    path: PathBuf,
+    mode: Option<String>,
+}
+
+/// A synced file's mode when the primary names none.
+const DEFAULT_FILE_MODE: u32 = 0o644;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -504,11 +531,36 @@ fn validate_config_sync(
         }
         out
     };
-    let sync = ConfigSync {
+    let mut sync = ConfigSync {
         push: areas(&raw.push, "push"),
         accept: areas(&raw.accept, "accept"),
         nftables: raw.nftables,
+        files: Vec::new(),
+        reload_after: raw.reload_after,
     };
+    sync.files = validate_synced_files(raw.files, problem);
+    if sync.push.contains(&Area::Files) && sync.files.is_empty() {
+        problem(
+            "config_sync.files".into(),
+            "the files area is pushed but names no file".into(),
+        );
+    }
+    for (path, command) in &sync.reload_after {
+        let field = format!("config_sync.reload_after.\"{}\"", path.display());
+        if !sync.accept.contains(&Area::Files) {
+            problem(
+                field,
+                "runs after a synced file changed: needs `files` in accept".into(),
+            );
+        } else if !path.is_absolute() {
+            problem(field, "the file's path must be absolute".into());
+        } else if command.first().is_none_or(String::is_empty) {
+            problem(
+                field,
+                "an empty command (program, then its arguments)".into(),
+            );
+        }
+    }
     for (i, file) in sync.nftables.iter().enumerate() {
         if let Err(e) = std::fs::metadata(file) {
             problem(
@@ -536,6 +588,61 @@ fn validate_config_sync(
         );
     }
     sync
+}
+
+/// The files area's `files = [{ path, mode }]`: absolute paths, each once, readable as text
+/// here (the content travels), with an octal mode.
+fn validate_synced_files(
+    raw: Vec<RawSyncedFile>,
+    problem: &mut impl FnMut(String, String),
+) -> Vec<SyncedFile> {
+    let mut files: Vec<SyncedFile> = Vec::new();
+    for (i, file) in raw.into_iter().enumerate() {
+        let field = format!("config_sync.files[{i}]");
+        let mode = match file.mode.as_deref() {
+            None => DEFAULT_FILE_MODE,
+            Some(text) => match u32::from_str_radix(text, 8) {
+                Ok(mode) if mode <= 0o7777 => mode,
+                _ => {
+                    problem(
+                        format!("{field}.mode"),
+                        format!("`{text}` is not an octal mode such as \"0644\""),
+                    );
+                    continue;
+                }
+            },
+        };
+        if !file.path.is_absolute() {
+            problem(
+                format!("{field}.path"),
+                format!("`{}` must be absolute", file.path.display()),
+            );
+            continue;
+        }
+        if files.iter().any(|f| f.path == file.path) {
+            problem(
+                format!("{field}.path"),
+                format!("`{}` twice", file.path.display()),
+            );
+            continue;
+        }
+        match std::fs::read(&file.path) {
+            Err(e) => problem(
+                format!("{field}.path"),
+                format!("cannot read {}: {e}", file.path.display()),
+            ),
+            Ok(bytes) if std::str::from_utf8(&bytes).is_err() => problem(
+                format!("{field}.path"),
+                format!("{} is not UTF-8 text", file.path.display()),
+            ),
+            Ok(_) => {}
+        }
+        files.push(SyncedFile {
+            path: file.path,
+            mode,
+        });
+    }
+    files
 }
 
 /// A secret file's bytes without the trailing newline an editor leaves.
@@ -841,6 +948,62 @@ address = "198.18.1.5"
             }
             Err(e) => panic!("unexpected {e}"),
         }
+    }
+
+    #[test]
+    fn the_files_area_and_reload_after_are_validated_field_by_field() {
+        let dir = std::env::temp_dir().join(format!("carp-files-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("key");
+        std::fs::write(&key, "a shared secret of some length\n").unwrap();
+        let hosts = dir.join("hosts");
+        std::fs::write(&hosts, "198.18.1.5 printer\n").unwrap();
+        std::fs::write(dir.join("binary"), [0xff, 0xfe, 0]).unwrap();
+        let sync = format!(
+            "interface = \"sync\"\nlisten = \"198.18.3.1:8370\"\npeer = \"198.18.3.2:8370\"\nkey_file = \"{}\"\n[config_sync]\n",
+            key.display()
+        );
+        let good = format!(
+            "{sync}push = [\"carp\", \"files\"]\nfiles = [{{ path = \"{}\", mode = \"0600\" }}, {{ path = \"{}/other\" }}]\n",
+            hosts.display(),
+            dir.display()
+        );
+        std::fs::write(dir.join("other"), "x\n").unwrap();
+        let c = sync_problems(&good).unwrap();
+        assert_eq!(c.config_sync.files[0].mode, 0o600);
+        assert_eq!(c.config_sync.files[1].mode, 0o644, "the default");
+        let bad = format!(
+            "{sync}push = [\"files\"]\nfiles = [{{ path = \"etc/hosts\" }}, {{ path = \"{h}\", mode = \"rw\" }}, {{ path = \"{d}/missing\" }}, {{ path = \"{d}/binary\" }}, {{ path = \"{h}\" }}, {{ path = \"{h}\" }}]\nreload_after = {{ \"{h}\" = [\"true\"] }}\n",
+            h = hosts.display(),
+            d = dir.display()
+        );
+        let got = sync_problems(&bad).unwrap_err();
+        let fields: Vec<&str> = got.iter().map(|p| p.split(':').next().unwrap()).collect();
+        assert_eq!(
+            fields,
+            [
+                "config_sync.files[0].path",
+                "config_sync.files[1].mode",
+                "config_sync.files[2].path",
+                "config_sync.files[3].path",
+                "config_sync.files[5].path",
+                &format!("config_sync.reload_after.\"{}\"", hosts.display()),
+            ],
+            "{got:?}"
+        );
+        assert!(
+            got[3].contains("not UTF-8") && got[4].contains("twice"),
+            "{got:?}"
+        );
+        assert!(got[5].contains("needs `files` in accept"), "{got:?}");
+        let secondary = format!(
+            "{sync}accept = [\"files\"]\nreload_after = {{ \"{}\" = [], \"relative\" = [\"true\"] }}\n",
+            hosts.display()
+        );
+        let got = sync_problems(&secondary).unwrap_err();
+        assert!(got[0].contains("empty command"), "{got:?}");
+        assert!(got[1].contains("absolute"), "{got:?}");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

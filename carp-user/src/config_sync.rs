@@ -4,6 +4,7 @@
 //! with them even while the primary is down. Pure: what is sent, how the secondary rewrites
 //! it, and what configuration results.
 
+use crate::config::SyncedFile;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use toml::{Table, Value};
@@ -24,16 +25,18 @@ pub enum Area {
     Nat,
     /// nftables ruleset files, loaded on the secondary as one transaction.
     Nftables,
+    /// Declared files, written on the secondary atomically with their mode.
+    Files,
 }
 
 impl Area {
-    /// The TOML keys the area owns in the configuration (the nftables area owns none: its
-    /// files travel beside it).
+    /// The TOML keys the area owns in the configuration (the nftables and files areas own
+    /// none: their files travel beside it).
     fn keys(self) -> &'static [&'static str] {
         match self {
             Area::Carp => &["carp", "vip"],
             Area::Nat => &["nat"],
-            Area::Nftables => &[],
+            Area::Nftables | Area::Files => &[],
         }
     }
 
@@ -43,10 +46,13 @@ impl Area {
             "carp" => Ok(Area::Carp),
             "nat" => Ok(Area::Nat),
             "nftables" => Ok(Area::Nftables),
-            "files" | "dhcp" => Err(format!(
-                "the `{name}` area is not supported yet (carp, nat and nftables are)"
+            "files" => Ok(Area::Files),
+            "dhcp" => Err(format!(
+                "the `{name}` area is not supported yet (carp, nat, nftables and files are)"
             )),
-            other => Err(format!("unknown area `{other}` (carp, nat, nftables)")),
+            other => Err(format!(
+                "unknown area `{other}` (carp, nat, nftables, files)"
+            )),
         }
     }
 }
@@ -66,26 +72,54 @@ pub fn hash(areas: &str) -> String {
     digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The key under which the nftables area's files travel: `[[nftables]] path, content`.
+/// The keys under which the nftables and files areas' files travel:
+/// `[[nftables]] path, content` and `[[files]] path, mode, content`.
 const NFTABLES_KEY: &str = "nftables";
+const FILES_KEY: &str = "files";
+
+/// A file that travels with a push: a ruleset file (no mode), or one of the files area.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentFile {
+    pub path: PathBuf,
+    pub mode: Option<u32>,
+    pub content: String,
+}
 
 /// What the primary sends: the `areas` of its own configuration text, with a passphrase file
-/// read in (its path means nothing on the peer), and the nftables area's files with their
-/// content. The text parsed already as a configuration.
-pub fn payload(own: &str, areas: &[Area], nftables: &[PathBuf]) -> Result<String, String> {
+/// read in (its path means nothing on the peer), the nftables area's rulesets and the files
+/// area's files with their content. The text parsed already as a configuration.
+pub fn payload(
+    own: &str,
+    areas: &[Area],
+    nftables: &[PathBuf],
+    files: &[SyncedFile],
+) -> Result<String, String> {
     let table: Table = own.parse().map_err(|e: toml::de::Error| e.to_string())?;
     let mut out = Table::new();
-    if areas.contains(&Area::Nftables) {
-        let mut files = Vec::new();
-        for path in nftables {
-            let content = std::fs::read_to_string(path)
-                .map_err(|e| format!("reading {}: {e}", path.display()))?;
-            let mut file = Table::new();
-            file.insert("path".into(), Value::String(path.display().to_string()));
-            file.insert("content".into(), Value::String(content));
-            files.push(Value::Table(file));
+    let travelling = |path: &Path, mode: Option<u32>| -> Result<Value, String> {
+        let content = std::fs::read_to_string(path)
+            .map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let mut file = Table::new();
+        file.insert("path".into(), Value::String(path.display().to_string()));
+        if let Some(mode) = mode {
+            file.insert("mode".into(), Value::String(format!("{mode:04o}")));
         }
-        out.insert(NFTABLES_KEY.into(), Value::Array(files));
+        file.insert("content".into(), Value::String(content));
+        Ok(Value::Table(file))
+    };
+    if areas.contains(&Area::Nftables) {
+        let sent = nftables
+            .iter()
+            .map(|path| travelling(path, None))
+            .collect::<Result<_, _>>()?;
+        out.insert(NFTABLES_KEY.into(), Value::Array(sent));
+    }
+    if areas.contains(&Area::Files) {
+        let sent = files
+            .iter()
+            .map(|file| travelling(&file.path, Some(file.mode)))
+            .collect::<Result<_, _>>()?;
+        out.insert(FILES_KEY.into(), Value::Array(sent));
     }
     for area in areas {
         for key in area.keys() {
@@ -147,27 +181,59 @@ pub fn compose(own: &str, received: &str, accept: &[Area]) -> Result<String, Str
 
 /// The nftables files in what was received, as (path, content), in order.
 pub fn nftables_files(received: &str) -> Result<Vec<(PathBuf, String)>, String> {
-    let table: Table = received
-        .parse()
-        .map_err(|e: toml::de::Error| format!("the received areas: {e}"))?;
-    nftables_files_of(&table)
+    let files = sent_files(&parse_received(received)?, NFTABLES_KEY)?;
+    Ok(files.into_iter().map(|f| (f.path, f.content)).collect())
 }
 
-/// [`nftables_files`] of areas parsed already.
-fn nftables_files_of(table: &Table) -> Result<Vec<(PathBuf, String)>, String> {
-    let Some(files) = table.get(NFTABLES_KEY) else {
+/// The files area's files in what was received, in order: absolute paths, each with a mode.
+pub fn synced_files(received: &str) -> Result<Vec<SentFile>, String> {
+    let files = sent_files(&parse_received(received)?, FILES_KEY)?;
+    for file in &files {
+        if !file.path.is_absolute() || file.mode.is_none() {
+            return Err(format!(
+                "files: `{}` needs an absolute path and a mode",
+                file.path.display()
+            ));
+        }
+    }
+    Ok(files)
+}
+
+fn parse_received(received: &str) -> Result<Table, String> {
+    received
+        .parse()
+        .map_err(|e: toml::de::Error| format!("the received areas: {e}"))
+}
+
+/// The files travelling under `key` in areas parsed already.
+fn sent_files(table: &Table, key: &str) -> Result<Vec<SentFile>, String> {
+    let Some(files) = table.get(key) else {
         return Ok(Vec::new());
     };
     files
         .as_array()
-        .ok_or("nftables: not a list")?
+        .ok_or(format!("{key}: not a list"))?
         .iter()
         .map(|file| {
             let path = file.get("path").and_then(Value::as_str);
             let content = file.get("content").and_then(Value::as_str);
+            let mode = match file.get("mode").map(Value::as_str) {
+                None => None,
+                Some(Some(mode)) => Some(
+                    u32::from_str_radix(mode, 8)
+                        .ok()
+                        .filter(|m| *m <= 0o7777)
+                        .ok_or(format!("{key}: `{mode}` is not an octal mode"))?,
+                ),
+                Some(None) => return Err(format!("{key}: a mode that is not a string")),
+            };
             match (path, content) {
-                (Some(path), Some(content)) => Ok((PathBuf::from(path), content.to_owned())),
-                _ => Err("nftables: a file without path or content".to_owned()),
+                (Some(path), Some(content)) => Ok(SentFile {
+                    path: PathBuf::from(path),
+                    mode,
+                    content: content.to_owned(),
+                }),
+                _ => Err(format!("{key}: a file without path or content")),
             }
         })
         .collect()
@@ -210,33 +276,66 @@ pub fn diff(old: &str, new: &str, old_label: &str, new_label: &str) -> String {
             &format!("{area} ({new_label})"),
         ));
     }
-    let files = |table: &Table| -> Vec<(String, String)> {
-        nftables_files_of(table)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(path, content)| (path.display().to_string(), content))
-            .collect()
-    };
-    let (old_files, new_files) = (files(&old), files(&new));
-    let mut paths: Vec<&String> = old_files.iter().chain(&new_files).map(|(p, _)| p).collect();
-    paths.sort();
-    paths.dedup();
-    for path in paths {
-        let content = |files: &[(String, String)]| {
-            files
-                .iter()
-                .find(|(p, _)| p == path)
-                .map(|(_, c)| c.clone())
-                .unwrap_or_default()
-        };
-        out.push_str(&unified(
-            &content(&old_files),
-            &content(&new_files),
-            &format!("{path} ({old_label})"),
-            &format!("{path} ({new_label})"),
+    for key in [NFTABLES_KEY, FILES_KEY] {
+        let (old_files, new_files) = (
+            sent_files(&old, key).unwrap_or_default(),
+            sent_files(&new, key).unwrap_or_default(),
+        );
+        let mut paths: Vec<&PathBuf> = old_files
+            .iter()
+            .chain(&new_files)
+            .map(|f| &f.path)
+            .collect();
+        paths.sort();
+        paths.dedup();
+        for path in paths {
+            let find = |files: &[SentFile]| files.iter().find(|f| &f.path == path).cloned();
+            let (old_file, new_file) = (find(&old_files), find(&new_files));
+            out.push_str(&file_diff(
+                path,
+                old_file.as_ref().map(|f| (f.content.as_str(), f.mode)),
+                new_file.as_ref().map(|f| (f.content.as_str(), f.mode)),
+                old_label,
+                new_label,
+            ));
+        }
+    }
+    out
+}
+
+/// A file's unified diff, and a line for a changed mode; `None`: the file is not there.
+fn file_diff(
+    path: &Path,
+    old: Option<(&str, Option<u32>)>,
+    new: Option<(&str, Option<u32>)>,
+    old_label: &str,
+    new_label: &str,
+) -> String {
+    let path = path.display();
+    let (old_content, old_mode) = old.unwrap_or_default();
+    let (new_content, new_mode) = new.unwrap_or_default();
+    let mut out = unified(
+        old_content,
+        new_content,
+        &format!("{path} ({old_label})"),
+        &format!("{path} ({new_label})"),
+    );
+    if let (Some(old_mode), Some(new_mode)) = (old_mode, new_mode)
+        && old_mode != new_mode
+    {
+        out.push_str(&format!(
+            "{path}: mode {old_mode:04o} ({old_label}), {new_mode:04o} ({new_label})\n"
         ));
     }
     out
+}
+
+/// A file's content and permission bits on this host; `None` if it cannot be read.
+fn on_disk(path: &Path) -> Option<(String, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let content = std::fs::read_to_string(path).ok()?;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o7777;
+    Some((content, mode))
 }
 
 /// A unified diff, or nothing when the texts agree.
@@ -254,14 +353,23 @@ pub fn unified(old: &str, new: &str, old_label: &str, new_label: &str) -> String
 /// (`current`), and each nftables file on disk against the copy it loaded. Empty: no drift.
 pub fn drift(sealed: &str, current: &str) -> String {
     let mut out = diff(sealed, current, "as applied", "as found");
-    for (path, loaded) in nftables_files(sealed).unwrap_or_default() {
-        let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
-        out.push_str(&unified(
-            &loaded,
-            &on_disk,
-            &format!("{} (as loaded)", path.display()),
-            &format!("{} (as found)", path.display()),
-        ));
+    let Ok(table) = parse_received(sealed) else {
+        return out;
+    };
+    for key in [NFTABLES_KEY, FILES_KEY] {
+        for file in sent_files(&table, key).unwrap_or_default() {
+            let found = on_disk(&file.path);
+            let found = found
+                .as_ref()
+                .map(|(content, mode)| (content.as_str(), file.mode.map(|_| *mode)));
+            out.push_str(&file_diff(
+                &file.path,
+                Some((&file.content, file.mode)),
+                Some(found.unwrap_or_default()),
+                "as written",
+                "as found",
+            ));
+        }
     }
     out
 }
@@ -325,10 +433,10 @@ accept = ["carp", "nat"]
 
     #[test]
     fn the_payload_holds_the_pushed_areas_and_nothing_of_the_node() {
-        let sent = table(&payload(PRIMARY, &[Area::Carp, Area::Nat], &[]).unwrap());
+        let sent = table(&payload(PRIMARY, &[Area::Carp, Area::Nat], &[], &[]).unwrap());
         let keys: Vec<&String> = sent.keys().collect();
         assert_eq!(keys, ["carp", "nat", "vip"]);
-        let carp_only = table(&payload(PRIMARY, &[Area::Carp], &[]).unwrap());
+        let carp_only = table(&payload(PRIMARY, &[Area::Carp], &[], &[]).unwrap());
         assert!(!carp_only.contains_key("nat"));
     }
 
@@ -339,7 +447,7 @@ accept = ["carp", "nat"]
         let (a, b) = (dir.join("a.nft"), dir.join("b.nft"));
         std::fs::write(&a, "table inet a {}\n").unwrap();
         std::fs::write(&b, "table inet b {}\n").unwrap();
-        let sent = payload(PRIMARY, &[Area::Nftables], &[a.clone(), b.clone()]).unwrap();
+        let sent = payload(PRIMARY, &[Area::Nftables], &[a.clone(), b.clone()], &[]).unwrap();
         let files = nftables_files(&received_for_secondary(&sent).unwrap()).unwrap();
         assert_eq!(
             files,
@@ -354,7 +462,7 @@ accept = ["carp", "nat"]
             "not part of the configuration"
         );
         assert!(
-            nftables_files(&payload(PRIMARY, &[Area::Carp], &[]).unwrap())
+            nftables_files(&payload(PRIMARY, &[Area::Carp], &[], &[]).unwrap())
                 .unwrap()
                 .is_empty()
         );
@@ -371,7 +479,7 @@ accept = ["carp", "nat"]
             "passphrase = \"secret\"",
             &format!("passphrase_file = \"{}\"", file.display()),
         );
-        let sent = table(&payload(&own, &[Area::Carp], &[]).unwrap());
+        let sent = table(&payload(&own, &[Area::Carp], &[], &[]).unwrap());
         assert_eq!(sent["carp"]["passphrase"].as_str(), Some("from a file"));
         assert!(sent["carp"].get("passphrase_file").is_none());
         std::fs::remove_dir_all(dir).unwrap();
@@ -379,8 +487,9 @@ accept = ["carp", "nat"]
 
     #[test]
     fn every_skew_gets_100_more_capped_at_254() {
-        let received =
-            table(&received_for_secondary(&payload(PRIMARY, &[Area::Carp], &[]).unwrap()).unwrap());
+        let received = table(
+            &received_for_secondary(&payload(PRIMARY, &[Area::Carp], &[], &[]).unwrap()).unwrap(),
+        );
         assert_eq!(received["carp"]["advskew"].as_integer(), Some(100));
         let vips = received["vip"].as_array().unwrap();
         assert!(vips[0].get("advskew").is_none(), "no override stays none");
@@ -398,7 +507,7 @@ accept = ["carp", "nat"]
     #[test]
     fn the_secondary_keeps_its_own_node_sync_and_takes_the_accepted_areas() {
         let received =
-            received_for_secondary(&payload(PRIMARY, &[Area::Carp, Area::Nat], &[]).unwrap())
+            received_for_secondary(&payload(PRIMARY, &[Area::Carp, Area::Nat], &[], &[]).unwrap())
                 .unwrap();
         let composed = table(&compose(SECONDARY, &received, &[Area::Carp]).unwrap());
         assert_eq!(composed["node"]["name"].as_str(), Some("gw2"));
@@ -414,11 +523,12 @@ accept = ["carp", "nat"]
 
     #[test]
     fn the_diff_names_each_area_that_changes_and_only_those() {
-        let old = payload(PRIMARY, &[Area::Carp, Area::Nat], &[]).unwrap();
+        let old = payload(PRIMARY, &[Area::Carp, Area::Nat], &[], &[]).unwrap();
         assert_eq!(diff(&old, &old, "secondary", "primary"), "");
         let new = payload(
             &PRIMARY.replace("advskew = 0", "advskew = 7"),
             &[Area::Carp, Area::Nat],
+            &[],
             &[],
         )
         .unwrap();
@@ -442,6 +552,7 @@ accept = ["carp", "nat"]
             PRIMARY,
             &[Area::Carp, Area::Nftables],
             std::slice::from_ref(&rules),
+            &[],
         )
         .unwrap();
         assert_eq!(drift(&sealed, &sealed), "", "nothing touched");
@@ -457,10 +568,61 @@ accept = ["carp", "nat"]
     }
 
     #[test]
+    fn files_travel_with_their_mode_and_drift_sees_content_and_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("carp-cs-files-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let hosts = dir.join("hosts");
+        std::fs::write(&hosts, "198.18.1.5 printer\n").unwrap();
+        let declared = [SyncedFile {
+            path: hosts.clone(),
+            mode: 0o640,
+        }];
+        let sent = payload(PRIMARY, &[Area::Files], &[], &declared).unwrap();
+        let files = synced_files(&received_for_secondary(&sent).unwrap()).unwrap();
+        assert_eq!(
+            files,
+            [SentFile {
+                path: hosts.clone(),
+                mode: Some(0o640),
+                content: "198.18.1.5 printer\n".into()
+            }]
+        );
+        let composed = table(&compose(SECONDARY, &sent, &[Area::Files]).unwrap());
+        assert!(
+            !composed.contains_key("files"),
+            "not part of the configuration"
+        );
+        // The diff of a new mode says so even when the content is the same.
+        let chmodded = sent.replace("mode = \"0640\"", "mode = \"0600\"");
+        let shown = diff(&sent, &chmodded, "secondary", "primary");
+        assert!(
+            shown.contains("mode 0640 (secondary), 0600 (primary)"),
+            "{shown}"
+        );
+        // Written as sent: no drift; then edited and chmodded by hand: both show.
+        std::fs::set_permissions(&hosts, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert_eq!(drift(&sent, &sent), "");
+        std::fs::write(&hosts, "198.18.1.5 printer\n198.18.1.6 nas\n").unwrap();
+        std::fs::set_permissions(&hosts, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let shown = drift(&sent, &sent);
+        assert!(shown.contains("+198.18.1.6 nas"), "{shown}");
+        assert!(
+            shown.contains("mode 0640 (as written), 0666 (as found)"),
+            "{shown}"
+        );
+        // A relative path or a missing mode from a peer is refused.
+        let relative = sent.replace(&hosts.display().to_string(), "etc/hosts");
+        assert!(synced_files(&relative).unwrap_err().contains("absolute"));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn areas_are_named_and_the_unsupported_ones_said_so() {
         assert_eq!(Area::parse("carp"), Ok(Area::Carp));
+        assert_eq!(Area::parse("files"), Ok(Area::Files));
         assert!(
-            Area::parse("files")
+            Area::parse("dhcp")
                 .unwrap_err()
                 .contains("not supported yet")
         );

@@ -25,6 +25,7 @@ use crate::{
         config_link::{Answer, Received},
         service::{self, ConfigRole, SyncHandle},
     },
+    synced_files::{self, write_atomically},
 };
 use aya::programs::XdpMode;
 use carp_common::{
@@ -160,6 +161,8 @@ struct Daemon {
     adopted: bool,
     /// The file `carp reload` reads again.
     config_path: PathBuf,
+    /// A secondary's last failed `reload_after` command, for `carp status`.
+    reload_after_failure: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 /// Why the main loop ended.
@@ -495,6 +498,7 @@ impl Daemon {
             sync,
             adopted: adopted > 0,
             config_path,
+            reload_after_failure: Arc::default(),
         };
         daemon.poll_links(now);
         Ok(daemon)
@@ -927,6 +931,7 @@ impl Daemon {
             &own,
             &self.config.config_sync.push,
             &self.config.config_sync.nftables,
+            &self.config.config_sync.files,
         )?;
         let held = config_sync::received_for_secondary(&areas)?;
         Ok((areas, config_sync::hash(&held)))
@@ -1085,9 +1090,22 @@ impl Daemon {
             }
             Err(e) => return refuse(Chain(&e).to_string()),
         }
+        // The files area: staged beside their paths first; in place only if the rest loads.
+        let accept = &self.config.config_sync.accept;
+        let staged = if accept.contains(&Area::Files) {
+            let protected = [self.config_path.as_path(), &self.config.node.state_dir];
+            match config_sync::synced_files(&received)
+                .and_then(|files| synced_files::stage(&files, &protected))
+            {
+                Ok(staged) => staged,
+                Err(e) => return refuse(e),
+            }
+        } else {
+            synced_files::Staged::default()
+        };
         // The nftables area: checked, then loaded as one transaction, before anything else
         // changes; a ruleset the kernel refuses leaves everything as it was.
-        if self.config.config_sync.accept.contains(&Area::Nftables) {
+        if accept.contains(&Area::Nftables) {
             let files = match config_sync::nftables_files(&received) {
                 Ok(files) => files,
                 Err(e) => return refuse(e),
@@ -1107,15 +1125,25 @@ impl Daemon {
                 }
             }
         }
+        let changed_files = match staged.commit() {
+            Ok(changed) => changed,
+            Err(e) => return refuse(e),
+        };
         if let Err(e) = keep_received(&self.config.node.state_dir, &received) {
             return refuse(format!("keeping the received configuration: {e}"));
         }
+
         let (response, _) = self.reload().await;
         let hash = config_sync::hash(&received);
         match response.problems {
             Some(problems) => refuse(problems.join("\n")),
             None => {
                 info!(%hash, "applied the primary's configuration");
+                synced_files::run_reload_after(
+                    &self.config.config_sync.reload_after,
+                    &changed_files,
+                    self.reload_after_failure.clone(),
+                );
                 // The NAT table as pushed, whatever was done to it here (a forced push
                 // overwrites a hand change), then sealed to tell a later one from it.
                 if let Err(e) = nat::apply(&self.config.nat) {
@@ -1191,6 +1219,11 @@ impl Daemon {
         let sync = self.sync.as_ref().map(|s| {
             let mut status = s.status();
             status.deltas_lost_in_xdp = xdp.map_or(0, |x| x[STAT_DELTA_LOST as usize]);
+            status.config.reload_after_failure = self
+                .reload_after_failure
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
             status
         });
         if let Some(xdp) = xdp {
@@ -1303,17 +1336,6 @@ fn keep_received(state_dir: &std::path::Path, received: &str) -> std::io::Result
     write_atomically(&applied, received)?;
     // The seal tells a later hand edit of what was applied from what carp wrote.
     write_atomically(&config_sync::sealed_file(state_dir), received)
-}
-
-/// Writes `path` through a temporary file beside it and a rename.
-fn write_atomically(path: &std::path::Path, content: &str) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".carp-tmp");
-    std::fs::write(&tmp, content)?;
-    std::fs::rename(&tmp, path)
 }
 
 /// The next configuration push from the peer, or never on a node that accepts none.

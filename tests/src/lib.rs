@@ -550,6 +550,10 @@ pub struct NodeOptions {
     pub config_sync: ConfigSyncPart,
     /// A pushing node's nftables area: ruleset files.
     pub nftables: Vec<PathBuf>,
+    /// A pushing node's files area: (path, mode).
+    pub files: Vec<(PathBuf, &'static str)>,
+    /// An accepting node's own commands after a synced file changed: (path, argv).
+    pub reload_after: Vec<(PathBuf, Vec<String>)>,
 }
 
 /// A lab node's part in configuration sync.
@@ -579,6 +583,8 @@ impl Default for NodeOptions {
             nat: false,
             config_sync: ConfigSyncPart::None,
             nftables: Vec::new(),
+            files: Vec::new(),
+            reload_after: Vec::new(),
         }
     }
 }
@@ -607,23 +613,44 @@ impl Lab {
         );
         match opts.config_sync {
             ConfigSyncPart::None => {}
-            ConfigSyncPart::Push if opts.nftables.is_empty() => {
-                text.push_str("\n[config_sync]\npush = [\"carp\", \"nat\"]\n")
-            }
             ConfigSyncPart::Push => {
-                let files: Vec<String> = opts
+                let mut areas = vec!["\"carp\"", "\"nat\""];
+                let rulesets: Vec<String> = opts
                     .nftables
                     .iter()
                     .map(|f| format!("\"{}\"", f.display()))
                     .collect();
+                let files: Vec<String> = opts
+                    .files
+                    .iter()
+                    .map(|(f, mode)| format!("{{ path = \"{}\", mode = \"{mode}\" }}", f.display()))
+                    .collect();
+                if !rulesets.is_empty() {
+                    areas.push("\"nftables\"");
+                }
+                if !files.is_empty() {
+                    areas.push("\"files\"");
+                }
                 write!(
                     text,
-                    "\n[config_sync]\npush = [\"carp\", \"nat\", \"nftables\"]\nnftables = [{}]\n",
+                    "\n[config_sync]\npush = [{}]\nnftables = [{}]\nfiles = [{}]\n",
+                    areas.join(", "),
+                    rulesets.join(", "),
                     files.join(", ")
                 )?;
             }
             ConfigSyncPart::Accept => {
-                text.push_str("\n[config_sync]\naccept = [\"carp\", \"nat\", \"nftables\"]\n")
+                text.push_str(
+                    "\n[config_sync]\naccept = [\"carp\", \"nat\", \"nftables\", \"files\"]\n",
+                );
+                if !opts.reload_after.is_empty() {
+                    let commands: Vec<String> = opts
+                        .reload_after
+                        .iter()
+                        .map(|(path, argv)| format!("\"{}\" = {argv:?}", path.display()))
+                        .collect();
+                    writeln!(text, "reload_after = {{ {} }}", commands.join(", "))?;
+                }
             }
         }
         let own_areas = opts.config_sync != ConfigSyncPart::Accept;

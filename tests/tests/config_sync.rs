@@ -320,3 +320,95 @@ fn diff_shows_the_change_and_drift_needs_force() -> Result<()> {
     );
     Ok(())
 }
+
+/// The files area: a declared file reaches the secondary with its mode, atomically; the
+/// secondary's own `reload_after` command runs when the file changed and not otherwise; a
+/// hand edit there refuses the next push until `--force`.
+#[test]
+fn a_synced_file_lands_with_its_mode_and_runs_the_secondarys_own_command() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let lab = Lab::up()?;
+    let bin = carp_bin()?;
+    // The file lives in etc/; gw2 sees its own etc/ there (lab nodes share a filesystem).
+    let etc = lab.dir.join("etc");
+    let gw2_etc = lab.dir.join("gw2-etc");
+    std::fs::create_dir_all(&etc)?;
+    std::fs::create_dir_all(&gw2_etc)?;
+    let hosts = etc.join("hosts");
+    std::fs::write(&hosts, "198.18.1.5 printer\n")?;
+    let reloads = lab.dir.join("reloads");
+    let pusher = NodeOptions {
+        files: vec![(hosts.clone(), "0640")],
+        ..primary()
+    };
+    let taker = NodeOptions {
+        reload_after: vec![(
+            hosts.clone(),
+            vec![
+                "sh".into(),
+                "-c".into(),
+                format!("cat {} >> {}", hosts.display(), reloads.display()),
+            ],
+        )],
+        ..follower()
+    };
+    let gw1 = lab.start_carp(&bin, Host::Gw1, &pusher)?;
+    let gw2 = lab.start_carp_with_own_dir(&bin, Host::Gw2, &taker, &etc, &gw2_etc)?;
+    let socket = gw1.socket.to_string_lossy().into_owned();
+    let copy = gw2_etc.join("hosts");
+    let ran = || std::fs::read_to_string(&reloads).unwrap_or_default();
+    wait_for(Duration::from_secs(15), || {
+        (ran() == "198.18.1.5 printer\n").then_some(())
+    })
+    .with_context(|| format!("the command never ran on gw2: {:?}", config_status(&gw2)))?;
+    assert_eq!(std::fs::read_to_string(&copy)?, "198.18.1.5 printer\n");
+    let mode = std::fs::metadata(&copy)?.permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o640, "written with the declared mode");
+    assert_eq!(
+        std::fs::read_to_string(&hosts)?,
+        "198.18.1.5 printer\n",
+        "the command ran in gw2's view, where the file was already in place"
+    );
+    // A reload that leaves the file as it is: the command does not run again.
+    lab.write_config(
+        Host::Gw1,
+        &NodeOptions {
+            advskew: 5,
+            ..pusher.clone()
+        },
+    )?;
+    carp_cli(&["reload", "--socket", &socket])?;
+    wait_skews(&gw2, &[(1, 105), (2, 105)], Duration::from_secs(5))?;
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(ran(), "198.18.1.5 printer\n", "ran for an unchanged file");
+    // The file changes on the primary: the new content lands and the command runs.
+    std::fs::write(&hosts, "198.18.1.5 printer\n198.18.1.6 nas\n")?;
+    carp_cli(&["config", "push", "--socket", &socket])?;
+    wait_for(Duration::from_secs(5), || {
+        ran().ends_with("198.18.1.6 nas\n").then_some(())
+    })
+    .with_context(|| format!("the command did not run again: {:?}", ran()))?;
+    // A hand edit on gw2 is drift: the push is refused with that edit, and the file stays.
+    std::fs::write(
+        &copy,
+        "198.18.1.5 printer\n198.18.1.6 nas\n198.18.1.7 mine\n",
+    )?;
+    let (_, stderr) = carp_lab::cluster::carp_cli_refused(&["config", "push", "--socket", &socket])
+        .context("the push went through the drift")?;
+    assert!(
+        stderr.contains("(as found)") && stderr.contains("+198.18.1.7 mine"),
+        "{stderr}"
+    );
+    assert!(std::fs::read_to_string(&copy)?.contains("mine"));
+    carp_cli(&["config", "push", "--force", "--socket", &socket])?;
+    assert_eq!(
+        std::fs::read_to_string(&copy)?,
+        "198.18.1.5 printer\n198.18.1.6 nas\n"
+    );
+    let leftovers: Vec<String> = std::fs::read_dir(&gw2_etc)?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(leftovers, ["hosts"], "no temporary file left behind");
+    assert!(config_status(&gw2)?.reload_after_failure.is_none());
+    Ok(())
+}

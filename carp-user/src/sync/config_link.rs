@@ -23,6 +23,9 @@ pub struct ConfigSyncStatus {
     pub last_push: Option<String>,
     pub last_result: Option<String>,
     pub last_error: Option<String>,
+    /// A secondary's last failed `reload_after` command (none once one passes).
+    #[serde(default)]
+    pub reload_after_failure: Option<String>,
 }
 
 /// The daemon's answer to a push.
