@@ -8,6 +8,7 @@ pub mod conntrack;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
+pub mod dhcp;
 pub mod error;
 pub mod inherit;
 pub mod interfaces;

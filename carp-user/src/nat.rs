@@ -41,7 +41,7 @@ pub enum OneOrMany {
 }
 
 impl OneOrMany {
-    fn items(&self) -> Vec<&str> {
+    pub fn items(&self) -> Vec<&str> {
         match self {
             OneOrMany::One(one) => vec![one.as_str()],
             OneOrMany::Many(many) => many.iter().map(String::as_str).collect(),

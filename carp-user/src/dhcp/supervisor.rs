@@ -1,0 +1,329 @@
+//! Runs kea-dhcp4 for carp: writes its configuration, checks it with `kea-dhcp4 -t`, starts
+//! it, restarts it with backoff when it dies, and reads its HA state and lease counts every
+//! second for `carp status`. A Kea that is missing or refuses its configuration shows as
+//! failed with Kea's own words; CARP and sync go on regardless.
+
+use super::{
+    kea::{self, HaStatus, KEA_DHCP4, Lease},
+    kea_config::{self, KeaSetup},
+};
+use serde::{Deserialize, Serialize};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+use tokio::{process::Child, sync::watch, task::JoinHandle};
+use tracing::{error, info, warn};
+
+/// DHCP in `carp status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DhcpStatus {
+    /// primary or standby in Kea's hot-standby pair.
+    pub role: String,
+    pub running: bool,
+    pub pid: Option<u32>,
+    /// Why Kea is not serving: missing, its configuration refused, exited.
+    pub failure: Option<String>,
+    /// Kea's HA state here and the partner's, from Kea's control channel.
+    pub ha: Option<HaStatus>,
+    pub scopes: Vec<ScopeStatus>,
+    /// The last planned-failover command to the partner's Kea and how it went.
+    pub maintenance: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScopeStatus {
+    pub interface: String,
+    pub subnet: String,
+    pub leases: u64,
+}
+
+/// The first restart waits this long, doubling up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A configuration Kea refused is tried again this often (the host may change under it).
+const RECHECK: Duration = Duration::from_secs(10);
+const POLL: Duration = Duration::from_secs(1);
+/// How long Kea gets to stop on SIGTERM.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// A running supervision of kea-dhcp4.
+pub struct Supervisor {
+    setup: KeaSetup,
+    status: Arc<Mutex<DhcpStatus>>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Supervisor {
+    pub fn start(setup: KeaSetup) -> Self {
+        let status = Arc::new(Mutex::new(DhcpStatus {
+            role: setup.role.name().into(),
+            scopes: setup
+                .scopes
+                .iter()
+                .map(|s| ScopeStatus {
+                    interface: s.interface.clone(),
+                    subnet: s.subnet.to_string(),
+                    leases: 0,
+                })
+                .collect(),
+            ..DhcpStatus::default()
+        }));
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(supervise(setup.clone(), status.clone(), stopped));
+        Self {
+            setup,
+            status,
+            stop,
+            task,
+        }
+    }
+
+    pub fn setup(&self) -> &KeaSetup {
+        &self.setup
+    }
+
+    pub fn status(&self) -> DhcpStatus {
+        lock(&self.status).clone()
+    }
+
+    /// Stops Kea (SIGTERM, then SIGKILL after a grace) and the supervision.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        if let Err(e) = self.task.await {
+            error!(error = %e, "the Kea supervisor ended badly");
+        }
+    }
+
+    /// Every lease Kea holds here.
+    pub async fn leases(&self) -> Result<Vec<Lease>, String> {
+        let socket = kea_config::control_socket(&self.setup.dir);
+        let answer = kea::command(&socket, "lease4-get-all", None).await?;
+        Ok(kea::parse_leases(&answer))
+    }
+
+    /// Planned failover: the partner's Kea (the one that stays) takes this one into
+    /// maintenance, so no lease is lost or handed out twice; `false` cancels it.
+    pub async fn partner_maintenance(&self, on: bool) -> Result<String, String> {
+        let partner = SocketAddr::from((self.setup.peer, self.setup.port));
+        let name = if on {
+            "ha-maintenance-start"
+        } else {
+            "ha-maintenance-cancel"
+        };
+        let outcome = kea::peer_command(partner, name)
+            .await
+            .map(|_| format!("{name}: done by the partner"));
+        let shown = match &outcome {
+            Ok(done) => done.clone(),
+            Err(e) => e.clone(),
+        };
+        lock(&self.status).maintenance = Some(shown);
+        outcome
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+async fn supervise(setup: KeaSetup, status: Arc<Mutex<DhcpStatus>>, mut stopped: watch::Receiver<bool>) {
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let wait = match prepare(&setup) {
+            Err(failure) => {
+                warn!(%failure, "DHCP not served");
+                set_failed(&status, failure);
+                RECHECK
+            }
+            Ok(file) => match spawn(&file, &setup.dir) {
+                Err(failure) => {
+                    set_failed(&status, failure);
+                    RECHECK
+                }
+                Ok(child) => {
+                    info!(pid = child.id(), role = setup.role.name(), "kea-dhcp4 started");
+                    let ran_for = tokio::time::Instant::now();
+                    match watch_child(child, &setup, &status, &mut stopped).await {
+                        Ended::Stopped => return,
+                        Ended::Exited(failure) => {
+                            error!(%failure, "kea-dhcp4 died; restarting it");
+                            set_failed(&status, failure);
+                        }
+                    }
+                    if ran_for.elapsed() > MAX_BACKOFF {
+                        backoff = FIRST_BACKOFF;
+                    }
+                    let wait = backoff;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    wait
+                }
+            },
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stopped.changed() => return,
+        }
+    }
+}
+
+fn set_failed(status: &Mutex<DhcpStatus>, failure: String) {
+    let mut status = lock(status);
+    status.running = false;
+    status.pid = None;
+    status.ha = None;
+    status.failure = Some(failure);
+}
+
+/// Kea's directory ready, a Kea left from an earlier run of carp ended, the configuration
+/// written and accepted by `kea-dhcp4 -t`.
+fn prepare(setup: &KeaSetup) -> Result<PathBuf, String> {
+    std::fs::create_dir_all(&setup.dir)
+        .map_err(|e| format!("creating {}: {e}", setup.dir.display()))?;
+    end_stale(&setup.dir);
+    let file = kea_config::config_file(&setup.dir);
+    let text = serde_json::to_string_pretty(&kea_config::generate(setup))
+        .map_err(|e| e.to_string())?;
+    crate::synced_files::write_atomically(&file, &text)
+        .map_err(|e| format!("writing {}: {e}", file.display()))?;
+    kea::check(&file, &setup.dir)?;
+    Ok(file)
+}
+
+/// Kea's PID file for our configuration file (Kea names it after the file).
+fn pid_file(dir: &Path) -> PathBuf {
+    dir.join("kea-dhcp4.kea-dhcp4.pid")
+}
+
+/// A kea-dhcp4 that an earlier run of carp started on this directory (carp killed, or
+/// re-executed by `carp upgrade`) holds the sockets: it is ended first.
+fn end_stale(dir: &Path) {
+    use nix::{sys::signal, unistd::Pid};
+    let Some(pid) = std::fs::read_to_string(pid_file(dir))
+        .ok()
+        .and_then(|t| t.trim().parse::<i32>().ok())
+    else {
+        return;
+    };
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    if !comm.trim().starts_with(KEA_DHCP4) {
+        return;
+    }
+    info!(pid, "ending the kea-dhcp4 an earlier run left");
+    let pid = Pid::from_raw(pid);
+    let _ = signal::kill(pid, signal::Signal::SIGTERM);
+    for _ in 0..50 {
+        if signal::kill(pid, None).is_err() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = signal::kill(pid, signal::Signal::SIGKILL);
+}
+
+fn spawn(file: &Path, dir: &Path) -> Result<Child, String> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("kea-dhcp4.out"))
+        .map_err(|e| e.to_string())?;
+    let err = out.try_clone().map_err(|e| e.to_string())?;
+    tokio::process::Command::new(KEA_DHCP4)
+        .arg("-c")
+        .arg(file)
+        .envs(kea::env(dir))
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .map_err(|e| format!("{KEA_DHCP4} cannot start (is kea-dhcp4-server installed?): {e}"))
+}
+
+enum Ended {
+    Stopped,
+    Exited(String),
+}
+
+/// Polls a running Kea until it exits or carp stops it.
+async fn watch_child(
+    mut child: Child,
+    setup: &KeaSetup,
+    status: &Mutex<DhcpStatus>,
+    stopped: &mut watch::Receiver<bool>,
+) -> Ended {
+    {
+        let mut status = lock(status);
+        status.running = true;
+        status.pid = child.id();
+        status.failure = None;
+    }
+    let mut poll = tokio::time::interval(POLL);
+    loop {
+        tokio::select! {
+            exited = child.wait() => {
+                let how = exited.map_or_else(|e| e.to_string(), |s| s.to_string());
+                return Ended::Exited(format!("kea-dhcp4 {how}: {}", last_words(&setup.dir)));
+            }
+            _ = stopped.changed() => {
+                terminate(&mut child).await;
+                let mut status = lock(status);
+                status.running = false;
+                status.pid = None;
+                return Ended::Stopped;
+            }
+            _ = poll.tick() => poll_kea(setup, status).await,
+        }
+    }
+}
+
+/// Kea's HA state and each scope's lease count.
+async fn poll_kea(setup: &KeaSetup, status: &Mutex<DhcpStatus>) {
+    let socket = kea_config::control_socket(&setup.dir);
+    let ha = kea::command(&socket, "status-get", None)
+        .await
+        .ok()
+        .and_then(|a| kea::parse_status(&a));
+    let leases = kea::command(&socket, "lease4-get-all", None)
+        .await
+        .map(|a| kea::parse_leases(&a));
+    let mut status = lock(status);
+    status.ha = ha;
+    if let Ok(leases) = leases {
+        for (scope, shown) in setup.scopes.iter().zip(status.scopes.iter_mut()) {
+            let id = kea_config::subnet_id(scope);
+            shown.leases = leases
+                .iter()
+                .filter(|l| l.subnet_id == id && l.state == 0)
+                .count() as u64;
+        }
+    }
+}
+
+async fn terminate(child: &mut Child) {
+    if let Some(pid) = child.id() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_err() {
+        let _ = child.kill().await;
+    }
+    info!("kea-dhcp4 stopped");
+}
+
+/// The last lines Kea wrote before it died, for the status.
+fn last_words(dir: &Path) -> String {
+    let out = std::fs::read_to_string(dir.join("kea-dhcp4.out")).unwrap_or_default();
+    let log = std::fs::read_to_string(kea_config::log_file(dir)).unwrap_or_default();
+    [out, log]
+        .iter()
+        .flat_map(|t| t.lines().rev().take(2).collect::<Vec<_>>())
+        .find(|l| l.contains("ERROR") || l.contains("FATAL"))
+        .unwrap_or("no error logged")
+        .to_owned()
+}
