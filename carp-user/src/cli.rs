@@ -3,6 +3,7 @@
 use crate::{
     config::{Config, ConfigError},
     control::{self, Request, Response, Status},
+    dhcp::{LeaseRow, supervisor::DhcpStatus},
     error::Chain,
     sync::{merge::Origin, service::FlowRow, service::SyncStatus},
 };
@@ -47,6 +48,13 @@ pub enum Command {
     },
     /// List the synced connection table, like `conntrack -L` / `pfctl -ss`.
     Flows {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// List Kea's DHCP leases, like pfSense's Status > DHCP Leases.
+    Leases {
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -291,6 +299,100 @@ fn wait_for_new_run(target: &Target) -> anyhow::Result<Status> {
     }
 }
 
+/// Asks for Kea's leases.
+pub fn request_leases(target: &Target) -> anyhow::Result<Vec<LeaseRow>> {
+    request(target, &Request::Leases)?
+        .leases
+        .ok_or_else(|| anyhow::anyhow!("the daemon answered without leases"))
+}
+
+/// `carp leases`: a table of address, MAC, hostname, expiry and state.
+pub fn format_leases(leases: &[LeaseRow]) -> String {
+    let header = [
+        "INTERFACE",
+        "ADDRESS",
+        "MAC",
+        "HOSTNAME",
+        "EXPIRES",
+        "STATE",
+    ];
+    let rows: Vec<[&str; 6]> = leases
+        .iter()
+        .map(|l| {
+            [
+                l.interface.as_str(),
+                &l.address,
+                &l.mac,
+                &l.hostname,
+                &l.expires,
+                &l.state,
+            ]
+        })
+        .collect();
+    table(&header, &rows)
+}
+
+/// Left-aligned columns two spaces apart, as wide as their widest cell.
+fn table<const N: usize>(header: &[&str; N], rows: &[[&str; N]]) -> String {
+    let mut widths = header.map(str::len);
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    for row in std::iter::once(header).chain(rows) {
+        let parts: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(parts.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// DHCP in `carp status`: Kea's state here and at the partner, leases per scope.
+fn format_dhcp(d: &DhcpStatus) -> String {
+    let mut out = format!(
+        "dhcp: kea {} ({})  {}\n",
+        if d.running { "running" } else { "NOT RUNNING" },
+        d.role,
+        match &d.ha {
+            Some(ha) => format!(
+                "HA here {}  partner {}  unacked clients {}{}",
+                ha.local_state,
+                if ha.partner_state.is_empty() {
+                    "-"
+                } else {
+                    &ha.partner_state
+                },
+                ha.unacked_clients,
+                if ha.communication_interrupted {
+                    "  (partner not answering)"
+                } else {
+                    ""
+                }
+            ),
+            None => "HA state unknown".into(),
+        }
+    );
+    for scope in &d.scopes {
+        out.push_str(&format!(
+            "  {} {}: {} leases\n",
+            scope.interface, scope.subnet, scope.leases
+        ));
+    }
+    if let Some(failure) = &d.failure {
+        out.push_str(&format!("  failed: {failure}\n"));
+    }
+    if let Some(maintenance) = &d.maintenance {
+        out.push_str(&format!("  last maintenance: {maintenance}\n"));
+    }
+    out
+}
+
 /// Asks for the flow table.
 pub fn request_flows(target: &Target) -> anyhow::Result<Vec<FlowRow>> {
     request(target, &Request::Flows)?
@@ -453,27 +555,16 @@ pub fn format_status(status: &Status) -> String {
             ]
         })
         .collect();
-    let mut widths = header.map(str::len);
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    let mut line = |cells: &[&str]| {
-        let parts: Vec<String> = cells
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        out.push_str(parts.join("  ").trim_end());
-        out.push('\n');
-    };
-    line(&header);
-    for row in &rows {
-        line(&row.each_ref().map(String::as_str));
-    }
+    let cells: Vec<[&str; 8]> = rows
+        .iter()
+        .map(|r| r.each_ref().map(String::as_str))
+        .collect();
+    out.push_str(&table(&header, &cells));
     if let Some(sync) = &status.sync {
         out.push_str(&format_sync(sync));
+    }
+    if let Some(dhcp) = &status.dhcp {
+        out.push_str(&format_dhcp(dhcp));
     }
     out
 }
@@ -506,6 +597,7 @@ mod tests {
             }],
             counters: Counters::default(),
             sync: None,
+            dhcp: None,
         };
         let table = format_status(&status);
         let lines: Vec<&str> = table.lines().collect();

@@ -4,6 +4,7 @@
 use crate::{
     carp::packet::{AuthKey, MAX_PASSPHRASE_LEN},
     config_sync::{self, Area},
+    dhcp::scope::{self as dhcp_scope, DhcpScope, RawDhcp},
     interfaces::{Interface, Ipv4Net},
     nat::{self, NatRule, RawNat},
     sync::{
@@ -82,6 +83,8 @@ pub struct Config {
     pub nat: Vec<NatRule>,
     /// What this node sends to its sync peer, or takes from it.
     pub config_sync: ConfigSync,
+    /// DHCP scopes Kea serves, as a hot-standby pair with the sync peer.
+    pub dhcp: Vec<DhcpScope>,
 }
 
 /// The `[config_sync]` section: a primary pushes areas, a secondary accepts them.
@@ -146,6 +149,8 @@ struct RawConfig {
     #[serde(default)]
     nat: Vec<RawNat>,
     config_sync: Option<RawConfigSync>,
+    #[serde(default)]
+    dhcp: Vec<RawDhcp>,
 }
 
 #[derive(Deserialize)]
@@ -465,6 +470,13 @@ fn validate(raw: RawConfig, interfaces: &[Interface], problems: &mut Vec<Problem
         },
         problems,
     );
+    let dhcp = dhcp_scope::validate(&raw.dhcp, interfaces, &vips, problems);
+    if !raw.dhcp.is_empty() && sync.is_none() {
+        problems.push(Problem {
+            field: "dhcp".into(),
+            message: "needs [sync]: Kea's pair talks over the sync link".into(),
+        });
+    }
 
     Config {
         node: Node {
@@ -491,6 +503,7 @@ fn validate(raw: RawConfig, interfaces: &[Interface], problems: &mut Vec<Problem
         sync,
         nat,
         config_sync,
+        dhcp,
     }
 }
 

@@ -3,6 +3,7 @@
 
 use crate::{
     carp::fsm::State,
+    dhcp::{LeaseRow, supervisor::DhcpStatus},
     sync::service::{FlowRow, SyncStatus},
 };
 use serde::{Deserialize, Serialize};
@@ -52,6 +53,8 @@ pub enum Request {
     /// A secondary: apply the configuration received before the last one again.
     #[serde(rename = "config-rollback")]
     ConfigRollback,
+    /// Kea's leases (`carp leases`).
+    Leases,
     /// Fault injection for the tests; refused unless the daemon runs with
     /// `CARP_TEST_HOOKS=1` in its environment.
     TestHook {
@@ -81,6 +84,8 @@ pub struct Response {
     pub status: Option<Status>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flows: Option<Vec<FlowRow>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leases: Option<Vec<LeaseRow>>,
     /// What a reload did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
@@ -101,6 +106,9 @@ pub struct Status {
     /// State sync, when configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sync: Option<SyncStatus>,
+    /// Kea, when this node serves DHCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dhcp: Option<DhcpStatus>,
 }
 
 /// One VIP's row.
@@ -279,6 +287,7 @@ impl Response {
             error: None,
             status: None,
             flows: None,
+            leases: None,
             message: None,
             problems: None,
         }
@@ -303,6 +312,13 @@ impl Response {
     pub fn flows(flows: Vec<FlowRow>) -> Self {
         Self {
             flows: Some(flows),
+            ..Self::empty(true)
+        }
+    }
+
+    pub fn leases(leases: Vec<LeaseRow>) -> Self {
+        Self {
+            leases: Some(leases),
             ..Self::empty(true)
         }
     }

@@ -13,6 +13,7 @@ use crate::{
     config_sync::{self, Area},
     control::{self, Counters, Pending, Request, Response, Status, TestHook, VipStatus},
     dataplane::{Dataplane, DataplaneError, Role},
+    dhcp::{self, supervisor::Supervisor},
     error::Chain,
     inherit,
     interfaces::{self, Ipv4Net},
@@ -163,6 +164,8 @@ struct Daemon {
     config_path: PathBuf,
     /// A secondary's last failed `reload_after` command, for `carp status`.
     reload_after_failure: Arc<std::sync::Mutex<Option<String>>>,
+    /// kea-dhcp4, when this node serves DHCP.
+    dhcp: Option<Supervisor>,
 }
 
 /// Why the main loop ended.
@@ -242,8 +245,13 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
                     daemon.config_push_request(dry_run, force, reply);
                     continue;
                 }
+                if let Request::Leases = request {
+                    daemon.leases_request(reply);
+                    continue;
+                }
                 let (response, exit) = match request {
                     Request::Reload => daemon.reload().await,
+                    Request::Maintenance { enable } => (daemon.maintenance(enable).await, None),
                     Request::ConfigRollback => (daemon.rollback().await, None),
                     Request::Upgrade => (
                         daemon.on_request(request),
@@ -482,6 +490,7 @@ impl Daemon {
                 None
             }
         };
+        let dhcp = dhcp::kea_setup(&config).map(Supervisor::start);
         let mut daemon = Self {
             config,
             dataplane,
@@ -499,6 +508,7 @@ impl Daemon {
             adopted: adopted > 0,
             config_path,
             reload_after_failure: Arc::default(),
+            dhcp,
         };
         daemon.poll_links(now);
         Ok(daemon)
@@ -766,10 +776,6 @@ impl Daemon {
     fn on_request(&mut self, request: Request) -> Response {
         match request {
             Request::Status => Response::status(self.status()),
-            Request::Maintenance { enable } => match self.set_maintenance(enable) {
-                Ok(()) => Response::status(self.status()),
-                Err(e) => Response::error(Chain(&e).to_string()),
-            },
             Request::Flows => match &self.sync {
                 Some(sync) => Response::flows(sync.flows()),
                 None => Response::error("state sync is not configured ([sync])".into()),
@@ -779,9 +785,11 @@ impl Daemon {
                 info!("in-place upgrade requested");
                 Response::status(self.status())
             }
-            Request::Reload | Request::ConfigRollback | Request::ConfigPush { .. } => {
-                Response::error("handled asynchronously".into())
-            }
+            Request::Reload
+            | Request::ConfigRollback
+            | Request::ConfigPush { .. }
+            | Request::Maintenance { .. }
+            | Request::Leases => Response::error("handled asynchronously".into()),
         }
     }
 
@@ -848,6 +856,18 @@ impl Daemon {
         }
         self.config = new;
         self.heartbeat_lifetime = heartbeat_lifetime(self.config.carp.advbase);
+        let kea = dhcp::kea_setup(&self.config);
+        if kea.as_ref() != self.dhcp.as_ref().map(Supervisor::setup) {
+            // Kea starts again on the new configuration; its lease file stays.
+            if let Some(old) = self.dhcp.take() {
+                old.stop().await;
+            }
+            self.dhcp = kea.map(Supervisor::start);
+            info!(
+                serving = self.dhcp.is_some(),
+                "reload: DHCP configuration changed"
+            );
+        }
         let vip_addrs: Vec<Ipv4Addr> = self.config.vips.iter().map(|v| v.address.addr).collect();
         let mut failed = Vec::new();
         for &j in &plan.added {
@@ -1191,6 +1211,42 @@ impl Daemon {
         info!(vhid = v.fsm.vhid(), interface = %v.interface, vip = %v.address, "VIP removed from the configuration");
     }
 
+    /// `carp maintenance on|off`: DHCP first (the partner's Kea takes over, or hands back),
+    /// then CARP's demotion.
+    async fn maintenance(&mut self, enable: bool) -> Response {
+        if let Some(dhcp) = &self.dhcp
+            && enable != self.maintenance
+        {
+            match dhcp.partner_maintenance(enable).await {
+                Ok(done) => info!(%done, "DHCP maintenance"),
+                Err(e) => warn!(error = %e, "DHCP maintenance not taken by the partner"),
+            }
+        }
+        match self.set_maintenance(enable) {
+            Ok(()) => Response::status(self.status()),
+            Err(e) => Response::error(Chain(&e).to_string()),
+        }
+    }
+
+    /// `carp leases`: Kea's leases, answered once Kea has; the daemon goes on meanwhile.
+    fn leases_request(&self, reply: tokio::sync::oneshot::Sender<Response>) {
+        let Some(dhcp) = &self.dhcp else {
+            let _ = reply.send(Response::error(
+                "this node serves no DHCP ([[dhcp]])".into(),
+            ));
+            return;
+        };
+        let leases = dhcp.leases();
+        let scopes = dhcp.setup().scopes.clone();
+        tokio::spawn(async move {
+            let response = match leases.await {
+                Ok(leases) => Response::leases(dhcp::lease_rows(&scopes, leases)),
+                Err(e) => Response::error(e),
+            };
+            let _ = reply.send(response);
+        });
+    }
+
     fn set_maintenance(&mut self, enable: bool) -> Result<(), DaemonError> {
         let dir = &self.config.node.state_dir;
         let file: PathBuf = dir.join(MAINTENANCE_FILE);
@@ -1254,6 +1310,7 @@ impl Daemon {
                 .collect(),
             counters,
             sync,
+            dhcp: self.dhcp.as_ref().map(Supervisor::status),
         }
     }
 
@@ -1293,6 +1350,14 @@ impl Daemon {
     }
 
     async fn shutdown(mut self) {
+        // Planned failover for DHCP too: the partner's Kea takes ours into maintenance
+        // before it stops, so no lease is lost or handed out twice.
+        if let Some(dhcp) = self.dhcp.take() {
+            if let Err(e) = dhcp.partner_maintenance(true).await {
+                warn!(error = %e, "the partner's Kea did not take over DHCP");
+            }
+            dhcp.stop().await;
+        }
         if let Some(sync) = self.sync.take() {
             sync.stop();
         }

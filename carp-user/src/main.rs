@@ -52,6 +52,14 @@ fn main() -> anyhow::Result<()> {
                 print!("{}", cli::format_flows(&flows));
             }
         }
+        Command::Leases { json, target } => {
+            let leases = cli::request_leases(&target)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&leases)?);
+            } else {
+                print!("{}", cli::format_leases(&leases));
+            }
+        }
         Command::Config {
             action:
                 cli::ConfigAction::Push {

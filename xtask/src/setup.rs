@@ -17,6 +17,8 @@ const PACKAGES: &[&str] = &[
     "ucarp",
     "keepalived",
     "iperf3",
+    "kea-dhcp4-server",
+    "isc-dhcp-client",
 ];
 /// The cargo-fuzz release that builds on this toolchain.
 const CARGO_FUZZ_VERSION: &str = "0.13.2";

@@ -4,12 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use std::{
-    net::SocketAddr,
-    path::Path,
-    process::Command,
-    time::Duration,
-};
+use std::{net::SocketAddr, path::Path, process::Command, time::Duration};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The server binary; Debian's `kea-dhcp4-server` puts it in /usr/sbin.
@@ -107,7 +102,9 @@ pub async fn peer_command(peer: SocketAddr, name: &str) -> Result<Value, String>
     };
     let answer = tokio::time::timeout(COMMAND_TIMEOUT, exchange)
         .await
-        .map_err(|_| format!("the partner's Kea did not answer `{name}` within {COMMAND_TIMEOUT:?}"))??;
+        .map_err(|_| {
+            format!("the partner's Kea did not answer `{name}` within {COMMAND_TIMEOUT:?}")
+        })??;
     // Over HTTP, Kea answers with a list: one entry per service.
     let answer = match answer {
         Value::Array(mut list) if !list.is_empty() => list.remove(0),
@@ -231,7 +228,11 @@ mod tests {
         assert_eq!(parsed[0].address, "198.18.1.150");
         assert_eq!(parsed[0].expires, 1_796_172_450);
         assert!(parse_leases(&json!({"leases": [{"hostname": 1}]})).is_empty());
-        assert!(result("x", json!({"result": 1, "text": "no"})).unwrap_err().contains("no"));
+        assert!(
+            result("x", json!({"result": 1, "text": "no"}))
+                .unwrap_err()
+                .contains("no")
+        );
         assert_eq!(result("x", json!({"result": 3})), Ok(Value::Null));
     }
 }

@@ -79,7 +79,7 @@ pub fn subnet_id(scope: &DhcpScope) -> u32 {
 }
 
 /// Where Debian and source builds put Kea's hook libraries.
-const HOOK_DIRS: &[&str] = &[
+pub const HOOK_DIRS: &[&str] = &[
     "/usr/lib/x86_64-linux-gnu/kea/hooks",
     "/usr/lib/aarch64-linux-gnu/kea/hooks",
     "/usr/lib/kea/hooks",
@@ -243,7 +243,9 @@ mod tests {
         let mut standby_setup = setup(HaRole::Standby);
         (standby_setup.this, standby_setup.peer) = (standby_setup.peer, standby_setup.this);
         let standby = generate(&standby_setup);
-        let ha = |v: &Value| v["Dhcp4"]["hooks-libraries"][1]["parameters"]["high-availability"][0].clone();
+        let ha = |v: &Value| {
+            v["Dhcp4"]["hooks-libraries"][1]["parameters"]["high-availability"][0].clone()
+        };
         let (mut a, mut b) = (ha(&primary), ha(&standby));
         assert_eq!(a["this-server-name"], "primary");
         assert_eq!(b["this-server-name"], "standby");

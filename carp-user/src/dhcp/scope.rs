@@ -251,7 +251,9 @@ fn overlaps(a: (Ipv4Addr, Ipv4Addr), b: (Ipv4Addr, Ipv4Addr)) -> bool {
 }
 
 fn mask(prefix_len: u8) -> u32 {
-    u32::MAX.checked_shl(32 - u32::from(prefix_len)).unwrap_or(0)
+    u32::MAX
+        .checked_shl(32 - u32::from(prefix_len))
+        .unwrap_or(0)
 }
 
 fn network(net: Ipv4Net) -> Ipv4Addr {
@@ -287,7 +289,10 @@ fn parse_range(text: &str) -> Result<(Ipv4Addr, Ipv4Addr), String> {
 /// `90s`, `30m`, `1h`, `1d` or plain seconds; at least a minute.
 fn parse_duration(text: &str) -> Result<u32, String> {
     let text = text.trim();
-    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
     let scale = match unit {
         "" | "s" => 1,
         "m" => 60,
@@ -311,11 +316,17 @@ fn parse_mac(text: &str) -> Result<[u8; 6], String> {
     let parts: Vec<&str> = text.split(':').collect();
     let bytes: Option<Vec<u8>> = parts
         .iter()
-        .map(|p| (p.len() == 2).then(|| u8::from_str_radix(p, 16).ok()).flatten())
+        .map(|p| {
+            (p.len() == 2)
+                .then(|| u8::from_str_radix(p, 16).ok())
+                .flatten()
+        })
         .collect();
     match bytes {
         Some(bytes) if bytes.len() == 6 => Ok(bytes.try_into().expect("six bytes")),
-        _ => Err(format!("`{text}` is not a MAC address such as 52:54:00:00:00:01")),
+        _ => Err(format!(
+            "`{text}` is not a MAC address such as 52:54:00:00:00:01"
+        )),
     }
 }
 
@@ -383,7 +394,8 @@ pool = "198.18.2.10-198.18.2.20"
         );
         assert!(
             problems.contains(
-                &"dhcp[0].pool: 198.18.2.10 is outside every subnet of `lan` (198.18.1.2/24)".into()
+                &"dhcp[0].pool: 198.18.2.10 is outside every subnet of `lan` (198.18.1.2/24)"
+                    .into()
             ),
             "{problems:#?}"
         );
@@ -399,7 +411,10 @@ interface = "wan"
 pool = "198.18.2.10-198.18.2.20"
 "#,
         );
-        let fields: Vec<&str> = problems.iter().map(|p| p.split(": ").next().unwrap()).collect();
+        let fields: Vec<&str> = problems
+            .iter()
+            .map(|p| p.split(": ").next().unwrap())
+            .collect();
         assert_eq!(
             fields,
             [

@@ -99,11 +99,13 @@ impl Supervisor {
         }
     }
 
-    /// Every lease Kea holds here.
-    pub async fn leases(&self) -> Result<Vec<Lease>, String> {
+    /// Every lease Kea holds here (a future that owns what it needs, to run on its own).
+    pub fn leases(&self) -> impl Future<Output = Result<Vec<Lease>, String>> + Send + 'static {
         let socket = kea_config::control_socket(&self.setup.dir);
-        let answer = kea::command(&socket, "lease4-get-all", None).await?;
-        Ok(kea::parse_leases(&answer))
+        async move {
+            let answer = kea::command(&socket, "lease4-get-all", None).await?;
+            Ok(kea::parse_leases(&answer))
+        }
     }
 
     /// Planned failover: the partner's Kea (the one that stays) takes this one into
@@ -131,7 +133,11 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-async fn supervise(setup: KeaSetup, status: Arc<Mutex<DhcpStatus>>, mut stopped: watch::Receiver<bool>) {
+async fn supervise(
+    setup: KeaSetup,
+    status: Arc<Mutex<DhcpStatus>>,
+    mut stopped: watch::Receiver<bool>,
+) {
     let mut backoff = FIRST_BACKOFF;
     loop {
         let wait = match prepare(&setup) {
@@ -146,7 +152,11 @@ async fn supervise(setup: KeaSetup, status: Arc<Mutex<DhcpStatus>>, mut stopped:
                     RECHECK
                 }
                 Ok(child) => {
-                    info!(pid = child.id(), role = setup.role.name(), "kea-dhcp4 started");
+                    info!(
+                        pid = child.id(),
+                        role = setup.role.name(),
+                        "kea-dhcp4 started"
+                    );
                     let ran_for = tokio::time::Instant::now();
                     match watch_child(child, &setup, &status, &mut stopped).await {
                         Ended::Stopped => return,
@@ -186,8 +196,8 @@ fn prepare(setup: &KeaSetup) -> Result<PathBuf, String> {
         .map_err(|e| format!("creating {}: {e}", setup.dir.display()))?;
     end_stale(&setup.dir);
     let file = kea_config::config_file(&setup.dir);
-    let text = serde_json::to_string_pretty(&kea_config::generate(setup))
-        .map_err(|e| e.to_string())?;
+    let text =
+        serde_json::to_string_pretty(&kea_config::generate(setup)).map_err(|e| e.to_string())?;
     crate::synced_files::write_atomically(&file, &text)
         .map_err(|e| format!("writing {}: {e}", file.display()))?;
     kea::check(&file, &setup.dir)?;
@@ -310,7 +320,10 @@ async fn terminate(child: &mut Child) {
             nix::sys::signal::Signal::SIGTERM,
         );
     }
-    if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_err() {
+    if tokio::time::timeout(STOP_GRACE, child.wait())
+        .await
+        .is_err()
+    {
         let _ = child.kill().await;
     }
     info!("kea-dhcp4 stopped");
