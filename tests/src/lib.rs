@@ -12,6 +12,7 @@ pub mod baselines;
 pub mod bench;
 pub mod cluster;
 pub mod demo;
+pub mod dhcp;
 pub mod impair;
 pub mod inspect;
 pub mod ping;
@@ -105,6 +106,12 @@ fn register(id: &str, update: impl FnOnce(&mut Owned)) {
 fn teardown(owned: &Owned) {
     for &pid in &owned.pids {
         end_process(pid, Duration::from_secs(3));
+    }
+    // What our processes started and left running (a carp killed before it stopped its
+    // Kea, a DHCP client that went to the background), by the PID files in the lab's
+    // directory.
+    if let Some(dir) = &owned.dir {
+        dhcp::end_left_behind(dir);
     }
     for ns in &owned.namespaces {
         let _ = Command::new("ip")
@@ -554,6 +561,8 @@ pub struct NodeOptions {
     pub files: Vec<(PathBuf, &'static str)>,
     /// An accepting node's own commands after a synced file changed: (path, argv).
     pub reload_after: Vec<(PathBuf, Vec<String>)>,
+    /// DHCP on the LAN ([[dhcp]], pool [`dhcp::POOL`]), served by Kea as a pair over sync.
+    pub dhcp: bool,
 }
 
 /// A lab node's part in configuration sync.
@@ -585,6 +594,7 @@ impl Default for NodeOptions {
             nftables: Vec::new(),
             files: Vec::new(),
             reload_after: Vec::new(),
+            dhcp: false,
         }
     }
 }
@@ -669,6 +679,13 @@ impl Lab {
                     "\n[[vip]]\ninterface = \"{iface}\"\nvhid = {vhid}\naddress = \"{addr}\"\n"
                 )?;
             }
+        }
+        if opts.dhcp {
+            write!(
+                text,
+                "\n[[dhcp]]\ninterface = \"lan\"\npool = \"{}\"\nlease_time = \"10m\"\n",
+                dhcp::POOL
+            )?;
         }
         if opts.nat && own_areas {
             write!(

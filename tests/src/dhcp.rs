@@ -1,0 +1,177 @@
+//! DHCP in the lab: a real client (ISC dhclient) in the client namespace, one per MAC
+//! (macvlans on the client's port), its lease read from the lease file it writes; and the
+//! clean-up of what carp's Kea and the clients leave running.
+
+use crate::{Host, Lab};
+use anyhow::{Context, Result, bail};
+use std::{
+    net::Ipv4Addr,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+/// The LAN pool the lab's `[[dhcp]]` serves.
+pub const POOL: &str = "198.18.1.150-198.18.1.199";
+
+/// What a client was given, from its lease file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientLease {
+    pub address: Ipv4Addr,
+    pub routers: String,
+    pub dns: String,
+    /// The server that answered (Kea sends its interface's own address).
+    pub server: Ipv4Addr,
+}
+
+/// A client on its own MAC: a macvlan `name` on the client's port (`eth0` itself for
+/// "eth0").
+pub fn add_client(lab: &Lab, name: &str) -> Result<()> {
+    if name != "eth0" {
+        lab.sh(
+            Host::Client,
+            &format!(
+                "ip link add {name} link eth0 type macvlan mode bridge && ip link set {name} up"
+            ),
+        )?;
+    }
+    Ok(())
+}
+
+/// Runs dhclient once on `iface` and returns the lease it got; with a lease file from an
+/// earlier run it asks for the same address again (INIT-REBOOT, as a client does after a
+/// reboot or when its renewal goes unanswered). The client is stopped once bound.
+pub fn request(lab: &Lab, iface: &str, within: Duration) -> Result<(ClientLease, Duration)> {
+    let files = |ext: &str| lab.dir.join(format!("dhclient-{iface}.{ext}"));
+    let conf = files("conf");
+    std::fs::write(
+        &conf,
+        format!("timeout {};\nretry 1;\n", within.as_secs().max(1)),
+    )?;
+    let started = Instant::now();
+    let out = lab.output(
+        Host::Client,
+        &[
+            "dhclient",
+            "-1",
+            "-cf",
+            &conf.to_string_lossy(),
+            "-lf",
+            &files("leases").to_string_lossy(),
+            "-pf",
+            &files("pid").to_string_lossy(),
+            "-sf",
+            "/bin/true",
+            iface,
+        ],
+    )?;
+    let took = started.elapsed();
+    stop_client(&files("pid"));
+    if !out.status.success() {
+        bail!(
+            "dhclient on {iface} got no lease within {within:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let text = std::fs::read_to_string(files("leases"))?;
+    Ok((parse_last_lease(&text)?, took))
+}
+
+/// The last `lease { ... }` block of a dhclient lease file.
+fn parse_last_lease(text: &str) -> Result<ClientLease> {
+    let block = text
+        .rsplit("lease {")
+        .next()
+        .context("no lease in the file")?;
+    let value = |key: &str| -> Option<String> {
+        block.lines().find_map(|l| {
+            l.trim()
+                .strip_prefix(key)
+                .map(|v| v.trim().trim_end_matches(';').trim().to_owned())
+        })
+    };
+    Ok(ClientLease {
+        address: value("fixed-address")
+            .context("no fixed-address")?
+            .parse()?,
+        routers: value("option routers").unwrap_or_default(),
+        dns: value("option domain-name-servers").unwrap_or_default(),
+        server: value("option dhcp-server-identifier")
+            .context("no server identifier")?
+            .parse()?,
+    })
+}
+
+/// Ends a dhclient that went to the background, by its PID file.
+fn stop_client(pid_file: &Path) {
+    if let Some(pid) = pid_of(pid_file, "dhclient") {
+        end(pid);
+    }
+    let _ = std::fs::remove_file(pid_file);
+}
+
+/// A PID file's process, if it still runs `comm` (a PID reused by another is left alone).
+fn pid_of(pid_file: &Path, comm: &str) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(pid_file)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let running = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    running.trim().starts_with(comm).then_some(pid)
+}
+
+/// SIGTERM, then SIGKILL after 3 s, for a process that is not our child.
+fn end(pid: i32) {
+    use nix::sys::signal::{Signal, kill};
+    let pid = nix::unistd::Pid::from_raw(pid);
+    let _ = kill(pid, Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        if kill(pid, None).is_err() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = kill(pid, Signal::SIGKILL);
+}
+
+/// Ends the Kea servers carp started for the lab's nodes and any DHCP client left running.
+pub fn end_left_behind(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("dhclient-") && name.ends_with(".pid") {
+            stop_client(&path);
+        }
+        for kea_dir in [path.join("kea"), path.clone()] {
+            if let Some(pid) = pid_of(&kea_dir.join("kea-dhcp4.kea-dhcp4.pid"), "kea-dhcp4") {
+                end(pid);
+            }
+        }
+    }
+}
+
+/// The address the lab's client holds from the pool, as the gateways' lease list shows it.
+pub fn in_pool(address: Ipv4Addr) -> bool {
+    let (lo, hi) = POOL.split_once('-').expect("a range");
+    let (lo, hi): (Ipv4Addr, Ipv4Addr) = (lo.parse().expect("lo"), hi.parse().expect("hi"));
+    (lo..=hi).contains(&address)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_lease_of_a_dhclient_file_is_read() {
+        let text = "lease {\n  interface \"lan\";\n  fixed-address 198.18.1.150;\n  option dhcp-server-identifier 198.18.1.2;\n}\nlease {\n  interface \"lan\";\n  fixed-address 198.18.1.151;\n  option subnet-mask 255.255.255.0;\n  option routers 198.18.1.1;\n  option dhcp-server-identifier 198.18.1.3;\n  option domain-name-servers 198.18.1.1;\n}\n";
+        let lease = parse_last_lease(text).unwrap();
+        assert_eq!(lease.address, Ipv4Addr::new(198, 18, 1, 151));
+        assert_eq!(lease.server, Ipv4Addr::new(198, 18, 1, 3));
+        assert_eq!(lease.routers, "198.18.1.1");
+        assert!(in_pool(lease.address) && !in_pool(Ipv4Addr::new(198, 18, 1, 1)));
+    }
+}

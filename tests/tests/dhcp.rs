@@ -1,0 +1,212 @@
+//! DHCP failover in the namespace lab, with real Kea on both gateways (run by carp) and a
+//! real client (dhclient): a lease with the VIP as router and DNS, replicated to the
+//! secondary within a second; planned failover through `carp maintenance`; the primary's
+//! death, after which the client keeps its address from the secondary; and the control, two
+//! Kea servers without the HA hook, which hand the same address out twice. Needs root.
+
+use anyhow::{Context, Result, ensure};
+use carp::{
+    control::Status,
+    dhcp::{
+        LeaseRow,
+        kea_config::{self, HaRole, KeaSetup},
+        scope::DhcpScope,
+    },
+};
+use carp_lab::{
+    CLIENT_IP, Host, LAN_VIP, Lab, Node, NodeOptions, SERVER_IP, SYNC_SECRET, carp_bin,
+    cluster::carp_cli,
+    dhcp::{self, ClientLease},
+    kill_hard, wait_for,
+};
+use std::{
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
+
+const GW1_LAN: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
+const GW2_LAN: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 3);
+
+fn gateway(advskew: u8) -> NodeOptions {
+    NodeOptions {
+        advskew,
+        sync_key: Some(SYNC_SECRET.into()),
+        dhcp: true,
+        ..NodeOptions::default()
+    }
+}
+
+fn leases(node: &Node) -> Vec<LeaseRow> {
+    let socket = node.socket.to_string_lossy().into_owned();
+    carp_cli(&["leases", "--json", "--socket", &socket])
+        .ok()
+        .and_then(|out| serde_json::from_str(&out).ok())
+        .unwrap_or_default()
+}
+
+fn ha_state(node: &Node) -> String {
+    node.status()
+        .ok()
+        .and_then(|s: Status| s.dhcp)
+        .and_then(|d| d.ha)
+        .map(|ha| ha.local_state)
+        .unwrap_or_default()
+}
+
+#[track_caller]
+fn wait_ha(node: &Node, state: &str, within: Duration) -> Result<()> {
+    wait_for(within, || (ha_state(node) == state).then_some(())).with_context(|| {
+        format!(
+            "{}'s Kea is `{}`, not `{state}`: {:?}",
+            node.name,
+            ha_state(node),
+            node.status().map(|s| s.dhcp)
+        )
+    })
+}
+
+#[test]
+fn leases_follow_the_master() -> Result<()> {
+    let lab = Lab::up()?;
+    let bin = carp_bin()?;
+    let gw1 = lab.start_carp(&bin, Host::Gw1, &gateway(0))?;
+    let gw2 = lab.start_carp(&bin, Host::Gw2, &gateway(100))?;
+    wait_ha(&gw1, "hot-standby", Duration::from_secs(30))?;
+    wait_ha(&gw2, "hot-standby", Duration::from_secs(10))?;
+    let status = gw1.status()?.dhcp.context("no DHCP in gw1's status")?;
+    assert!(status.running && status.role == "primary", "{status:?}");
+    assert_eq!(gw2.status()?.dhcp.context("gw2")?.role, "standby");
+
+    // A client gets a lease from the pool, router and DNS the LAN VIP, from the primary.
+    let (a, _) = dhcp::request(&lab, "eth0", Duration::from_secs(15))?;
+    assert!(dhcp::in_pool(a.address), "{a:?}");
+    assert_eq!((a.routers.as_str(), a.dns.as_str()), (LAN_VIP, LAN_VIP));
+    assert_eq!(a.server, GW1_LAN, "the primary answers");
+    // ... and the secondary holds it within a second.
+    let since = Instant::now();
+    let held = |node: &Node, lease: &ClientLease| {
+        leases(node)
+            .iter()
+            .any(|l| l.address == lease.address.to_string() && l.state == "active")
+    };
+    wait_for(Duration::from_secs(1), || held(&gw2, &a).then_some(()))
+        .with_context(|| format!("gw2 does not hold {a:?} 1 s later: {:?}", leases(&gw2)))?;
+    eprintln!("lease replicated to the secondary in {:?}", since.elapsed());
+    assert_eq!(
+        gw1.status()?.dhcp.context("gw1")?.scopes[0].leases,
+        1,
+        "status counts it"
+    );
+
+    // Planned failover: gw1's Kea goes into maintenance through gw2's, a new client is
+    // served by gw2 without a conflict, and gw1 knows that lease once back.
+    let gw1_socket = gw1.socket.to_string_lossy().into_owned();
+    carp_cli(&["maintenance", "on", "--socket", &gw1_socket])?;
+    wait_ha(&gw2, "partner-in-maintenance", Duration::from_secs(5))?;
+    dhcp::add_client(&lab, "mv0")?;
+    let (b, _) = dhcp::request(&lab, "mv0", Duration::from_secs(15))?;
+    assert_eq!(b.server, GW2_LAN, "the secondary answers during maintenance: {b:?}");
+    assert_ne!(b.address, a.address, "no address handed out twice");
+    carp_cli(&["maintenance", "off", "--socket", &gw1_socket])?;
+    wait_ha(&gw1, "hot-standby", Duration::from_secs(20))?;
+    wait_for(Duration::from_secs(10), || held(&gw1, &b).then_some(()))
+        .with_context(|| format!("gw1 does not know {b:?}: {:?}", leases(&gw1)))?;
+    let (again, _) = dhcp::request(&lab, "mv0", Duration::from_secs(15))?;
+    assert_eq!(
+        (again.server, again.address),
+        (GW1_LAN, b.address),
+        "the primary serves again, knowing the secondary's lease"
+    );
+
+    // The primary dies: carp and its Kea killed, its links down. The client asks for its
+    // address again and the secondary gives it the same one; traffic through the VIP flows.
+    let kea = gw1.status()?.dhcp.and_then(|d| d.pid).context("gw1's Kea pid")?;
+    let died = Instant::now();
+    kill_hard(gw1.pid);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(kea as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    lab.sh(Host::Gw1, "ip link set lan down; ip link set wan down; ip link set sync down")?;
+    let (renewed, took) = dhcp::request(&lab, "eth0", Duration::from_secs(30))?;
+    eprintln!(
+        "after the primary's death: ACK from {} {:?} later ({took:?} in the client)",
+        renewed.server,
+        died.elapsed()
+    );
+    assert_eq!(
+        (renewed.server, renewed.address),
+        (GW2_LAN, a.address),
+        "the secondary keeps the client's address"
+    );
+    ensure!(
+        lab.sh(
+            Host::Client,
+            &format!("ping -c 3 -i 0.2 -W 1 -I {CLIENT_IP} {SERVER_IP}")
+        )
+        .is_ok(),
+        "no traffic through the VIP after the failover"
+    );
+    Ok(())
+}
+
+/// The control: without the HA hook, two servers on the same pool hand out the same
+/// address twice (the sequence above with HA gives the second client another address).
+#[test]
+fn two_keas_without_ha_hand_out_the_same_address_twice() -> Result<()> {
+    let lab = Lab::up()?;
+    let start_kea = |host: Host, own: Ipv4Addr| -> Result<u32> {
+        let dir = lab.dir.join(format!("kea-{own}"));
+        std::fs::create_dir_all(&dir)?;
+        let setup = KeaSetup {
+            scopes: vec![DhcpScope {
+                interface: "lan".into(),
+                subnet: "198.18.1.0/24".parse().map_err(anyhow::Error::msg)?,
+                pools: vec![(Ipv4Addr::new(198, 18, 1, 150), Ipv4Addr::new(198, 18, 1, 199))],
+                router: LAN_VIP.parse()?,
+                dns: vec![LAN_VIP.parse()?],
+                lease_seconds: 600,
+                reservations: Vec::new(),
+            }],
+            role: HaRole::Primary,
+            this: own,
+            peer: own,
+            port: 8371,
+            dir: dir.clone(),
+            hooks_dir: kea_config::find_hooks_dir().context("Kea's hooks are not installed")?,
+            failure_ms: 3000,
+        };
+        let mut config = kea_config::generate(&setup);
+        config["Dhcp4"]
+            .as_object_mut()
+            .context("Dhcp4")?
+            .remove("hooks-libraries");
+        let file = kea_config::config_file(&dir);
+        std::fs::write(&file, config.to_string())?;
+        let (pid_dir, lock_dir) = (
+            format!("KEA_PIDFILE_DIR={}", dir.display()),
+            format!("KEA_LOCKFILE_DIR={}", dir.display()),
+        );
+        let pid = lab.spawn(
+            host,
+            &["env", &pid_dir, &lock_dir, "kea-dhcp4", "-c", &file.to_string_lossy()],
+            &dir.join("kea.out"),
+        )?;
+        std::thread::sleep(Duration::from_secs(2));
+        Ok(pid)
+    };
+    let gw1 = start_kea(Host::Gw1, GW1_LAN)?;
+    let (a, _) = dhcp::request(&lab, "eth0", Duration::from_secs(15))?;
+    assert_eq!(a.server, GW1_LAN);
+    kill_hard(gw1);
+    start_kea(Host::Gw2, GW2_LAN)?;
+    dhcp::add_client(&lab, "mv0")?;
+    let (b, _) = dhcp::request(&lab, "mv0", Duration::from_secs(15))?;
+    assert_eq!(b.server, GW2_LAN);
+    assert_eq!(
+        b.address, a.address,
+        "without lease sharing both clients hold {}: the HA test can tell",
+        a.address
+    );
+    Ok(())
+}
