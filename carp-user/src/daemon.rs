@@ -166,6 +166,8 @@ struct Daemon {
     reload_after_failure: Arc<std::sync::Mutex<Option<String>>>,
     /// kea-dhcp4, when this node serves DHCP.
     dhcp: Option<Supervisor>,
+    /// The peer's Kea is fenced off ([`dhcp::fence`]).
+    dhcp_fenced: bool,
 }
 
 /// Why the main loop ended.
@@ -233,6 +235,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
             _ = tick.tick() => {
                 daemon.counters.dropped_backlog = dropped.load(Ordering::Relaxed);
                 daemon.poll_links(Instant::now());
+                daemon.fence_dhcp_peer();
                 if daemon.sync.as_ref().is_some_and(|s| !s.session_alive()) {
                     // Exit loudly rather than run on without sync; a restart adopts the VIPs.
                     error!("the sync session task died: exiting");
@@ -509,6 +512,7 @@ impl Daemon {
             config_path,
             reload_after_failure: Arc::default(),
             dhcp,
+            dhcp_fenced: false,
         };
         daemon.poll_links(now);
         Ok(daemon)
@@ -1228,6 +1232,30 @@ impl Daemon {
         }
     }
 
+    /// While master of a VIP on a DHCP interface with the peer gone from the sync link, the
+    /// peer's Kea is fenced off so ours serves now; lifted when the peer is back.
+    fn fence_dhcp_peer(&mut self) {
+        let fenced = self.dhcp.as_ref().is_some_and(|dhcp| {
+            let scopes = &dhcp.setup().scopes;
+            self.vhids.iter().any(|v| {
+                v.fsm.state() == State::Master && scopes.iter().any(|s| s.interface == v.interface)
+            }) && self.sync.as_ref().is_some_and(|s| !s.connected())
+        });
+        if fenced == self.dhcp_fenced {
+            return;
+        }
+        let done = match (&self.dhcp, fenced) {
+            (Some(dhcp), true) => dhcp::fence::raise(dhcp.setup().peer, dhcp.setup().port),
+            _ => dhcp::fence::lift(),
+        };
+        match done {
+            Ok(()) => info!(fenced, "DHCP: the peer's Kea fenced off while it is gone"),
+            // Not tried again every tick: Kea's own timeouts still apply.
+            Err(e) => error!(error = %Chain(&e), fenced, "cannot change the DHCP fence"),
+        }
+        self.dhcp_fenced = fenced;
+    }
+
     /// `carp leases`: Kea's leases, answered once Kea has; the daemon goes on meanwhile.
     fn leases_request(&self, reply: tokio::sync::oneshot::Sender<Response>) {
         let Some(dhcp) = &self.dhcp else {
@@ -1357,6 +1385,11 @@ impl Daemon {
                 warn!(error = %e, "the partner's Kea did not take over DHCP");
             }
             dhcp.stop().await;
+        }
+        if self.dhcp_fenced
+            && let Err(e) = dhcp::fence::lift()
+        {
+            warn!(error = %Chain(&e), "cannot lift the DHCP fence");
         }
         if let Some(sync) = self.sync.take() {
             sync.stop();

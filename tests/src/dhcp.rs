@@ -43,9 +43,14 @@ pub fn add_client(lab: &Lab, name: &str) -> Result<()> {
 pub fn request(lab: &Lab, iface: &str, within: Duration) -> Result<(ClientLease, Duration)> {
     let files = |ext: &str| lab.dir.join(format!("dhclient-{iface}.{ext}"));
     let conf = files("conf");
+    // Retransmitted every second or two (dhclient's backoff otherwise grows to a minute),
+    // so the time to an answer is the servers' and not the client's.
     std::fs::write(
         &conf,
-        format!("timeout {};\nretry 1;\n", within.as_secs().max(1)),
+        format!(
+            "timeout {};\nretry 1;\ninitial-interval 1;\nbackoff-cutoff 2;\n",
+            within.as_secs().max(1)
+        ),
     )?;
     let started = Instant::now();
     let out = lab.output(

@@ -105,7 +105,10 @@ fn leases_follow_the_master() -> Result<()> {
     wait_ha(&gw2, "partner-in-maintenance", Duration::from_secs(5))?;
     dhcp::add_client(&lab, "mv0")?;
     let (b, _) = dhcp::request(&lab, "mv0", Duration::from_secs(15))?;
-    assert_eq!(b.server, GW2_LAN, "the secondary answers during maintenance: {b:?}");
+    assert_eq!(
+        b.server, GW2_LAN,
+        "the secondary answers during maintenance: {b:?}"
+    );
     assert_ne!(b.address, a.address, "no address handed out twice");
     carp_cli(&["maintenance", "off", "--socket", &gw1_socket])?;
     wait_ha(&gw1, "hot-standby", Duration::from_secs(20))?;
@@ -120,14 +123,21 @@ fn leases_follow_the_master() -> Result<()> {
 
     // The primary dies: carp and its Kea killed, its links down. The client asks for its
     // address again and the secondary gives it the same one; traffic through the VIP flows.
-    let kea = gw1.status()?.dhcp.and_then(|d| d.pid).context("gw1's Kea pid")?;
+    let kea = gw1
+        .status()?
+        .dhcp
+        .and_then(|d| d.pid)
+        .context("gw1's Kea pid")?;
     let died = Instant::now();
     kill_hard(gw1.pid);
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(kea as i32),
         nix::sys::signal::Signal::SIGKILL,
     );
-    lab.sh(Host::Gw1, "ip link set lan down; ip link set wan down; ip link set sync down")?;
+    lab.sh(
+        Host::Gw1,
+        "ip link set lan down; ip link set wan down; ip link set sync down",
+    )?;
     let (renewed, took) = dhcp::request(&lab, "eth0", Duration::from_secs(30))?;
     eprintln!(
         "after the primary's death: ACK from {} {:?} later ({took:?} in the client)",
@@ -162,7 +172,10 @@ fn two_keas_without_ha_hand_out_the_same_address_twice() -> Result<()> {
             scopes: vec![DhcpScope {
                 interface: "lan".into(),
                 subnet: "198.18.1.0/24".parse().map_err(anyhow::Error::msg)?,
-                pools: vec![(Ipv4Addr::new(198, 18, 1, 150), Ipv4Addr::new(198, 18, 1, 199))],
+                pools: vec![(
+                    Ipv4Addr::new(198, 18, 1, 150),
+                    Ipv4Addr::new(198, 18, 1, 199),
+                )],
                 router: LAN_VIP.parse()?,
                 dns: vec![LAN_VIP.parse()?],
                 lease_seconds: 600,
@@ -189,7 +202,14 @@ fn two_keas_without_ha_hand_out_the_same_address_twice() -> Result<()> {
         );
         let pid = lab.spawn(
             host,
-            &["env", &pid_dir, &lock_dir, "kea-dhcp4", "-c", &file.to_string_lossy()],
+            &[
+                "env",
+                &pid_dir,
+                &lock_dir,
+                "kea-dhcp4",
+                "-c",
+                &file.to_string_lossy(),
+            ],
             &dir.join("kea.out"),
         )?;
         std::thread::sleep(Duration::from_secs(2));

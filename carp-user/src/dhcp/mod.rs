@@ -1,6 +1,7 @@
 //! DHCP failover with Kea: carp generates the hot-standby pair's configuration from
 //! `[[dhcp]]`, runs and supervises kea-dhcp4, and drives it on planned failover.
 
+pub mod fence;
 pub mod kea;
 pub mod kea_config;
 pub mod scope;

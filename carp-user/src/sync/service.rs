@@ -432,6 +432,11 @@ impl SyncHandle {
     }
 
     /// Whether the session task still runs; it ends only by a panic (logged by tokio).
+    /// Whether a session with the peer is up (it answered within the dead-peer time).
+    pub fn connected(&self) -> bool {
+        lock(&self.shared.status).connected
+    }
+
     pub fn session_alive(&self) -> bool {
         !self.session.is_finished()
     }
