@@ -27,6 +27,8 @@ pub enum Area {
     Nftables,
     /// Declared files, written on the secondary atomically with their mode.
     Files,
+    /// The `[[dhcp]]` scopes; each node's role in Kea's pair follows from its own skew.
+    Dhcp,
 }
 
 impl Area {
@@ -36,22 +38,21 @@ impl Area {
         match self {
             Area::Carp => &["carp", "vip"],
             Area::Nat => &["nat"],
+            Area::Dhcp => &["dhcp"],
             Area::Nftables | Area::Files => &[],
         }
     }
 
-    /// The area named `name`; the other areas are named as not supported yet.
+    /// The area named `name`.
     pub fn parse(name: &str) -> Result<Self, String> {
         match name {
             "carp" => Ok(Area::Carp),
             "nat" => Ok(Area::Nat),
             "nftables" => Ok(Area::Nftables),
             "files" => Ok(Area::Files),
-            "dhcp" => Err(format!(
-                "the `{name}` area is not supported yet (carp, nat, nftables and files are)"
-            )),
+            "dhcp" => Ok(Area::Dhcp),
             other => Err(format!(
-                "unknown area `{other}` (carp, nat, nftables, files)"
+                "unknown area `{other}` (carp, nat, nftables, files, dhcp)"
             )),
         }
     }
@@ -259,7 +260,11 @@ pub fn diff(old: &str, new: &str, old_label: &str, new_label: &str) -> String {
     let parse = |text: &str| text.parse::<Table>().unwrap_or_default();
     let (old, new) = (parse(old), parse(new));
     let mut out = String::new();
-    for (area, keys) in [("carp", &["carp", "vip"][..]), ("nat", &["nat"][..])] {
+    for (area, keys) in [
+        ("carp", &["carp", "vip"][..]),
+        ("nat", &["nat"][..]),
+        ("dhcp", &["dhcp"][..]),
+    ] {
         let part = |table: &Table| {
             let mut sub = Table::new();
             for key in keys {
@@ -618,14 +623,10 @@ accept = ["carp", "nat"]
     }
 
     #[test]
-    fn areas_are_named_and_the_unsupported_ones_said_so() {
+    fn areas_are_named_and_unknown_ones_refused() {
         assert_eq!(Area::parse("carp"), Ok(Area::Carp));
         assert_eq!(Area::parse("files"), Ok(Area::Files));
-        assert!(
-            Area::parse("dhcp")
-                .unwrap_err()
-                .contains("not supported yet")
-        );
+        assert_eq!(Area::parse("dhcp"), Ok(Area::Dhcp));
         assert!(Area::parse("bogus").unwrap_err().contains("unknown area"));
         assert_eq!(hash("a"), hash("a"));
         assert_ne!(hash("a"), hash("b"));

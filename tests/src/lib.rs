@@ -641,6 +641,9 @@ impl Lab {
                 if !files.is_empty() {
                     areas.push("\"files\"");
                 }
+                if opts.dhcp {
+                    areas.push("\"dhcp\"");
+                }
                 write!(
                     text,
                     "\n[config_sync]\npush = [{}]\nnftables = [{}]\nfiles = [{}]\n",
@@ -651,7 +654,7 @@ impl Lab {
             }
             ConfigSyncPart::Accept => {
                 text.push_str(
-                    "\n[config_sync]\naccept = [\"carp\", \"nat\", \"nftables\", \"files\"]\n",
+                    "\n[config_sync]\naccept = [\"carp\", \"nat\", \"nftables\", \"files\", \"dhcp\"]\n",
                 );
                 if !opts.reload_after.is_empty() {
                     let commands: Vec<String> = opts
@@ -680,7 +683,7 @@ impl Lab {
                 )?;
             }
         }
-        if opts.dhcp {
+        if opts.dhcp && own_areas {
             write!(
                 text,
                 "\n[[dhcp]]\ninterface = \"lan\"\npool = \"{}\"\nlease_time = \"10m\"\n",

@@ -1,5 +1,5 @@
-//! DHCP failover in the namespace lab, with real Kea on both gateways (run by carp) and a
-//! real client (dhclient): a lease with the VIP as router and DNS, replicated to the
+//! DHCP failover in the namespace lab, with real Kea on both gateways (run by carp; the
+//! secondary's `[[dhcp]]` arrives by config sync) and a real client (dhclient): a lease with the VIP as router and DNS, replicated to the
 //! secondary within a second; planned failover through `carp maintenance`; the primary's
 //! death, after which the client keeps its address from the secondary; and the control, two
 //! Kea servers without the HA hook, which hand the same address out twice. Needs root.
@@ -14,7 +14,8 @@ use carp::{
     },
 };
 use carp_lab::{
-    CLIENT_IP, Host, LAN_VIP, Lab, Node, NodeOptions, SERVER_IP, SYNC_SECRET, carp_bin,
+    CLIENT_IP, ConfigSyncPart, Host, LAN_VIP, Lab, Node, NodeOptions, SERVER_IP, SYNC_SECRET,
+    carp_bin,
     cluster::carp_cli,
     dhcp::{self, ClientLease},
     kill_hard, wait_for,
@@ -27,11 +28,22 @@ use std::{
 const GW1_LAN: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
 const GW2_LAN: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 3);
 
-fn gateway(advskew: u8) -> NodeOptions {
+/// The primary: VIPs, DHCP, and both pushed to the secondary by config sync.
+fn primary() -> NodeOptions {
     NodeOptions {
-        advskew,
         sync_key: Some(SYNC_SECRET.into()),
         dhcp: true,
+        config_sync: ConfigSyncPart::Push,
+        ..NodeOptions::default()
+    }
+}
+
+/// The secondary: only its own sections; VIPs and `[[dhcp]]` come from the primary, its
+/// skew +100 makes it Kea's standby.
+fn secondary() -> NodeOptions {
+    NodeOptions {
+        sync_key: Some(SYNC_SECRET.into()),
+        config_sync: ConfigSyncPart::Accept,
         ..NodeOptions::default()
     }
 }
@@ -69,8 +81,8 @@ fn wait_ha(node: &Node, state: &str, within: Duration) -> Result<()> {
 fn leases_follow_the_master() -> Result<()> {
     let lab = Lab::up()?;
     let bin = carp_bin()?;
-    let gw1 = lab.start_carp(&bin, Host::Gw1, &gateway(0))?;
-    let gw2 = lab.start_carp(&bin, Host::Gw2, &gateway(100))?;
+    let gw1 = lab.start_carp(&bin, Host::Gw1, &primary())?;
+    let gw2 = lab.start_carp(&bin, Host::Gw2, &secondary())?;
     wait_ha(&gw1, "hot-standby", Duration::from_secs(30))?;
     wait_ha(&gw2, "hot-standby", Duration::from_secs(10))?;
     let status = gw1.status()?.dhcp.context("no DHCP in gw1's status")?;
