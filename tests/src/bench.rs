@@ -123,6 +123,8 @@ pub fn run() -> Result<()> {
     let lossy = crate::syncbench::bulk_under_loss()?;
     say("configuration sync: one reload with 100 VIPs and a 10,000-rule ruleset");
     let config = config_sync_reload()?;
+    say("DHCP failover: the primary gateway dies under a client with a lease");
+    let dhcp = crate::dhcpbench::measure()?;
 
     println!("\n==================== carp benchmark results ====================");
     xdp.print();
@@ -185,6 +187,7 @@ pub fn run() -> Result<()> {
     print_sync(&sync, &conntrackd);
     print_loss(lossy);
     print_config_sync(&config);
+    crate::dhcpbench::print(&dhcp);
     Ok(())
 }
 

@@ -43,12 +43,12 @@ pub fn add_client(lab: &Lab, name: &str) -> Result<()> {
 pub fn request(lab: &Lab, iface: &str, within: Duration) -> Result<(ClientLease, Duration)> {
     let files = |ext: &str| lab.dir.join(format!("dhclient-{iface}.{ext}"));
     let conf = files("conf");
-    // Retransmitted every second or two (dhclient's backoff otherwise grows to a minute),
+    // Retransmitted every second (dhclient's backoff otherwise grows to a minute),
     // so the time to an answer is the servers' and not the client's.
     std::fs::write(
         &conf,
         format!(
-            "timeout {};\nretry 1;\ninitial-interval 1;\nbackoff-cutoff 2;\n",
+            "timeout {};\nretry 1;\ninitial-interval 1;\nbackoff-cutoff 1;\n",
             within.as_secs().max(1)
         ),
     )?;
@@ -171,6 +171,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_rebind_request_and_its_ack_are_read_back() {
+        let request = rebind_request(7, &[2, 0, 0, 0, 0, 1], Ipv4Addr::new(198, 18, 1, 150));
+        assert_eq!(request.len(), 300);
+        assert_eq!(request[12..16], [198, 18, 1, 150], "ciaddr");
+        let mut ack = request.clone();
+        ack[0] = 2;
+        ack.truncate(240);
+        ack.extend_from_slice(&[53, 1, 5, 54, 4, 198, 18, 1, 3, 255]);
+        assert_eq!(
+            parse_reply(&ack, 7),
+            Some(("ack", Ipv4Addr::new(198, 18, 1, 3)))
+        );
+        assert_eq!(parse_reply(&ack, 8), None, "another transaction");
+        assert_eq!(parse_reply(&request, 7), None, "not a reply");
+        ack[242] = 6;
+        assert_eq!(parse_reply(&ack, 7).map(|r| r.0), Some("nak"));
+    }
+
+    #[test]
     fn the_last_lease_of_a_dhclient_file_is_read() {
         let text = "lease {\n  interface \"lan\";\n  fixed-address 198.18.1.150;\n  option dhcp-server-identifier 198.18.1.2;\n}\nlease {\n  interface \"lan\";\n  fixed-address 198.18.1.151;\n  option subnet-mask 255.255.255.0;\n  option routers 198.18.1.1;\n  option dhcp-server-identifier 198.18.1.3;\n  option domain-name-servers 198.18.1.1;\n}\n";
         let lease = parse_last_lease(text).unwrap();
@@ -179,4 +198,111 @@ mod tests {
         assert_eq!(lease.routers, "198.18.1.1");
         assert!(in_pool(lease.address) && !in_pool(Ipv4Addr::new(198, 18, 1, 1)));
     }
+}
+
+/// The rebinding client of `carp-probe dhcp-rebind` (run in the client's namespace, with
+/// `address` on `iface` so the server's unicast answer arrives).
+pub fn rebind_probe(
+    iface: &str,
+    mac: &str,
+    address: Ipv4Addr,
+    interval: Duration,
+    duration: Duration,
+) -> Result<()> {
+    use std::net::UdpSocket;
+    let mac: Vec<u8> = mac
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<Result<_, _>>()?;
+    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 68))?;
+    socket.set_broadcast(true)?;
+    bind_to_device(&socket, iface)?;
+    socket.set_read_timeout(Some(Duration::from_millis(20)))?;
+    let xid: u32 = std::process::id().wrapping_mul(2_654_435_761);
+    let request = rebind_request(xid, &mac, address);
+    let end = Instant::now() + duration;
+    let mut next = Instant::now();
+    let mut buf = [0u8; 1500];
+    while Instant::now() < end {
+        if Instant::now() >= next {
+            socket.send_to(&request, (Ipv4Addr::BROADCAST, 67))?;
+            next += interval;
+        }
+        let Ok((n, _)) = socket.recv_from(&mut buf) else {
+            continue;
+        };
+        if let Some((kind, server)) = parse_reply(&buf[..n], xid) {
+            println!("{kind} {} {server}", crate::unix_us());
+            if kind == "ack" {
+                return Ok(());
+            }
+        }
+    }
+    bail!("no DHCPACK within {duration:?}")
+}
+
+fn bind_to_device(socket: &std::net::UdpSocket, iface: &str) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid socket and a buffer of the given length.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_BINDTODEVICE,
+            iface.as_ptr().cast(),
+            iface.len() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        bail!(
+            "SO_BINDTODEVICE {iface}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// A DHCPREQUEST in the REBINDING state: ciaddr set, no server identifier, no requested
+/// address.
+fn rebind_request(xid: u32, mac: &[u8], address: Ipv4Addr) -> Vec<u8> {
+    let mut m = vec![0u8; 240];
+    m[0] = 1; // BOOTREQUEST
+    m[1] = 1; // Ethernet
+    m[2] = 6;
+    m[4..8].copy_from_slice(&xid.to_be_bytes());
+    m[12..16].copy_from_slice(&address.octets());
+    m[28..28 + mac.len().min(16)].copy_from_slice(&mac[..mac.len().min(16)]);
+    m[236..240].copy_from_slice(&[99, 130, 83, 99]);
+    m.extend_from_slice(&[53, 1, 3, 55, 3, 1, 3, 6, 255]);
+    m.resize(300, 0);
+    m
+}
+
+/// `("ack" | "nak", server identifier)` of a reply to `xid`.
+fn parse_reply(m: &[u8], xid: u32) -> Option<(&'static str, Ipv4Addr)> {
+    if m.len() < 240
+        || m[0] != 2
+        || m[4..8] != xid.to_be_bytes()
+        || m[236..240] != [99, 130, 83, 99]
+    {
+        return None;
+    }
+    let (mut kind, mut server) = (None, None);
+    let mut i = 240;
+    while i + 1 < m.len() && m[i] != 255 {
+        if m[i] == 0 {
+            i += 1;
+            continue;
+        }
+        let (code, len) = (m[i], usize::from(m[i + 1]));
+        let value = m.get(i + 2..i + 2 + len)?;
+        match (code, value) {
+            (53, [5]) => kind = Some("ack"),
+            (53, [6]) => kind = Some("nak"),
+            (54, [a, b, c, d]) => server = Some(Ipv4Addr::new(*a, *b, *c, *d)),
+            _ => {}
+        }
+        i += 2 + len;
+    }
+    Some((kind?, server?))
 }

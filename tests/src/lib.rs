@@ -13,6 +13,7 @@ pub mod bench;
 pub mod cluster;
 pub mod demo;
 pub mod dhcp;
+pub mod dhcpbench;
 pub mod impair;
 pub mod inspect;
 pub mod ping;

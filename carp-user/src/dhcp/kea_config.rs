@@ -205,7 +205,7 @@ pub fn peer_role(role: HaRole) -> HaRole {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::dhcp::scope::Reservation;
 

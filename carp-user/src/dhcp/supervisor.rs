@@ -340,3 +340,35 @@ fn last_words(dir: &Path) -> String {
         .unwrap_or("no error logged")
         .to_owned()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A configuration Kea refuses leaves DHCP failed with Kea's own words, and the
+    /// supervisor (so the daemon) running. Needs Kea installed (`cargo xtask setup`).
+    #[tokio::test]
+    async fn a_refused_configuration_shows_keas_reason_and_nothing_dies() {
+        let mut setup = kea_config::tests::setup(kea_config::HaRole::Primary);
+        setup.dir = std::env::temp_dir().join(format!("carp-kea-sup-{}", std::process::id()));
+        setup.hooks_dir = PathBuf::from("/nonexistent/kea/hooks");
+        let supervisor = Supervisor::start(setup.clone());
+        let mut failure = None;
+        for _ in 0..100 {
+            failure = supervisor.status().failure;
+            if failure.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let failure = failure.expect("no failure shown");
+        assert!(
+            failure.contains("Kea refuses its configuration"),
+            "{failure}"
+        );
+        assert!(failure.contains("/nonexistent/kea/hooks"), "{failure}");
+        assert!(!supervisor.status().running);
+        supervisor.stop().await;
+        std::fs::remove_dir_all(&setup.dir).unwrap();
+    }
+}

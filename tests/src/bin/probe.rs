@@ -3,6 +3,10 @@
 //! `carp-probe arp IFACE TARGET INTERVAL_MS DURATION_MS`: sends an ARP request for TARGET
 //! every INTERVAL_MS out of IFACE and prints `req <unix_us>` per request and
 //! `reply <unix_us> <mac>` per reply, so a test can count answers and time takeovers.
+//!
+//! `carp-probe dhcp-rebind IFACE MAC ADDRESS INTERVAL_MS DURATION_MS`: a rebinding client
+//! (RFC 2131 4.4.5: ADDRESS as ciaddr, broadcast, no server named) asking every INTERVAL_MS
+//! until the first DHCPACK, printed as `ack <unix_us> <server>` (or `nak ...`).
 
 use anyhow::{Context, Result, bail};
 use carp_lab::unix_us;
@@ -17,8 +21,21 @@ const ETH_P_ARP: u16 = 0x0806;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    if let [_, mode, iface, mac, address, interval, duration] = args.as_slice()
+        && mode == "dhcp-rebind"
+    {
+        return carp_lab::dhcp::rebind_probe(
+            iface,
+            mac,
+            address.parse()?,
+            Duration::from_millis(interval.parse()?),
+            Duration::from_millis(duration.parse()?),
+        );
+    }
     let [_, mode, iface, target, interval, duration] = args.as_slice() else {
-        bail!("usage: carp-probe arp IFACE TARGET INTERVAL_MS DURATION_MS");
+        bail!(
+            "usage: carp-probe arp IFACE TARGET INTERVAL_MS DURATION_MS | dhcp-rebind IFACE MAC ADDRESS INTERVAL_MS DURATION_MS"
+        );
     };
     if mode != "arp" {
         bail!("unknown mode {mode}");
