@@ -166,40 +166,6 @@ pub fn in_pool(address: Ipv4Addr) -> bool {
     (lo..=hi).contains(&address)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_rebind_request_and_its_ack_are_read_back() {
-        let request = rebind_request(7, &[2, 0, 0, 0, 0, 1], Ipv4Addr::new(198, 18, 1, 150));
-        assert_eq!(request.len(), 300);
-        assert_eq!(request[12..16], [198, 18, 1, 150], "ciaddr");
-        let mut ack = request.clone();
-        ack[0] = 2;
-        ack.truncate(240);
-        ack.extend_from_slice(&[53, 1, 5, 54, 4, 198, 18, 1, 3, 255]);
-        assert_eq!(
-            parse_reply(&ack, 7),
-            Some(("ack", Ipv4Addr::new(198, 18, 1, 3)))
-        );
-        assert_eq!(parse_reply(&ack, 8), None, "another transaction");
-        assert_eq!(parse_reply(&request, 7), None, "not a reply");
-        ack[242] = 6;
-        assert_eq!(parse_reply(&ack, 7).map(|r| r.0), Some("nak"));
-    }
-
-    #[test]
-    fn the_last_lease_of_a_dhclient_file_is_read() {
-        let text = "lease {\n  interface \"lan\";\n  fixed-address 198.18.1.150;\n  option dhcp-server-identifier 198.18.1.2;\n}\nlease {\n  interface \"lan\";\n  fixed-address 198.18.1.151;\n  option subnet-mask 255.255.255.0;\n  option routers 198.18.1.1;\n  option dhcp-server-identifier 198.18.1.3;\n  option domain-name-servers 198.18.1.1;\n}\n";
-        let lease = parse_last_lease(text).unwrap();
-        assert_eq!(lease.address, Ipv4Addr::new(198, 18, 1, 151));
-        assert_eq!(lease.server, Ipv4Addr::new(198, 18, 1, 3));
-        assert_eq!(lease.routers, "198.18.1.1");
-        assert!(in_pool(lease.address) && !in_pool(Ipv4Addr::new(198, 18, 1, 1)));
-    }
-}
-
 /// The rebinding client of `carp-probe dhcp-rebind` (run in the client's namespace, with
 /// `address` on `iface` so the server's unicast answer arrives).
 pub fn rebind_probe(
@@ -305,4 +271,38 @@ fn parse_reply(m: &[u8], xid: u32) -> Option<(&'static str, Ipv4Addr)> {
         i += 2 + len;
     }
     Some((kind?, server?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rebind_request_and_its_ack_are_read_back() {
+        let request = rebind_request(7, &[2, 0, 0, 0, 0, 1], Ipv4Addr::new(198, 18, 1, 150));
+        assert_eq!(request.len(), 300);
+        assert_eq!(request[12..16], [198, 18, 1, 150], "ciaddr");
+        let mut ack = request.clone();
+        ack[0] = 2;
+        ack.truncate(240);
+        ack.extend_from_slice(&[53, 1, 5, 54, 4, 198, 18, 1, 3, 255]);
+        assert_eq!(
+            parse_reply(&ack, 7),
+            Some(("ack", Ipv4Addr::new(198, 18, 1, 3)))
+        );
+        assert_eq!(parse_reply(&ack, 8), None, "another transaction");
+        assert_eq!(parse_reply(&request, 7), None, "not a reply");
+        ack[242] = 6;
+        assert_eq!(parse_reply(&ack, 7).map(|r| r.0), Some("nak"));
+    }
+
+    #[test]
+    fn the_last_lease_of_a_dhclient_file_is_read() {
+        let text = "lease {\n  interface \"lan\";\n  fixed-address 198.18.1.150;\n  option dhcp-server-identifier 198.18.1.2;\n}\nlease {\n  interface \"lan\";\n  fixed-address 198.18.1.151;\n  option subnet-mask 255.255.255.0;\n  option routers 198.18.1.1;\n  option dhcp-server-identifier 198.18.1.3;\n  option domain-name-servers 198.18.1.1;\n}\n";
+        let lease = parse_last_lease(text).unwrap();
+        assert_eq!(lease.address, Ipv4Addr::new(198, 18, 1, 151));
+        assert_eq!(lease.server, Ipv4Addr::new(198, 18, 1, 3));
+        assert_eq!(lease.routers, "198.18.1.1");
+        assert!(in_pool(lease.address) && !in_pool(Ipv4Addr::new(198, 18, 1, 1)));
+    }
 }
