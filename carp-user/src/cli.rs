@@ -60,6 +60,13 @@ pub enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Follow state changes and sync events as they happen (Ctrl-C to stop).
+    Events {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Configuration sync.
     Config {
         #[command(subcommand)]

@@ -7,6 +7,7 @@ use crate::{
     dhcp::scope::{self as dhcp_scope, DhcpScope, RawDhcp},
     interfaces::{Interface, Ipv4Net},
     nat::{self, NatRule, RawNat},
+    notify::{self, Hook, RawNotify},
     sync::{
         service::SyncConfig,
         transport::{MIN_SECRET_LEN, SharedKey},
@@ -85,6 +86,8 @@ pub struct Config {
     pub config_sync: ConfigSync,
     /// DHCP scopes Kea serves, as a hot-standby pair with the sync peer.
     pub dhcp: Vec<DhcpScope>,
+    /// Commands run on state changes.
+    pub notify: Vec<Hook>,
 }
 
 /// The `[config_sync]` section: a primary pushes areas, a secondary accepts them.
@@ -151,6 +154,8 @@ struct RawConfig {
     config_sync: Option<RawConfigSync>,
     #[serde(default)]
     dhcp: Vec<RawDhcp>,
+    #[serde(default)]
+    notify: Vec<RawNotify>,
 }
 
 #[derive(Deserialize)]
@@ -471,6 +476,7 @@ fn validate(raw: RawConfig, interfaces: &[Interface], problems: &mut Vec<Problem
         problems,
     );
     let dhcp = dhcp_scope::validate(&raw.dhcp, interfaces, &vips, problems);
+    let notify = notify::validate(&raw.notify, problems);
     if !raw.dhcp.is_empty() && sync.is_none() {
         problems.push(Problem {
             field: "dhcp".into(),
@@ -504,6 +510,7 @@ fn validate(raw: RawConfig, interfaces: &[Interface], problems: &mut Vec<Problem
         nat,
         config_sync,
         dhcp,
+        notify,
     }
 }
 

@@ -1,9 +1,10 @@
 //! The control socket between the daemon and the CLI: one JSON request per connection, one
-//! JSON response back. The types here are also the `carp status --json` format.
+//! JSON response back (or, for `carp events`, one line per event until the reader goes). The types here are also the `carp status --json` format.
 
 use crate::{
     carp::fsm::State,
     dhcp::{LeaseRow, supervisor::DhcpStatus},
+    events::{Event, EventKind, Events},
     sync::service::{FlowRow, SyncStatus},
 };
 use serde::{Deserialize, Serialize};
@@ -22,7 +23,7 @@ use std::{
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt},
     net::UnixListener,
-    sync::{mpsc, oneshot},
+    sync::{broadcast, mpsc, oneshot},
 };
 use tracing::{debug, warn};
 
@@ -55,6 +56,8 @@ pub enum Request {
     ConfigRollback,
     /// Kea's leases (`carp leases`).
     Leases,
+    /// Every event from now on, one JSON line each, until the reader goes (`carp events`).
+    Events,
     /// Fault injection for the tests; refused unless the daemon runs with
     /// `CARP_TEST_HOOKS=1` in its environment.
     TestHook {
@@ -145,6 +148,9 @@ pub struct Counters {
     pub xdp_arp_dropped_backup: u64,
     pub xdp_arp_dropped_stale: u64,
     pub xdp_vmac_accepted: u64,
+    /// Notify hooks that failed or timed out.
+    #[serde(default)]
+    pub notify_failures: u64,
 }
 
 /// A reload's answer when `[sync]` changed: the daemon re-executes in place to apply it.
@@ -182,6 +188,7 @@ pub enum ControlError {
 pub fn serve(
     path: &Path,
     requests: mpsc::Sender<Pending>,
+    events: Events,
     inherited: Option<OwnedFd>,
 ) -> Result<RawFd, ControlError> {
     let error = |source| ControlError::Socket {
@@ -210,7 +217,7 @@ pub fn serve(
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
-                    tokio::spawn(handle_connection(stream, requests.clone()));
+                    tokio::spawn(handle_connection(stream, requests.clone(), events.clone()));
                 }
                 Err(e) => {
                     warn!(error = %e, "control socket accept failed");
@@ -220,6 +227,53 @@ pub fn serve(
         }
     });
     Ok(fd)
+}
+
+/// Writes every event to a `carp events` reader until it goes away.
+async fn stream_events(mut write: tokio::net::unix::OwnedWriteHalf, events: Events) {
+    let mut receiver = events.subscribe();
+    loop {
+        let event = match receiver.recv().await {
+            Ok(event) => event,
+            Err(broadcast::error::RecvError::Lagged(count)) => Event {
+                time: String::new(),
+                node: String::new(),
+                kind: EventKind::Missed { count },
+            },
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let Ok(mut json) = serde_json::to_string(&event) else {
+            continue;
+        };
+        json.push('\n');
+        if write.write_all(json.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Follows the daemon's events (`carp events`), calling `each` per event until it says
+/// stop or the daemon goes.
+pub fn follow(path: &Path, mut each: impl FnMut(Event) -> bool) -> Result<(), ControlError> {
+    let error = |source| ControlError::Socket {
+        path: path.to_owned(),
+        source,
+    };
+    let mut stream = UnixStream::connect(path).map_err(error)?;
+    let mut json = serde_json::to_string(&Request::Events).expect("requests serialize");
+    json.push('\n');
+    stream.write_all(json.as_bytes()).map_err(error)?;
+    for line in BufReader::new(stream).lines() {
+        let line = line.map_err(error)?;
+        let event = serde_json::from_str(&line).map_err(|source| ControlError::Decode {
+            path: path.to_owned(),
+            source,
+        })?;
+        if !each(event) {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// Removes what a dead daemon left at `path`: a socket nobody answers on. Anything else, a
@@ -253,13 +307,18 @@ fn remove_stale_socket(path: &Path) -> Result<(), ControlError> {
     Ok(())
 }
 
-async fn handle_connection(stream: tokio::net::UnixStream, requests: mpsc::Sender<Pending>) {
+async fn handle_connection(
+    stream: tokio::net::UnixStream,
+    requests: mpsc::Sender<Pending>,
+    events: Events,
+) {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = tokio::io::BufReader::new(read.take(MAX_REQUEST));
     let read = tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line)).await;
     let response = match read {
         Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
+            Ok(Request::Events) => return stream_events(write, events).await,
             Ok(request) => {
                 let (tx, rx) = oneshot::channel();
                 if requests.send((request, tx)).await.is_err() {
@@ -393,7 +452,7 @@ mod tests {
         let path = scratch("plain");
         std::fs::write(&path, b"precious").unwrap();
         let (tx, _rx) = mpsc::channel::<Pending>(1);
-        let refused = serve(&path, tx, None).unwrap_err();
+        let refused = serve(&path, tx, Events::new("test"), None).unwrap_err();
         assert!(
             matches!(refused, ControlError::NotASocket { .. }),
             "{refused}"
@@ -407,10 +466,10 @@ mod tests {
         let path = scratch("live");
         let live = std::os::unix::net::UnixListener::bind(&path).unwrap();
         let (tx, _rx) = mpsc::channel::<Pending>(1);
-        let refused = serve(&path, tx.clone(), None).unwrap_err();
+        let refused = serve(&path, tx.clone(), Events::new("test"), None).unwrap_err();
         assert!(matches!(refused, ControlError::InUse { .. }), "{refused}");
         drop(live);
-        serve(&path, tx, None).expect("a socket nobody answers on is stale");
+        serve(&path, tx, Events::new("test"), None).expect("a socket nobody answers on is stale");
         std::fs::remove_file(path).unwrap();
     }
 
@@ -418,7 +477,7 @@ mod tests {
     async fn server_answers_and_refuses_garbage() {
         let path = std::env::temp_dir().join(format!("carp-ctl-{}.sock", std::process::id()));
         let (tx, mut rx) = mpsc::channel::<Pending>(4);
-        serve(&path, tx, None).unwrap();
+        serve(&path, tx, Events::new("test"), None).unwrap();
         tokio::spawn(async move {
             while let Some((request, reply)) = rx.recv().await {
                 let _ = reply.send(Response::error(format!("got {request:?}")));

@@ -6,7 +6,7 @@ use crate::{
     carp::{
         demotion::{self, SendHealth, Sources},
         frame::{self, AdvertAddrs},
-        fsm::{Action, DEMOTION_STEP, PeerAdvert, State, Vhid},
+        fsm::{Action, DEMOTION_STEP, PeerAdvert, State, Transition, Vhid},
         packet::{Advert, CARP_GROUP_V4, CARP_TTL, IPPROTO_CARP},
     },
     config::{Config, ConfigError, MacMode, Vip, XdpModeChoice},
@@ -15,12 +15,13 @@ use crate::{
     dataplane::{Dataplane, DataplaneError, Role},
     dhcp::{self, supervisor::Supervisor},
     error::Chain,
+    events::{EventKind, Events},
     inherit,
     interfaces::{self, Ipv4Net},
     nat,
     netlink::{Addresses, NetlinkError},
     nft::{self, NftError},
-    pins, reload,
+    notify, pins, reload,
     sockets::{AdvertSocket, FrameSocket},
     sync::{
         config_link::{Answer, Received},
@@ -168,6 +169,11 @@ struct Daemon {
     dhcp: Option<Supervisor>,
     /// The peer's Kea is fenced off ([`dhcp::fence`]).
     dhcp_fenced: bool,
+    /// State changes and sync events, for notify hooks and `carp events`.
+    events: Events,
+    notify_failures: Arc<AtomicU64>,
+    /// The sync session was up at the last tick (events on a change).
+    sync_connected: bool,
 }
 
 /// Why the main loop ended.
@@ -191,6 +197,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
     let control_fd = control::serve(
         &daemon.config.node.control_socket,
         control_tx,
+        daemon.events.clone(),
         inherited_control,
     )?;
     let dropped = Arc::new(AtomicU64::new(0));
@@ -236,6 +243,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
                 daemon.counters.dropped_backlog = dropped.load(Ordering::Relaxed);
                 daemon.poll_links(Instant::now());
                 daemon.fence_dhcp_peer();
+                daemon.publish_sync_changes();
                 if daemon.sync.as_ref().is_some_and(|s| !s.session_alive()) {
                     // Exit loudly rather than run on without sync; a restart adopts the VIPs.
                     error!("the sync session task died: exiting");
@@ -494,6 +502,7 @@ impl Daemon {
             }
         };
         let dhcp = dhcp::kea_setup(&config).map(Supervisor::start);
+        let events = Events::new(&config.node.name);
         let mut daemon = Self {
             config,
             dataplane,
@@ -513,6 +522,9 @@ impl Daemon {
             reload_after_failure: Arc::default(),
             dhcp,
             dhcp_fenced: false,
+            events,
+            notify_failures: Arc::default(),
+            sync_connected: false,
         };
         daemon.poll_links(now);
         Ok(daemon)
@@ -537,6 +549,51 @@ impl Daemon {
                 v.reported_state = v.fsm.state();
                 v.since = SystemTime::now();
             }
+        }
+        for i in 0..self.vhids.len() {
+            while let Some(transition) = self.vhids[i].fsm.poll_transition() {
+                self.on_transition(i, transition);
+            }
+        }
+    }
+
+    /// A state change: the notify hooks that want it start (never waited for), and
+    /// `carp events` readers hear of it.
+    fn on_transition(&self, i: usize, transition: Transition) {
+        let v = &self.vhids[i];
+        let change = notify::Change {
+            node: self.config.node.name.clone(),
+            vhid: v.fsm.vhid(),
+            interface: v.interface.clone(),
+            vip: v.address.to_string(),
+            transition,
+        };
+        notify::run(
+            &self.config.notify,
+            &change,
+            &self.notify_failures,
+            &self.events,
+        );
+        self.events.publish(EventKind::Transition {
+            vhid: change.vhid,
+            interface: change.interface,
+            vip: change.vip,
+            old: transition.old,
+            new: transition.new,
+            reason: transition.reason.to_owned(),
+        });
+    }
+
+    /// The sync link coming and going, for `carp events`.
+    fn publish_sync_changes(&mut self) {
+        let connected = self.sync.as_ref().is_some_and(SyncHandle::connected);
+        if connected != self.sync_connected {
+            self.sync_connected = connected;
+            self.events.publish(if connected {
+                EventKind::SyncConnected
+            } else {
+                EventKind::SyncLost
+            });
         }
     }
 
@@ -793,7 +850,8 @@ impl Daemon {
             | Request::ConfigRollback
             | Request::ConfigPush { .. }
             | Request::Maintenance { .. }
-            | Request::Leases => Response::error("handled asynchronously".into()),
+            | Request::Leases
+            | Request::Events => Response::error("handled asynchronously".into()),
         }
     }
 
@@ -1156,7 +1214,6 @@ impl Daemon {
         if let Err(e) = keep_received(&self.config.node.state_dir, &received) {
             return refuse(format!("keeping the received configuration: {e}"));
         }
-
         let (response, _) = self.reload().await;
         let hash = config_sync::hash(&received);
         match response.problems {
@@ -1198,6 +1255,9 @@ impl Daemon {
         self.vhids[i].fsm.handle_shutdown(now);
         while let Some(action) = self.vhids[i].fsm.poll_action() {
             self.perform(i, action).await;
+        }
+        while let Some(transition) = self.vhids[i].fsm.poll_transition() {
+            self.on_transition(i, transition);
         }
         let v = self.vhids.remove(i);
         if let Some(garp) = v.garp {
@@ -1299,6 +1359,7 @@ impl Daemon {
     fn status(&self) -> Status {
         let mut counters = self.counters.clone();
         counters.garps_sent = self.garps_sent.load(Ordering::Relaxed);
+        counters.notify_failures = self.notify_failures.load(Ordering::Relaxed);
         let xdp = self.dataplane.stats().ok();
         let sync = self.sync.as_ref().map(|s| {
             let mut status = s.status();

@@ -52,6 +52,19 @@ fn main() -> anyhow::Result<()> {
                 print!("{}", cli::format_flows(&flows));
             }
         }
+        Command::Events { json, target } => {
+            let socket = target.socket()?;
+            carp::control::follow(&socket, |event| {
+                let line = if json {
+                    serde_json::to_string(&event).unwrap_or_default()
+                } else {
+                    carp::events::format(&event)
+                };
+                // A closed pipe (`carp events | head`) ends the stream.
+                use std::io::Write;
+                writeln!(std::io::stdout(), "{line}").is_ok()
+            })?;
+        }
         Command::Leases { json, target } => {
             let leases = cli::request_leases(&target)?;
             if json {

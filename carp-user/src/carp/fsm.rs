@@ -19,6 +19,9 @@ pub const BOW_OUT_ADVSKEW: u8 = 255;
 /// Demotion added for a downed interface, send errors, maintenance (FreeBSD's factors).
 pub const DEMOTION_STEP: u32 = 240;
 
+/// Why a vhid goes to INIT when the daemon stops (notify hooks tell it from a fault).
+pub const SHUTDOWN_REASON: &str = "shutting down";
+
 /// The states of carp(4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
@@ -92,6 +95,15 @@ pub struct Vhid {
     /// A tied master with a lower address was heard while we were master.
     tie: Option<Tie>,
     actions: VecDeque<Action>,
+    transitions: VecDeque<Transition>,
+}
+
+/// A state change, for notify hooks and `carp events`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transition {
+    pub old: State,
+    pub new: State,
+    pub reason: &'static str,
 }
 
 /// A tie heard as master, and whether we have advertised since (so the peer heard us).
@@ -116,6 +128,7 @@ impl Vhid {
             last_reassert: None,
             tie: None,
             actions: VecDeque::new(),
+            transitions: VecDeque::new(),
         }
     }
 
@@ -129,6 +142,11 @@ impl Vhid {
         v.push_advert();
         v.timer = Some(now + v.own_interval());
         v
+    }
+
+    /// The next state change not yet taken (quinn-proto's `poll_event`).
+    pub fn poll_transition(&mut self) -> Option<Transition> {
+        self.transitions.pop_front()
     }
 
     pub fn state(&self) -> State {
@@ -337,13 +355,14 @@ impl Vhid {
             });
         }
         if self.state != State::Init {
-            self.transition(State::Init, "shutting down", now);
+            self.transition(State::Init, SHUTDOWN_REASON, now);
         }
     }
 
     fn transition(&mut self, new: State, reason: &'static str, now: Instant) {
         let old = self.state;
         info!(vhid = self.vhid, %old, %new, reason, "state change");
+        self.transitions.push_back(Transition { old, new, reason });
         self.state = new;
         self.since = now;
         self.tie = None;
@@ -437,6 +456,27 @@ mod tests {
             advskew,
             source,
         }
+    }
+
+    #[test]
+    fn every_state_change_is_reported_once_with_its_reason() {
+        let t0 = Instant::now();
+        let mut v = Vhid::new(1, params(0, true), ME, t0);
+        v.handle_link(true, t0);
+        let at = v.poll_timeout().unwrap();
+        v.handle_timeout(at);
+        v.handle_advert(advert(0, LOWER), at + ms(10));
+        v.handle_link(false, at + ms(20));
+        let seen: Vec<Transition> = std::iter::from_fn(|| v.poll_transition()).collect();
+        let expected = [
+            (State::Init, State::Backup, "interface up"),
+            (State::Backup, State::Master, "master down timer expired"),
+            (State::Master, State::Init, "interface down"),
+        ];
+        let seen: Vec<(State, State, &str)> =
+            seen.iter().map(|t| (t.old, t.new, t.reason)).collect();
+        assert_eq!(seen, expected, "a tie heard once is no change");
+        assert_eq!(v.poll_transition(), None);
     }
 
     #[test]
