@@ -601,6 +601,7 @@ mod tests {
                 demotion: 240,
                 since: "2026-11-23T16:00:00Z".into(),
                 mac: "00:00:5e:00:01:01".into(),
+                transitions: 0,
             }],
             counters: Counters::default(),
             sync: None,

@@ -88,6 +88,8 @@ pub struct Config {
     pub dhcp: Vec<DhcpScope>,
     /// Commands run on state changes.
     pub notify: Vec<Hook>,
+    /// Where the Prometheus endpoint listens, if anywhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// The `[config_sync]` section: a primary pushes areas, a secondary accepts them.
@@ -156,6 +158,13 @@ struct RawConfig {
     dhcp: Vec<RawDhcp>,
     #[serde(default)]
     notify: Vec<RawNotify>,
+    metrics: Option<RawMetrics>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: String,
 }
 
 #[derive(Deserialize)]
@@ -477,6 +486,18 @@ fn validate(raw: RawConfig, interfaces: &[Interface], problems: &mut Vec<Problem
     );
     let dhcp = dhcp_scope::validate(&raw.dhcp, interfaces, &vips, problems);
     let notify = notify::validate(&raw.notify, problems);
+    let metrics = raw
+        .metrics
+        .and_then(|m| match m.listen.parse::<SocketAddr>() {
+            Ok(listen) => Some(listen),
+            Err(_) => {
+                problems.push(Problem {
+                    field: "metrics.listen".into(),
+                    message: format!("`{}` is not ADDRESS:PORT", m.listen),
+                });
+                None
+            }
+        });
     if !raw.dhcp.is_empty() && sync.is_none() {
         problems.push(Problem {
             field: "dhcp".into(),
@@ -511,6 +532,7 @@ fn validate(raw: RawConfig, interfaces: &[Interface], problems: &mut Vec<Problem
         config_sync,
         dhcp,
         notify,
+        metrics,
     }
 }
 

@@ -130,6 +130,9 @@ pub struct VipStatus {
     /// RFC 3339 time the current state was entered.
     pub since: String,
     pub mac: String,
+    /// State changes since the daemon started.
+    #[serde(default)]
+    pub transitions: u64,
 }
 
 /// Protocol and data-plane counters.

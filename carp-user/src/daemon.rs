@@ -18,7 +18,7 @@ use crate::{
     events::{EventKind, Events},
     inherit,
     interfaces::{self, Ipv4Net},
-    nat,
+    metrics, nat,
     netlink::{Addresses, NetlinkError},
     nft::{self, NftError},
     notify, pins, reload,
@@ -139,6 +139,8 @@ struct VhidRuntime {
     link_up: bool,
     reported_state: State,
     since: SystemTime,
+    /// State changes so far (for metrics).
+    transitions: u64,
     garp: Option<JoinHandle<()>>,
     /// Advert (or probe) send results, per vhid as FreeBSD counts them.
     send: SendHealth,
@@ -194,6 +196,11 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
     let (packets_tx, mut packets_rx) = mpsc::channel::<(u32, Vec<u8>)>(BACKLOG);
     let (control_tx, mut control_rx) = mpsc::channel::<Pending>(16);
     let mut daemon = Daemon::start(config, config_path, inherited_sync).await?;
+    if let Some(listen) = daemon.config.metrics {
+        metrics::serve(listen, control_tx.clone())
+            .await
+            .map_err(io_error(format!("metrics endpoint on {listen}")))?;
+    }
     let control_fd = control::serve(
         &daemon.config.node.control_socket,
         control_tx,
@@ -406,6 +413,7 @@ impl VipSetup<'_> {
             link_up: false,
             reported_state: State::Init,
             since: SystemTime::now(),
+            transitions: 0,
             garp: None,
             send: SendHealth::default(),
         })
@@ -548,6 +556,7 @@ impl Daemon {
             if v.fsm.state() != v.reported_state {
                 v.reported_state = v.fsm.state();
                 v.since = SystemTime::now();
+                v.transitions += 1;
             }
         }
         for i in 0..self.vhids.len() {
@@ -915,6 +924,9 @@ impl Daemon {
             if let Some(k) = self.vhid_index(&vip.interface, vip.vhid) {
                 self.vhids[k].fsm.handle_params(*params, now);
             }
+        }
+        if new.metrics != self.config.metrics {
+            warn!("reload: [metrics] changes take effect at the next start");
         }
         self.config = new;
         self.heartbeat_lifetime = heartbeat_lifetime(self.config.carp.advbase);
@@ -1395,6 +1407,7 @@ impl Daemon {
                     demotion: v.fsm.demotion(),
                     since: humantime::format_rfc3339_seconds(v.since).to_string(),
                     mac: format_mac(&v.mac),
+                    transitions: v.transitions,
                 })
                 .collect(),
             counters,

@@ -14,6 +14,7 @@ pub mod events;
 pub mod inherit;
 pub mod interfaces;
 pub mod map_batch;
+pub mod metrics;
 pub mod nat;
 pub mod netlink;
 pub mod nft;

@@ -564,6 +564,8 @@ pub struct NodeOptions {
     pub reload_after: Vec<(PathBuf, Vec<String>)>,
     /// DHCP on the LAN ([[dhcp]], pool [`dhcp::POOL`]), served by Kea as a pair over sync.
     pub dhcp: bool,
+    /// More TOML at the end of the file (`[[notify]]`, `[metrics]`).
+    pub extra: String,
 }
 
 /// A lab node's part in configuration sync.
@@ -596,6 +598,7 @@ impl Default for NodeOptions {
             files: Vec::new(),
             reload_after: Vec::new(),
             dhcp: false,
+            extra: String::new(),
         }
     }
 }
@@ -708,6 +711,7 @@ impl Lab {
                 key_file.display()
             )?;
         }
+        text.push_str(&opts.extra);
         let path = self.dir.join(format!("{name}.toml"));
         fs::write(&path, text)?;
         self.own_pin_dir(PathBuf::from(format!("/sys/fs/bpf/carp/{name}")));
