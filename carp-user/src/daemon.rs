@@ -28,6 +28,7 @@ use crate::{
         service::{self, ConfigRole, SyncHandle},
     },
     synced_files::{self, write_atomically},
+    systemd,
 };
 use aya::programs::XdpMode;
 use carp_common::{
@@ -222,7 +223,11 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
     daemon.push_config();
     let mut interrupt = signal(SignalKind::interrupt()).map_err(io_error("SIGINT handler"))?;
     let mut tick = tokio::time::interval(TICK);
+    let mut watchdog = systemd::Watchdog::from_env();
+    daemon.settle().await;
     info!(node = %daemon.config.node.name, vips = daemon.vhids.len(), "carp running");
+    // The election is armed: every vhid has its timer.
+    systemd::notify("READY=1");
     let exit = loop {
         daemon.settle().await;
         let deadline = daemon
@@ -251,6 +256,9 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
                 daemon.poll_links(Instant::now());
                 daemon.fence_dhcp_peer();
                 daemon.publish_sync_changes();
+                if let Some(watchdog) = &mut watchdog {
+                    watchdog.tick(Instant::now());
+                }
                 if daemon.sync.as_ref().is_some_and(|s| !s.session_alive()) {
                     // Exit loudly rather than run on without sync; a restart adopts the VIPs.
                     error!("the sync session task died: exiting");
@@ -290,7 +298,9 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
             }
             _ = hangup.recv() => {
                 info!("SIGHUP: reloading the configuration");
+                systemd::notify("RELOADING=1");
                 let (response, exit) = daemon.reload().await;
+                systemd::notify("READY=1");
                 daemon.settle().await;
                 if let Some(problems) = response.problems {
                     for problem in problems {
@@ -306,6 +316,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
     receiver.abort();
     match exit {
         Exit::Stop => {
+            systemd::notify("STOPPING=1");
             daemon.shutdown().await;
             Ok(())
         }

@@ -24,6 +24,7 @@ pub mod reload;
 pub mod sockets;
 pub mod sync;
 pub mod synced_files;
+pub mod systemd;
 
 /// The compiled XDP object, embedded so the daemon is one binary.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/carp"));

@@ -8,16 +8,31 @@ use carp::{
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
+/// Logs to stderr, or under systemd to the journal with each event's fields (VHID, OLD,
+/// NEW, REASON, ...) as journal fields.
+fn init_logging() {
+    use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt};
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    if carp::systemd::logs_to_journal()
+        && let Ok(journal) = tracing_journald::layer()
+    {
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(journal)
+            .init();
+        return;
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Run { config: path } => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-                )
-                .with_writer(std::io::stderr)
-                .init();
+            init_logging();
             let config = match Config::load(&path) {
                 Ok(config) => config,
                 Err(ConfigError::Invalid { problems }) => {

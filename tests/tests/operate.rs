@@ -1,6 +1,7 @@
 //! What operators hook into, in the namespace lab: notify hooks run on each transition with
-//! the documented environment, a hook that hangs does not hold up the takeover, and
-//! `carp events` streams the transitions. Needs root.
+//! the documented environment, a hook that hangs does not hold up the takeover, `carp
+//! events` streams the transitions, and the metrics endpoint's state series follow a
+//! failover. Needs root.
 
 use anyhow::{Context, Result};
 use carp::{carp::fsm::State, events::Event};
@@ -12,7 +13,8 @@ use carp_lab::{
 use std::time::{Duration, Instant};
 
 #[test]
-fn notify_hooks_and_events_follow_a_takeover_and_a_hanging_hook_delays_nothing() -> Result<()> {
+fn notify_hooks_events_and_metrics_follow_a_takeover_and_a_hanging_hook_delays_nothing()
+-> Result<()> {
     let lab = Lab::up()?;
     let bin = carp_bin()?;
     let envs = lab.dir.join("hook-env");
@@ -24,8 +26,27 @@ fn notify_hooks_and_events_follow_a_takeover_and_a_hanging_hook_delays_nothing()
     );
     let hooks = format!(
         "\n[[notify]]\non = [\"master\", \"backup\", \"fault\", \"stop\"]\nexec = [\"/bin/sh\", \"-c\", {recorder:?}]\n\
-         \n[[notify]]\non = [\"master\"]\nexec = [\"/bin/sleep\", \"60\"]\ntimeout = 30\n"
+         \n[[notify]]\non = [\"master\"]\nexec = [\"/bin/sleep\", \"60\"]\ntimeout = 30\n\
+         \n[metrics]\nlisten = \"127.0.0.1:9721\"\n"
     );
+    // A scrape from inside gw2's namespace, where the endpoint listens.
+    let scrape = |lab: &Lab| -> String {
+        lab.output(
+            Host::Gw2,
+            &[
+                "bash",
+                "-c",
+                "exec 3<>/dev/tcp/127.0.0.1/9721 && printf 'GET /metrics HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n' >&3 && cat <&3",
+            ],
+        )
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+    };
+    let series = |state: &str| {
+        format!(
+            "carp_vip_state{{vhid=\"1\",interface=\"lan\",vip=\"198.18.1.1/24\",state=\"{state}\"}} 1"
+        )
+    };
     let gw1 = lab.start_carp(&bin, Host::Gw1, &NodeOptions::default())?;
     wait_all(&gw1, State::Master, Duration::from_secs(10))?;
     let gw2 = lab.start_carp(
@@ -52,6 +73,9 @@ fn notify_hooks_and_events_follow_a_takeover_and_a_hanging_hook_delays_nothing()
         (recorded("1-BACKUP").len() == 1).then_some(())
     })
     .context("no backup hook for vhid 1")?;
+    let before = scrape(&lab);
+    assert!(before.starts_with("HTTP/1.1 200 OK"), "{before}");
+    assert!(before.lines().any(|l| l == series("BACKUP")), "{before}");
 
     // `carp events` follows gw2 from here.
     let events_log = lab.dir.join("events.jsonl");
@@ -86,6 +110,14 @@ fn notify_hooks_and_events_follow_a_takeover_and_a_hanging_hook_delays_nothing()
     );
     assert_eq!(env, expected);
     assert!(!recorded("2-MASTER").is_empty(), "vhid 2's hook ran too");
+    let after = scrape(&lab);
+    assert!(after.lines().any(|l| l == series("MASTER")), "{after}");
+    assert!(
+        after.lines().any(|l| l
+            .starts_with("carp_vip_transitions_total{vhid=\"1\",interface=\"lan\"")
+            && l.ends_with(" 2")),
+        "INIT -> BACKUP -> MASTER: {after}"
+    );
 
     let transitions = || -> Vec<Event> {
         std::fs::read_to_string(&events_log)
