@@ -67,6 +67,9 @@ pub enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Write the man page and shell completions into DIR (for packaging).
+    #[command(hide = true)]
+    GenerateDocs { dir: PathBuf },
     /// Configuration sync.
     Config {
         #[command(subcommand)]
@@ -304,6 +307,27 @@ fn wait_for_new_run(target: &Target) -> anyhow::Result<Status> {
             Err(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
         }
     }
+}
+
+/// `carp generate-docs DIR`: carp.8 (man page) and completions for bash, zsh and fish,
+/// from the CLI's own definition.
+pub fn generate_docs(dir: &Path) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir)?;
+    let command = Cli::command().name("carp");
+    let mut page = Vec::new();
+    clap_mangen::Man::new(command.clone())
+        .section("8")
+        .render(&mut page)?;
+    std::fs::write(dir.join("carp.8"), page)?;
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        clap_complete::generate_to(shell, &mut command.clone(), "carp", dir)?;
+    }
+    Ok(())
 }
 
 /// Asks for Kea's leases.

@@ -177,6 +177,8 @@ struct Daemon {
     notify_failures: Arc<AtomicU64>,
     /// The sync session was up at the last tick (events on a change).
     sync_connected: bool,
+    /// Stop hooks still running: a stopping daemon waits for them (each has its timeout).
+    stop_hooks: Vec<JoinHandle<()>>,
 }
 
 /// Why the main loop ended.
@@ -544,6 +546,7 @@ impl Daemon {
             events,
             notify_failures: Arc::default(),
             sync_connected: false,
+            stop_hooks: Vec::new(),
         };
         daemon.poll_links(now);
         Ok(daemon)
@@ -579,7 +582,7 @@ impl Daemon {
 
     /// A state change: the notify hooks that want it start (never waited for), and
     /// `carp events` readers hear of it.
-    fn on_transition(&self, i: usize, transition: Transition) {
+    fn on_transition(&mut self, i: usize, transition: Transition) {
         let v = &self.vhids[i];
         let change = notify::Change {
             node: self.config.node.name.clone(),
@@ -588,12 +591,15 @@ impl Daemon {
             vip: v.address.to_string(),
             transition,
         };
-        notify::run(
+        let tasks = notify::run(
             &self.config.notify,
             &change,
             &self.notify_failures,
             &self.events,
         );
+        if notify::Trigger::of(&transition) == notify::Trigger::Stop {
+            self.stop_hooks.extend(tasks);
+        }
         self.events.publish(EventKind::Transition {
             vhid: change.vhid,
             interface: change.interface,
@@ -1484,6 +1490,9 @@ impl Daemon {
             v.fsm.handle_shutdown(now);
         }
         self.settle().await;
+        for hook in std::mem::take(&mut self.stop_hooks) {
+            let _ = hook.await;
+        }
         if let Err(e) = self.dataplane.clear_heartbeat() {
             warn!(error = %Chain(&e), "cannot clear the XDP heartbeat");
         }

@@ -67,6 +67,7 @@ fn main() -> anyhow::Result<()> {
                 print!("{}", cli::format_flows(&flows));
             }
         }
+        Command::GenerateDocs { dir } => cli::generate_docs(&dir)?,
         Command::Events { json, target } => {
             let socket = target.socket()?;
             carp::control::follow(&socket, |event| {

@@ -143,13 +143,20 @@ impl Change {
     }
 }
 
-/// Runs, each on its own task, every hook that wants this change's trigger.
-pub fn run(hooks: &[Hook], change: &Change, failures: &Arc<AtomicU64>, events: &Events) {
+/// Runs, each on its own task, every hook that wants this change's trigger; their tasks,
+/// for a daemon that stops to wait for its stop hooks.
+pub fn run(
+    hooks: &[Hook],
+    change: &Change,
+    failures: &Arc<AtomicU64>,
+    events: &Events,
+) -> Vec<tokio::task::JoinHandle<()>> {
     let trigger = Trigger::of(&change.transition);
+    let mut tasks = Vec::new();
     for hook in hooks.iter().filter(|h| h.on.contains(&trigger)) {
         let (hook, env) = (hook.clone(), change.env());
         let (failures, events) = (failures.clone(), events.clone());
-        tokio::spawn(async move {
+        tasks.push(tokio::spawn(async move {
             let name = hook.exec.join(" ");
             match run_one(&hook, &env).await {
                 Ok(()) => info!(hook = %name, ?trigger, "notify hook done"),
@@ -162,8 +169,9 @@ pub fn run(hooks: &[Hook], change: &Change, failures: &Arc<AtomicU64>, events: &
                     });
                 }
             }
-        });
+        }));
     }
+    tasks
 }
 
 async fn run_one(hook: &Hook, env: &[(&'static str, String)]) -> Result<(), String> {

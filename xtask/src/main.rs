@@ -1,5 +1,6 @@
 //! `cargo xtask`: set-up, build, lab, demo, tests and benchmarks for carp.
 
+mod package;
 mod setup;
 
 use anyhow::{Context, Result, bail};
@@ -33,6 +34,8 @@ enum Task {
     Test,
     /// Failover times and XDP cost, against ucarp, keepalived and a bare XDP program.
     Bench,
+    /// The Debian package (target/package/carp_<version>_<arch>.deb).
+    Package,
     /// Random faults over the lab under traffic, invariants checked throughout (needs root).
     Soak {
         #[arg(long, default_value_t = 30.0)]
@@ -91,6 +94,11 @@ fn main() -> Result<()> {
                 args.extend(["--seed", seed]);
             }
             lab_tool(&root, &args)
+        }
+        Task::Package => {
+            setup::ensure()?;
+            build(Profile::Release)?;
+            package::build_deb(&root).map(|_| ())
         }
         Task::Bench => {
             setup::ensure()?;
@@ -221,6 +229,17 @@ fn test(root: &Path) -> Result<()> {
             .args(["+nightly", "fuzz", "run", target, "--"])
             .arg(format!("-max_total_time={FUZZ_SECONDS}")))
     });
+    step("the Debian package: built, unpacked into a scratch root, run from there");
+    let packaged = build(Profile::Release)
+        .and_then(|()| package::build_deb(root))
+        .and_then(|deb| package::check_deb(root, &deb));
+    match &packaged {
+        Ok(()) => total.passed += 1,
+        Err(e) => {
+            total.failed += 1;
+            total.failures.push(format!("package: {e:#}"));
+        }
+    }
     step(&format!("chaos soak, {SOAK_MINUTES} minutes"));
     let soak = lab_tool(root, &["soak", "--minutes", &SOAK_MINUTES.to_string()]);
     match &soak {
@@ -238,7 +257,7 @@ fn test(root: &Path) -> Result<()> {
         "\nxtask test: {} passed, {} failed",
         total.passed, total.failed
     );
-    unit.and(namespaces).and(fuzz).and(soak)
+    unit.and(namespaces).and(fuzz).and(packaged).and(soak)
 }
 
 /// How long `cargo xtask test` runs the chaos soak.
