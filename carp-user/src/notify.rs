@@ -69,6 +69,7 @@ pub struct Hook {
 }
 
 const DEFAULT_TIMEOUT: u64 = 10;
+const HOOK_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const MAX_TIMEOUT: u64 = 3600;
 
 /// Checks every hook; each refusal names its field (`notify[0].on: ...`).
@@ -176,8 +177,12 @@ pub fn run(
 
 async fn run_one(hook: &Hook, env: &[(&'static str, String)]) -> Result<(), String> {
     let (program, args) = hook.exec.split_first().ok_or("no command")?;
+    // Only what the hook is told, and a PATH: nothing of the daemon's own environment
+    // (systemd's NOTIFY_SOCKET among it) leaks into it.
     let mut child = tokio::process::Command::new(program)
         .args(args)
+        .env_clear()
+        .env("PATH", HOOK_PATH)
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
