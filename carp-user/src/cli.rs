@@ -630,6 +630,7 @@ mod tests {
             counters: Counters::default(),
             sync: None,
             dhcp: None,
+            demotion_by_source: Default::default(),
         };
         let table = format_status(&status);
         let lines: Vec<&str> = table.lines().collect();

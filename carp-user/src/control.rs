@@ -112,6 +112,9 @@ pub struct Status {
     /// Kea, when this node serves DHCP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dhcp: Option<DhcpStatus>,
+    /// The demotion's parts: links_down, send_errors, maintenance, unsynced.
+    #[serde(default)]
+    pub demotion_by_source: std::collections::BTreeMap<String, u32>,
 }
 
 /// One VIP's row.

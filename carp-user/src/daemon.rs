@@ -837,6 +837,10 @@ impl Daemon {
     /// pfSense-style node demotion: 240 per CARP interface without link, 240 after repeated
     /// send errors, 240 in maintenance mode. Applied to every vhid so all VIPs move together.
     fn demotion(&self) -> u32 {
+        self.demotion_sources().total()
+    }
+
+    fn demotion_sources(&self) -> Sources {
         Sources {
             links_down: demotion::links_down(self.vhids.iter().map(|v| (v.ifindex, v.link_up))),
             send_errors: self.vhids.iter().any(|v| v.send.demoted()),
@@ -844,7 +848,6 @@ impl Daemon {
             // pfsync's rule: no mastership before the first bulk update is in.
             unsynced: !self.adopted && self.sync.as_ref().is_some_and(SyncHandle::demoted),
         }
-        .total()
     }
 
     fn apply_demotion(&mut self, now: Instant) {
@@ -1430,6 +1433,12 @@ impl Daemon {
             counters,
             sync,
             dhcp: self.dhcp.as_ref().map(Supervisor::status),
+            demotion_by_source: self
+                .demotion_sources()
+                .by_source()
+                .iter()
+                .map(|(source, d)| ((*source).to_owned(), *d))
+                .collect(),
         }
     }
 

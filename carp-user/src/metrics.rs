@@ -117,6 +117,11 @@ struct InterfaceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabels {
+    source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
     state: String,
 }
@@ -229,10 +234,18 @@ pub fn render(status: &Status) -> String {
     ] {
         registry.register(name, help, counter(n));
     }
+    let demotion = Family::<SourceLabels, Gauge>::default();
+    for (source, d) in &status.demotion_by_source {
+        demotion
+            .get_or_create(&SourceLabels {
+                source: source.clone(),
+            })
+            .set(i64::from(*d));
+    }
     registry.register(
         "demotion",
-        "Node-wide demotion added to every skew",
-        gauge(i64::from(status.demotion)),
+        "Demotion added to every skew, by source",
+        demotion,
     );
     registry.register(
         "maintenance",
@@ -365,6 +378,7 @@ mod tests {
             },
             sync: None,
             dhcp: None,
+            demotion_by_source: [("maintenance".to_owned(), 240)].into(),
         };
         let text = render(&status);
         for line in [
@@ -373,6 +387,7 @@ mod tests {
             "carp_vip_transitions_total{vhid=\"1\",interface=\"lan\",vip=\"198.18.1.1/24\"} 2",
             "carp_adverts_sent_total 7",
             "carp_adverts_rejected_total{reason=\"bad_auth\"} 3",
+            "carp_demotion{source=\"maintenance\"} 240",
             "# EOF",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");

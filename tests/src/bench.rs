@@ -191,8 +191,27 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
-fn verdict(ok: bool) -> &'static str {
-    if ok { "met" } else { "NOT met" }
+/// Targets printed as not met in this run, for `bench --check`.
+static NOT_MET: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A target's verdict as printed; a miss is counted.
+pub(crate) fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        NOT_MET.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        "NOT met"
+    }
+}
+
+/// `bench --check`: fails when a target printed so far was not met.
+pub fn check_targets() -> Result<()> {
+    let missed = NOT_MET.load(std::sync::atomic::Ordering::Relaxed);
+    if missed > 0 {
+        bail!("{missed} target(s) not met (marked NOT met above)");
+    }
+    println!("\nevery target met");
+    Ok(())
 }
 
 /// Nanoseconds per frame of each path.

@@ -186,7 +186,7 @@ pub fn print(trials: &[DhcpFailover]) {
         .all(|t| t.ack <= t.takeover + Duration::from_secs(2));
     println!(
         "  target: DHCPACK within the CARP takeover + 2 s: {}",
-        if ok { "met" } else { "NOT met" }
+        crate::bench::verdict(ok)
     );
 }
 

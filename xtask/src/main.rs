@@ -33,7 +33,11 @@ enum Task {
     /// Every test: unit, BPF_PROG_TEST_RUN and namespace tests (needs root).
     Test,
     /// Failover times and XDP cost, against ucarp, keepalived and a bare XDP program.
-    Bench,
+    Bench {
+        /// Exit non-zero when a target is not met.
+        #[arg(long)]
+        check: bool,
+    },
     /// The Debian package (target/package/carp_<version>_<arch>.deb).
     Package,
     /// Random faults over the lab under traffic, invariants checked throughout (needs root).
@@ -100,11 +104,16 @@ fn main() -> Result<()> {
             build(Profile::Release)?;
             package::build_deb(&root).map(|_| ())
         }
-        Task::Bench => {
+        Task::Bench { check } => {
             setup::ensure()?;
             // Figures of optimised code: the daemon and the bench's own protocol sender.
             build(Profile::Release)?;
-            lab_tool_in(&root, Profile::Release, &["bench"])
+            let args: &[&str] = if check {
+                &["bench", "--check"]
+            } else {
+                &["bench"]
+            };
+            lab_tool_in(&root, Profile::Release, args)
         }
     }
 }

@@ -25,11 +25,17 @@ pub struct Sources {
 impl Sources {
     /// The demotion added to every vhid's advskew.
     pub fn total(&self) -> u32 {
-        DEMOTION_STEP
-            * (self.links_down
-                + u32::from(self.send_errors)
-                + u32::from(self.maintenance)
-                + u32::from(self.unsynced))
+        self.by_source().iter().map(|(_, d)| d).sum()
+    }
+
+    /// Each source's part of the demotion (metrics, `carp status --json`).
+    pub fn by_source(&self) -> [(&'static str, u32); 4] {
+        [
+            ("links_down", DEMOTION_STEP * self.links_down),
+            ("send_errors", DEMOTION_STEP * u32::from(self.send_errors)),
+            ("maintenance", DEMOTION_STEP * u32::from(self.maintenance)),
+            ("unsynced", DEMOTION_STEP * u32::from(self.unsynced)),
+        ]
     }
 }
 

@@ -44,6 +44,10 @@ fn main() -> Result<()> {
         }
         ["demo"] => carp_lab::demo::run()?,
         ["bench"] => carp_lab::bench::run()?,
+        ["bench", "--check"] => {
+            carp_lab::bench::run()?;
+            carp_lab::bench::check_targets()?;
+        }
         ["bench", "xdp"] => carp_lab::bench::run_xdp()?,
         ["bench", "sync"] => carp_lab::bench::run_sync()?,
         ["bench", "restart"] => carp_lab::bench::run_restart()?,
@@ -56,7 +60,7 @@ fn main() -> Result<()> {
             carp_lab::soak::run(minutes.parse()?, Some(seed.parse()?))?
         }
         _ => bail!(
-            "usage: carp-lab up | down [ID] | demo | bench [xdp|sync|restart|loss|config|dhcp] | load --iface IF \
+            "usage: carp-lab up | down [ID] | demo | bench [--check|xdp|sync|restart|loss|config|dhcp] | load --iface IF \
              | soak --minutes N [--seed S]"
         ),
     }
