@@ -39,7 +39,11 @@ enum Task {
         check: bool,
     },
     /// The Debian package (target/package/carp_<version>_<arch>.deb).
-    Package,
+    Package {
+        /// Also unpack it into a scratch root and run it from there (needs root).
+        #[arg(long)]
+        check: bool,
+    },
     /// Random faults over the lab under traffic, invariants checked throughout (needs root).
     Soak {
         #[arg(long, default_value_t = 30.0)]
@@ -99,10 +103,14 @@ fn main() -> Result<()> {
             }
             lab_tool(&root, &args)
         }
-        Task::Package => {
+        Task::Package { check } => {
             setup::ensure()?;
             build(Profile::Release)?;
-            package::build_deb(&root).map(|_| ())
+            let deb = package::build_deb(&root)?;
+            if check {
+                package::check_deb(&root, &deb)?;
+            }
+            Ok(())
         }
         Task::Bench { check } => {
             setup::ensure()?;

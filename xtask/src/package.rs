@@ -42,6 +42,9 @@ pub fn build_deb(root: &Path) -> Result<PathBuf> {
         Ok(())
     };
     place(&bin, "usr/sbin/carp", 0o755)?;
+    run(Command::new("strip")
+        .arg("--strip-unneeded")
+        .arg(stage.join("usr/sbin/carp")))?;
     place(
         &root.join("packaging/carp.service"),
         "lib/systemd/system/carp.service",
