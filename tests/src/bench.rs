@@ -125,6 +125,8 @@ pub fn run() -> Result<()> {
     let config = config_sync_reload()?;
     say("DHCP failover: the primary gateway dies under a client with a lease");
     let dhcp = crate::dhcpbench::measure()?;
+    say("forwarding through one gateway: carp off, on, with capture");
+    let forwarding = crate::fwdbench::measure()?;
 
     println!("\n==================== carp benchmark results ====================");
     xdp.print();
@@ -188,6 +190,7 @@ pub fn run() -> Result<()> {
     print_loss(lossy);
     print_config_sync(&config);
     crate::dhcpbench::print(&dhcp);
+    crate::fwdbench::print(&forwarding);
     Ok(())
 }
 

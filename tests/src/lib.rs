@@ -14,6 +14,7 @@ pub mod cluster;
 pub mod demo;
 pub mod dhcp;
 pub mod dhcpbench;
+pub mod fwdbench;
 pub mod impair;
 pub mod inspect;
 pub mod ping;
