@@ -604,12 +604,15 @@ fn validate_config_sync(
         }
     }
     for (i, file) in sync.nftables.iter().enumerate() {
-        if let Err(e) = std::fs::metadata(file) {
-            problem(
-                format!("config_sync.nftables[{i}]"),
-                format!("cannot read {}: {e}", file.display()),
-            );
-        }
+        let message = match crate::synced_files::read_regular(file) {
+            Ok(Some(_)) => continue,
+            Ok(None) => "not found".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        problem(
+            format!("config_sync.nftables[{i}]"),
+            format!("cannot read {}: {message}", file.display()),
+        );
     }
     if sync.push.contains(&Area::Nftables) && sync.nftables.is_empty() {
         problem(
@@ -668,16 +671,16 @@ fn validate_synced_files(
             );
             continue;
         }
-        match std::fs::read(&file.path) {
+        match crate::synced_files::read_regular(&file.path) {
             Err(e) => problem(
                 format!("{field}.path"),
-                format!("cannot read {}: {e}", file.path.display()),
+                format!("{}: {e}", file.path.display()),
             ),
-            Ok(bytes) if std::str::from_utf8(&bytes).is_err() => problem(
+            Ok(None) => problem(
                 format!("{field}.path"),
-                format!("{} is not UTF-8 text", file.path.display()),
+                format!("cannot read {}: not found", file.path.display()),
             ),
-            Ok(_) => {}
+            Ok(Some(_)) => {}
         }
         files.push(SyncedFile {
             path: file.path,

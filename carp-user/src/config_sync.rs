@@ -98,8 +98,11 @@ pub fn payload(
     let table: Table = own.parse().map_err(|e: toml::de::Error| e.to_string())?;
     let mut out = Table::new();
     let travelling = |path: &Path, mode: Option<u32>| -> Result<Value, String> {
-        let content = std::fs::read_to_string(path)
-            .map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let content = match crate::synced_files::read_regular(path) {
+            Ok(Some((content, _))) => content,
+            Ok(None) => return Err(format!("reading {}: not found", path.display())),
+            Err(e) => return Err(format!("reading {}: {e}", path.display())),
+        };
         let mut file = Table::new();
         file.insert("path".into(), Value::String(path.display().to_string()));
         if let Some(mode) = mode {
@@ -337,10 +340,7 @@ fn file_diff(
 
 /// A file's content and permission bits on this host; `None` if it cannot be read.
 fn on_disk(path: &Path) -> Option<(String, u32)> {
-    use std::os::unix::fs::PermissionsExt;
-    let content = std::fs::read_to_string(path).ok()?;
-    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o7777;
-    Some((content, mode))
+    crate::synced_files::read_regular(path).ok().flatten()
 }
 
 /// A unified diff, or nothing when the texts agree.

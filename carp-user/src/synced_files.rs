@@ -12,6 +12,37 @@ use std::{
 };
 use tracing::{info, warn};
 
+/// The largest file config sync carries (a 10,000-rule ruleset is 350 KB).
+pub const MAX_FILE: u64 = 4 << 20;
+
+/// A synced path's text and permission bits, read only if it is a regular file of at most
+/// [`MAX_FILE`] bytes: a device or FIFO named by a peer or a typo (`/dev/zero`) never
+/// wedges the daemon. `Ok(None)`: nothing there.
+pub fn read_regular(path: &Path) -> std::io::Result<Option<(String, u32)>> {
+    use std::io::{Error, ErrorKind};
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if !meta.is_file() {
+        return Err(Error::new(ErrorKind::InvalidInput, "not a regular file"));
+    }
+    if meta.len() > MAX_FILE {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "{} bytes, more than the {MAX_FILE} config sync carries",
+                meta.len()
+            ),
+        ));
+    }
+    let bytes = std::fs::read(path)?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| Error::new(ErrorKind::InvalidData, "not UTF-8 text"))?;
+    Ok(Some((text, meta.permissions().mode() & 0o7777)))
+}
+
 /// How long a `reload_after` command may run before it is killed and reported.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -43,11 +74,12 @@ pub fn stage(files: &[SentFile], protected: &[&Path]) -> Result<Staged, String> 
             ));
         }
         let mode = file.mode.unwrap_or(0o644);
-        let changed = match (std::fs::read(&file.path), std::fs::metadata(&file.path)) {
-            (Ok(content), Ok(meta)) => {
-                content != file.content.as_bytes() || meta.permissions().mode() & 0o7777 != mode
+        let changed = match read_regular(&file.path) {
+            Ok(Some((content, found))) => content != file.content || found != mode,
+            Ok(None) => true,
+            Err(e) => {
+                return Err(format!("files: {}: {e}", file.path.display()));
             }
-            _ => true,
         };
         let tmp = temporary(&file.path);
         let written = (|| {
@@ -189,6 +221,16 @@ mod tests {
             mode: Some(mode),
             content: content.into(),
         }
+    }
+
+    #[test]
+    fn only_regular_files_are_read_so_a_device_never_wedges_the_daemon() {
+        let err = read_regular(Path::new("/dev/zero")).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+        assert!(read_regular(Path::new("/")).is_err(), "a directory");
+        assert_eq!(read_regular(Path::new("/nonexistent/carp")).unwrap(), None);
+        let refused = stage(&[sent(Path::new("/dev/null"), 0o644, "x")], &[]).unwrap_err();
+        assert!(refused.contains("not a regular file"), "{refused}");
     }
 
     #[test]
