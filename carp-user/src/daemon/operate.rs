@@ -1,0 +1,119 @@
+//! The daemon's side of what operators hook into and of DHCP: notify hooks and events on
+//! each transition, planned failover through the partner's Kea, the DHCP fence, leases.
+
+use super::Daemon;
+use crate::{
+    carp::fsm::{State, Transition},
+    control::Response,
+    dhcp,
+    error::Chain,
+    events::EventKind,
+    notify,
+    sync::service::SyncHandle,
+};
+use tracing::{error, info, warn};
+
+impl Daemon {
+    /// A state change: the notify hooks that want it start (never waited for), and
+    /// `carp events` readers hear of it.
+    pub(super) fn on_transition(&mut self, i: usize, transition: Transition) {
+        let v = &self.vhids[i];
+        let change = notify::Change {
+            node: self.config.node.name.clone(),
+            vhid: v.fsm.vhid(),
+            interface: v.interface.clone(),
+            vip: v.address.to_string(),
+            transition,
+        };
+        let tasks = notify::run(
+            &self.config.notify,
+            &change,
+            &self.notify_failures,
+            &self.events,
+        );
+        if notify::Trigger::of(&transition) == notify::Trigger::Stop {
+            self.stop_hooks.extend(tasks);
+        }
+        self.events.publish(EventKind::Transition {
+            vhid: change.vhid,
+            interface: change.interface,
+            vip: change.vip,
+            old: transition.old,
+            new: transition.new,
+            reason: transition.reason.to_owned(),
+        });
+    }
+
+    /// The sync link coming and going, for `carp events`.
+    pub(super) fn publish_sync_changes(&mut self) {
+        let connected = self.sync.as_ref().is_some_and(SyncHandle::connected);
+        if connected != self.sync_connected {
+            self.sync_connected = connected;
+            self.events.publish(if connected {
+                EventKind::SyncConnected
+            } else {
+                EventKind::SyncLost
+            });
+        }
+    }
+
+    /// `carp maintenance on|off`: DHCP first (the partner's Kea takes over, or hands back),
+    /// then CARP's demotion.
+    pub(super) async fn maintenance(&mut self, enable: bool) -> Response {
+        if let Some(dhcp) = &self.dhcp
+            && enable != self.maintenance
+        {
+            match dhcp.partner_maintenance(enable).await {
+                Ok(done) => info!(%done, "DHCP maintenance"),
+                Err(e) => warn!(error = %e, "DHCP maintenance not taken by the partner"),
+            }
+        }
+        match self.set_maintenance(enable) {
+            Ok(()) => Response::status(self.status()),
+            Err(e) => Response::error(Chain(&e).to_string()),
+        }
+    }
+
+    /// While master of a VIP on a DHCP interface with the peer gone from the sync link, the
+    /// peer's Kea is fenced off so ours serves now; lifted when the peer is back.
+    pub(super) fn fence_dhcp_peer(&mut self) {
+        let fenced = self.dhcp.as_ref().is_some_and(|dhcp| {
+            let scopes = &dhcp.setup().scopes;
+            self.vhids.iter().any(|v| {
+                v.fsm.state() == State::Master && scopes.iter().any(|s| s.interface == v.interface)
+            }) && self.sync.as_ref().is_some_and(|s| !s.connected())
+        });
+        if fenced == self.dhcp_fenced {
+            return;
+        }
+        let done = match (&self.dhcp, fenced) {
+            (Some(dhcp), true) => dhcp::fence::raise(dhcp.setup().peer, dhcp.setup().port),
+            _ => dhcp::fence::lift(),
+        };
+        match done {
+            Ok(()) => info!(fenced, "DHCP: the peer's Kea fenced off while it is gone"),
+            // Not tried again every tick: Kea's own timeouts still apply.
+            Err(e) => error!(error = %Chain(&e), fenced, "cannot change the DHCP fence"),
+        }
+        self.dhcp_fenced = fenced;
+    }
+
+    /// `carp leases`: Kea's leases, answered once Kea has; the daemon goes on meanwhile.
+    pub(super) fn leases_request(&self, reply: tokio::sync::oneshot::Sender<Response>) {
+        let Some(dhcp) = &self.dhcp else {
+            let _ = reply.send(Response::error(
+                "this node serves no DHCP ([[dhcp]])".into(),
+            ));
+            return;
+        };
+        let leases = dhcp.leases();
+        let scopes = dhcp.setup().scopes.clone();
+        tokio::spawn(async move {
+            let response = match leases.await {
+                Ok(leases) => Response::leases(dhcp::lease_rows(&scopes, leases)),
+                Err(e) => Response::error(e),
+            };
+            let _ = reply.send(response);
+        });
+    }
+}
