@@ -11,7 +11,13 @@ use carp::{
 use libfuzzer_sys::fuzz_target;
 
 const OWN: &str = "[node]\nname = \"gw2\"\n[config_sync]\naccept = [\"carp\", \"nat\", \"nftables\", \"files\", \"dhcp\"]\n";
-const ACCEPT: [Area; 5] = [Area::Carp, Area::Nat, Area::Nftables, Area::Files, Area::Dhcp];
+const ACCEPT: [Area; 5] = [
+    Area::Carp,
+    Area::Nat,
+    Area::Nftables,
+    Area::Files,
+    Area::Dhcp,
+];
 
 fuzz_target!(|data: &[u8]| {
     let Ok(pushed) = std::str::from_utf8(data) else {

@@ -158,14 +158,25 @@ impl Lab {
     /// traffic ignored). External cache on:
     /// states from the peer wait there until `conntrackd -c` commits them to the kernel.
     pub fn start_conntrackd(&self, host: Host) -> Result<Conntrackd> {
+        self.start_conntrackd_with(host, true)
+    }
+
+    /// [`Lab::start_conntrackd`]; without `external_cache` (`DisableExternalCache`) states
+    /// from the peer go straight into the kernel, as carp's do.
+    pub fn start_conntrackd_with(&self, host: Host, external_cache: bool) -> Result<Conntrackd> {
         let (me, peer) = crate::sync_addresses(host);
+        let mode = if external_cache {
+            ""
+        } else {
+            "    DisableExternalCache on\n  "
+        };
         let tag = format!("{host:?}").to_lowercase();
         let file = |ext: &str| self.dir.join(format!("conntrackd-{tag}.{ext}"));
         let config = file("conf");
         std::fs::write(
             &config,
             format!(
-                "Sync {{\n  Mode FTFW {{\n  }}\n  UDP {{\n    IPv4_address {me}\n    \
+                "Sync {{\n  Mode FTFW {{\n  {mode}}}\n  UDP {{\n    IPv4_address {me}\n    \
                  IPv4_Destination_Address {peer}\n    Port 3780\n    Interface sync\n    \
                  Checksum on\n  }}\n}}\n\
                  General {{\n  HashSize 65536\n  HashLimit 524288\n  LogFile {log}\n  \

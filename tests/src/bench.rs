@@ -127,6 +127,8 @@ pub fn run() -> Result<()> {
     let dhcp = crate::dhcpbench::measure()?;
     say("forwarding through one gateway: carp off, on, with capture");
     let forwarding = crate::fwdbench::measure()?;
+    say("live sync on the same work: connections opened through gw1, carp and conntrackd");
+    let same_work = crate::samework::measure()?;
 
     println!("\n==================== carp benchmark results ====================");
     xdp.print();
@@ -191,6 +193,7 @@ pub fn run() -> Result<()> {
     print_config_sync(&config);
     crate::dhcpbench::print(&dhcp);
     crate::fwdbench::print(&forwarding);
+    crate::samework::print(&same_work);
     Ok(())
 }
 
@@ -461,7 +464,11 @@ fn measure_xdp(dir: &std::path::Path) -> Result<XdpCost> {
     let mut carp_ns = Vec::with_capacity(MIX_PACKETS);
     let mut bare_ns = Vec::with_capacity(MIX_PACKETS);
     for (n, flow) in zipf_sequence().into_iter().enumerate() {
-        carp_ns.push(test_run(dataplane.program()?, &flows[flow], 1)?.1.as_nanos());
+        carp_ns.push(
+            test_run(dataplane.program()?, &flows[flow], 1)?
+                .1
+                .as_nanos(),
+        );
         bare_ns.push(test_run(bare, &flows[flow], 1)?.1.as_nanos());
         if n % 1024 == 0 {
             while dataplane.next_delta().is_some() {}

@@ -19,9 +19,11 @@ pub mod impair;
 pub mod inspect;
 pub mod ping;
 pub mod probe;
+pub mod samework;
 pub mod soak;
 pub mod streams;
 pub mod syncbench;
+pub mod syns;
 
 use anyhow::{Context, Result, bail};
 use std::{

@@ -86,7 +86,7 @@ pub fn synthetic(i: u32) -> FlowRecord {
 }
 
 /// Runs `f` on a thread inside `ns` (sockets it opens live there).
-fn in_netns<T: Send + 'static>(
+pub(crate) fn in_netns<T: Send + 'static>(
     ns: &str,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> std::thread::JoinHandle<Result<T>> {
@@ -107,7 +107,7 @@ fn read_count() -> Result<u64> {
     )
 }
 
-fn conntrack_count(ns: &str) -> Result<u64> {
+pub(crate) fn conntrack_count(ns: &str) -> Result<u64> {
     in_netns(ns, read_count).join().expect("no panic")?
 }
 
@@ -447,7 +447,7 @@ pub fn measure_conntrackd() -> Result<ConntrackdFigures> {
 
 /// Waits until `daemon`'s external cache holds `target` states, or stops growing for 5 s;
 /// how many it holds and when the last of them arrived, counted from `since`.
-fn wait_external(
+pub(crate) fn wait_external(
     lab: &Lab,
     daemon: &crate::baselines::Conntrackd,
     target: u64,
@@ -467,7 +467,7 @@ fn wait_external(
 }
 /// `conntrackd -c`, timed until the kernel in `ns` holds `target` more connections than
 /// before it.
-fn commit(
+pub(crate) fn commit(
     lab: &Lab,
     daemon: &crate::baselines::Conntrackd,
     ns: &str,

@@ -55,13 +55,14 @@ fn main() -> Result<()> {
         ["bench", "config"] => carp_lab::bench::run_config()?,
         ["bench", "dhcp"] => carp_lab::dhcpbench::run()?,
         ["bench", "forwarding"] => carp_lab::fwdbench::run()?,
+        ["bench", "samework"] => carp_lab::samework::run()?,
         ["load", "--iface", iface] => carp_lab::inspect::load(iface)?,
         ["soak", "--minutes", minutes] => carp_lab::soak::run(minutes.parse()?, None)?,
         ["soak", "--minutes", minutes, "--seed", seed] => {
             carp_lab::soak::run(minutes.parse()?, Some(seed.parse()?))?
         }
         _ => bail!(
-            "usage: carp-lab up | down [ID] | demo | bench [--check|xdp|sync|restart|loss|config|dhcp|forwarding] | load --iface IF \
+            "usage: carp-lab up | down [ID] | demo | bench [--check|xdp|sync|restart|loss|config|dhcp|forwarding|samework] | load --iface IF \
              | soak --minutes N [--seed S]"
         ),
     }

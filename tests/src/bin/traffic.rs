@@ -10,6 +10,9 @@
 //!
 //! `carp-traffic impair IF_A IF_B LOSS_% DELAY_MS JITTER_MS REORDER_%`: forwards frames
 //! between two interfaces with loss, delay and reordering (netem in user space).
+//!
+//! `carp-traffic syns SRC DST:PORT COUNT`: COUNT TCP SYNs, each a new flow, from SRC (and
+//! the addresses after it every 50,000) through the gateway, as fast as they go.
 
 use anyhow::{Result, bail};
 use carp_lab::unix_us;
@@ -48,9 +51,13 @@ fn main() -> Result<()> {
                 reorder_pct: reorder.parse()?,
             },
         ),
+        [_, "syns", src, dst, count] => {
+            let dst: std::net::SocketAddrV4 = dst.parse()?;
+            carp_lab::syns::run(src.parse()?, *dst.ip(), dst.port(), count.parse()?)
+        }
         _ => bail!(
             "usage: carp-traffic serve ADDR:PORT | streams ADDR:PORT CONNS SECONDS \
-             | impair IF_A IF_B LOSS_% DELAY_MS JITTER_MS REORDER_%"
+             | impair IF_A IF_B LOSS_% DELAY_MS JITTER_MS REORDER_% | syns SRC DST:PORT COUNT"
         ),
     }
 }
