@@ -19,10 +19,11 @@ fn notify_hooks_events_and_metrics_follow_a_takeover_and_a_hanging_hook_delays_n
     let bin = carp_bin()?;
     let envs = lab.dir.join("hook-env");
     std::fs::create_dir_all(&envs)?;
-    // Each run of the hook leaves its environment in a file of its own.
+    // Each run of the hook leaves its environment in a file of its own, renamed into
+    // place once written so a reader never sees it half done.
     let recorder = format!(
-        "env | grep ^CARP_ | sort > {}/$CARP_VHID-$CARP_NEW_STATE-$$",
-        envs.display()
+        "env | grep ^CARP_ | sort > {dir}/.part-$$ && mv {dir}/.part-$$ {dir}/$CARP_VHID-$CARP_NEW_STATE-$$",
+        dir = envs.display()
     );
     let hooks = format!(
         "\n[[notify]]\non = [\"master\", \"backup\", \"fault\", \"stop\"]\nexec = [\"/bin/sh\", \"-c\", {recorder:?}]\n\
