@@ -52,29 +52,46 @@ pub fn request(lab: &Lab, iface: &str, within: Duration) -> Result<(ClientLease,
             within.as_secs().max(1)
         ),
     )?;
+    // In the foreground (-d), as our own child: stopped by its PID once the lease is
+    // written, and by the lab's teardown whatever happens (a daemonised dhclient writes its
+    // PID file after its parent returns, and could outlive the lab).
+    let leases = files("leases");
+    let count = || {
+        std::fs::read_to_string(&leases)
+            .map(|t| t.matches("lease {").count())
+            .unwrap_or(0)
+    };
+    let before = count();
     let started = Instant::now();
-    let out = lab.output(
+    let pid = lab.spawn(
         Host::Client,
         &[
             "dhclient",
+            "-d",
             "-1",
             "-cf",
             &conf.to_string_lossy(),
             "-lf",
-            &files("leases").to_string_lossy(),
+            &leases.to_string_lossy(),
             "-pf",
             &files("pid").to_string_lossy(),
             "-sf",
             "/bin/true",
             iface,
         ],
+        &files("log"),
     )?;
+    let bound = crate::wait_for(within + Duration::from_secs(1), || {
+        (count() > before).then_some(())
+    });
     let took = started.elapsed();
-    stop_client(&files("pid"));
-    if !out.status.success() {
+    crate::end_process(pid, Duration::from_secs(2));
+    if bound.is_none() {
         bail!(
             "dhclient on {iface} got no lease within {within:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
+            std::fs::read_to_string(files("log"))
+                .unwrap_or_default()
+                .trim()
         );
     }
     let text = std::fs::read_to_string(files("leases"))?;
