@@ -498,11 +498,17 @@ fn validate(raw: RawConfig, interfaces: &[Interface], problems: &mut Vec<Problem
                 None
             }
         });
-    if !raw.dhcp.is_empty() && sync.is_none() {
-        problems.push(Problem {
+    match &sync {
+        _ if raw.dhcp.is_empty() => {}
+        None => problems.push(Problem {
             field: "dhcp".into(),
             message: "needs [sync]: Kea's pair talks over the sync link".into(),
-        });
+        }),
+        Some(sync) if !(sync.listen.is_ipv4() && sync.peer.is_ipv4()) => problems.push(Problem {
+            field: "dhcp".into(),
+            message: "needs IPv4 addresses on the sync link ([sync] listen and peer): Kea's pair talks there".into(),
+        }),
+        Some(_) => {}
     }
 
     Config {
@@ -993,6 +999,31 @@ address = "198.18.1.5"
             }
             Err(e) => panic!("unexpected {e}"),
         }
+    }
+
+    #[test]
+    fn dhcp_needs_an_ipv4_sync_link() {
+        let dir = std::env::temp_dir().join(format!("carp-dhcp-sync-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("key");
+        std::fs::write(&key, "a shared secret of some length\n").unwrap();
+        let section = |peer: &str| {
+            format!(
+                "interface = \"sync\"\nlisten = \"198.18.3.1:8370\"\npeer = \"{peer}\"\nkey_file = \"{}\"\n\
+                 [[dhcp]]\ninterface = \"lan\"\npool = \"198.18.1.150-198.18.1.199\"\n",
+                key.display()
+            )
+        };
+        let c = sync_problems(&section("198.18.3.2:8370")).unwrap();
+        assert_eq!(c.dhcp.len(), 1);
+        let got = sync_problems(&section("[fd00::2]:8370")).unwrap_err();
+        assert_eq!(
+            got,
+            [
+                "dhcp: needs IPv4 addresses on the sync link ([sync] listen and peer): Kea's pair talks there"
+            ]
+        );
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
