@@ -290,6 +290,37 @@ fn parse_reply(m: &[u8], xid: u32) -> Option<(&'static str, Ipv4Addr)> {
     Some((kind?, server?))
 }
 
+/// `node`'s Kea HA state as `carp status` shows it ("" if none).
+pub fn kea_state(node: &crate::Node) -> String {
+    node.status()
+        .ok()
+        .and_then(|s| s.dhcp)
+        .and_then(|d| d.ha)
+        .map(|ha| ha.local_state)
+        .unwrap_or_default()
+}
+
+/// A gateway's death as the DHCP tests and bench stage it: its carp and its Kea SIGKILLed,
+/// its links down. Returns when it is dead.
+pub fn kill_gateway(lab: &Lab, node: &crate::Node) -> Result<()> {
+    let kea = node
+        .status()?
+        .dhcp
+        .and_then(|d| d.pid)
+        .context("the gateway's Kea pid")?;
+    crate::kill_hard(node.pid);
+    // Kea is carp's child, not ours: killed, not reaped.
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(kea as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    lab.sh(
+        node.host,
+        "ip link set lan down; ip link set wan down; ip link set sync down",
+    )?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,8 +4,8 @@
 //! rebinding client (`carp-probe dhcp-rebind`, asking every 100 ms for the address it has).
 
 use crate::{
-    ConfigSyncPart, Host, Lab, NodeOptions, SYNC_SECRET, carp_bin, dhcp, kill_hard, probe_bin,
-    unix_us, wait_for,
+    ConfigSyncPart, Host, Lab, NodeOptions, SYNC_SECRET, carp_bin, dhcp, probe_bin, unix_us,
+    wait_for,
 };
 use anyhow::{Context, Result, ensure};
 use carp::carp::fsm::State;
@@ -50,17 +50,9 @@ fn one_death() -> Result<DhcpFailover> {
     };
     let gw1 = lab.start_carp(&bin, Host::Gw1, &primary)?;
     let gw2 = lab.start_carp(&bin, Host::Gw2, &secondary)?;
-    let kea_state = |node: &crate::Node| {
-        node.status()
-            .ok()
-            .and_then(|s| s.dhcp)
-            .and_then(|d| d.ha)
-            .map(|ha| ha.local_state)
-            .unwrap_or_default()
-    };
     for node in [&gw1, &gw2] {
         wait_for(Duration::from_secs(30), || {
-            (kea_state(node) == "hot-standby").then_some(())
+            (dhcp::kea_state(node) == "hot-standby").then_some(())
         })
         .with_context(|| format!("{}'s Kea never paired", node.name))?;
     }
@@ -72,22 +64,9 @@ fn one_death() -> Result<DhcpFailover> {
         &format!("ip addr add {}/32 dev eth0", before.address),
     )?;
     let probe = probe_bin()?;
-    let kea = gw1
-        .status()?
-        .dhcp
-        .and_then(|d| d.pid)
-        .context("gw1's Kea pid")?;
     let killed = Instant::now();
     let killed_us = unix_us();
-    kill_hard(gw1.pid);
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(kea as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    );
-    lab.sh(
-        Host::Gw1,
-        "ip link set lan down; ip link set wan down; ip link set sync down",
-    )?;
+    dhcp::kill_gateway(&lab, &gw1)?;
     std::thread::scope(|scope| {
         let client = scope.spawn(|| {
             lab.output(
@@ -117,7 +96,7 @@ fn one_death() -> Result<DhcpFailover> {
             {
                 takeover = Some(killed.elapsed());
             }
-            if kea_serving.is_none() && kea_state(&gw2) == "partner-down" {
+            if kea_serving.is_none() && dhcp::kea_state(&gw2) == "partner-down" {
                 kea_serving = Some(killed.elapsed());
             }
             std::thread::sleep(Duration::from_millis(20));

@@ -9,7 +9,7 @@
 use crate::{
     Host, LAN_VIP, Lab, NodeOptions, SERVER_IP, SYNC_SECRET, WAN_VIP, carp_bin,
     cluster::{backup_opts, wait_all},
-    syncbench::{commit, conntrack_count, in_netns, wait_external},
+    syncbench::{commit, conntrack_count, in_netns, read_count, wait_external},
     traffic_bin,
 };
 use anyhow::{Context, Result, ensure};
@@ -70,16 +70,9 @@ fn open_flows(lab: &Lab) -> Result<()> {
 fn wait_kernel(lab: &Lab, base: u64, since: Instant) -> Result<(u64, Duration)> {
     let ns = lab.ns(Host::Gw2);
     in_netns(&ns, move || -> Result<(u64, Duration)> {
-        let read = || -> Result<u64> {
-            Ok(
-                std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count")?
-                    .trim()
-                    .parse()?,
-            )
-        };
         let (mut held, mut last_growth) = (0, since.elapsed());
         loop {
-            let n = read()?.saturating_sub(base);
+            let n = read_count()?.saturating_sub(base);
             if n != held {
                 (held, last_growth) = (n, since.elapsed());
             }

@@ -99,7 +99,7 @@ pub(crate) fn in_netns<T: Send + 'static>(
 }
 
 /// Connections in the calling thread's namespace.
-fn read_count() -> Result<u64> {
+pub(crate) fn read_count() -> Result<u64> {
     Ok(
         std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count")?
             .trim()

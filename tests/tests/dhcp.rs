@@ -5,13 +5,10 @@
 //! Kea servers without the HA hook, which hand the same address out twice. Needs root.
 
 use anyhow::{Context, Result, ensure};
-use carp::{
-    control::Status,
-    dhcp::{
-        LeaseRow,
-        kea_config::{self, HaRole, KeaSetup},
-        scope::DhcpScope,
-    },
+use carp::dhcp::{
+    LeaseRow,
+    kea_config::{self, HaRole, KeaSetup},
+    scope::DhcpScope,
 };
 use carp_lab::{
     CLIENT_IP, ConfigSyncPart, Host, LAN_VIP, Lab, Node, NodeOptions, SERVER_IP, SYNC_SECRET,
@@ -56,22 +53,13 @@ fn leases(node: &Node) -> Vec<LeaseRow> {
         .unwrap_or_default()
 }
 
-fn ha_state(node: &Node) -> String {
-    node.status()
-        .ok()
-        .and_then(|s: Status| s.dhcp)
-        .and_then(|d| d.ha)
-        .map(|ha| ha.local_state)
-        .unwrap_or_default()
-}
-
 #[track_caller]
 fn wait_ha(node: &Node, state: &str, within: Duration) -> Result<()> {
-    wait_for(within, || (ha_state(node) == state).then_some(())).with_context(|| {
+    wait_for(within, || (dhcp::kea_state(node) == state).then_some(())).with_context(|| {
         format!(
             "{}'s Kea is `{}`, not `{state}`: {:?}",
             node.name,
-            ha_state(node),
+            dhcp::kea_state(node),
             node.status().map(|s| s.dhcp)
         )
     })
@@ -141,21 +129,8 @@ fn leases_follow_the_master() -> Result<()> {
 
     // The primary dies: carp and its Kea killed, its links down. The client asks for its
     // address again and the secondary gives it the same one; traffic through the VIP flows.
-    let kea = gw1
-        .status()?
-        .dhcp
-        .and_then(|d| d.pid)
-        .context("gw1's Kea pid")?;
     let died = Instant::now();
-    kill_hard(gw1.pid);
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(kea as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    );
-    lab.sh(
-        Host::Gw1,
-        "ip link set lan down; ip link set wan down; ip link set sync down",
-    )?;
+    dhcp::kill_gateway(&lab, &gw1)?;
     let (renewed, took) = dhcp::request(&lab, "eth0", Duration::from_secs(30))?;
     eprintln!(
         "after the primary's death: ACK from {} {:?} later ({took:?} in the client)",
