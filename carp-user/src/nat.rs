@@ -6,14 +6,12 @@
 use crate::{
     config::{Problem, Vip},
     interfaces::{Interface, Ipv4Net},
-    nft::{self, NftError},
+    nft::{self, NftError, equals, payload},
 };
 use nftables::{
-    expr::{
-        Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix, Range, SetItem,
-    },
+    expr::{Expression, Meta, MetaKey, NamedExpression, Prefix, Range, SetItem},
     schema::{Chain, NfListObject, Nftables, Rule},
-    stmt::{Match, NAT, Operator, Statement},
+    stmt::{NAT, Statement},
     types::{NfChainPolicy, NfChainType, NfFamily, NfHook},
 };
 use serde::Deserialize;
@@ -245,13 +243,6 @@ pub fn ruleset(rules: &[NatRule]) -> Nftables<'static> {
         ..Chain::default()
     })];
     for rule in rules {
-        let matches = |left, right| {
-            Statement::Match(Match {
-                left,
-                right,
-                op: Operator::EQ,
-            })
-        };
         let sources = Expression::Named(NamedExpression::Set(
             rule.sources
                 .iter()
@@ -264,21 +255,13 @@ pub fn ruleset(rules: &[NatRule]) -> Nftables<'static> {
                 .collect(),
         ));
         let base = vec![
-            matches(
+            equals(
                 Expression::Named(NamedExpression::Meta(Meta {
                     key: MetaKey::Oifname,
                 })),
                 Expression::String(rule.interface.clone().into()),
             ),
-            matches(
-                Expression::Named(NamedExpression::Payload(Payload::PayloadField(
-                    PayloadField {
-                        protocol: "ip".into(),
-                        field: "saddr".into(),
-                    },
-                ))),
-                sources,
-            ),
+            equals(payload("ip", "saddr"), sources),
         ];
         let snat = |port: Option<(u16, u16)>| {
             Statement::SNAT(Some(NAT {
@@ -307,7 +290,7 @@ pub fn ruleset(rules: &[NatRule]) -> Nftables<'static> {
         };
         if let Some(ports) = rule.ports {
             let mut with_ports = base.clone();
-            with_ports.push(matches(
+            with_ports.push(equals(
                 Expression::Named(NamedExpression::Meta(Meta {
                     key: MetaKey::L4proto,
                 })),

@@ -38,21 +38,6 @@ pub enum NftError {
 pub fn arp_guard(vips: &[Ipv4Addr]) -> Nftables<'static> {
     let family = NfFamily::ARP;
     let chain = "guard";
-    let field = |field: &'static str| {
-        Expression::Named(NamedExpression::Payload(Payload::PayloadField(
-            PayloadField {
-                protocol: "arp".into(),
-                field: field.into(),
-            },
-        )))
-    };
-    let matches = |left, right| {
-        Statement::Match(Match {
-            left,
-            right,
-            op: Operator::EQ,
-        })
-    };
     let elements: Vec<Expression<'static>> = vips
         .iter()
         .map(|vip| Expression::String(vip.to_string().into()))
@@ -89,9 +74,12 @@ pub fn arp_guard(vips: &[Ipv4Addr]) -> Nftables<'static> {
                 table: TABLE.into(),
                 chain: chain.into(),
                 expr: Cow::Owned(vec![
-                    matches(field("operation"), Expression::String("request".into())),
-                    matches(
-                        field("daddr ip"),
+                    equals(
+                        payload("arp", "operation"),
+                        Expression::String("request".into()),
+                    ),
+                    equals(
+                        payload("arp", "daddr ip"),
                         Expression::String(format!("@{VIP_SET}").into()),
                     ),
                     Statement::Counter(Counter::Anonymous(None)),
@@ -102,6 +90,25 @@ pub fn arp_guard(vips: &[Ipv4Addr]) -> Nftables<'static> {
             }),
         ],
     )
+}
+
+/// A packet field, `protocol field` in nft's words (`ip saddr`, `arp operation`).
+pub fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+        PayloadField {
+            protocol: protocol.into(),
+            field: field.into(),
+        },
+    )))
+}
+
+/// The match `left == right`.
+pub fn equals(left: Expression<'static>, right: Expression<'static>) -> Statement<'static> {
+    Statement::Match(Match {
+        left,
+        right,
+        op: Operator::EQ,
+    })
 }
 
 /// One transaction that makes the `family` carp table exactly `objects`: created if missing

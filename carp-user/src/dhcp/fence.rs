@@ -4,11 +4,11 @@
 //! kernel's neighbour timeouts and Kea's own 10 s HTTP timeout, and serves within seconds
 //! of the takeover. Lifted when the peer is back, so the pair resynchronises.
 
-use crate::nft::{self, NftError, TABLE};
+use crate::nft::{self, NftError, TABLE, equals, payload};
 use nftables::{
-    expr::{Expression, NamedExpression, Payload, PayloadField},
+    expr::Expression,
     schema::{Chain, NfListObject, Nftables, Rule},
-    stmt::{Counter, Match, Operator, Reject, RejectType, Statement},
+    stmt::{Counter, Reject, RejectType, Statement},
     types::{NfChainPolicy, NfChainType, NfFamily, NfHook},
 };
 use std::{borrow::Cow, net::Ipv4Addr};
@@ -17,21 +17,6 @@ const FAMILY: NfFamily = NfFamily::INet;
 
 /// The `inet carp` table that refuses connections to `peer:port`.
 pub fn ruleset(peer: Ipv4Addr, port: u16) -> Nftables<'static> {
-    let field = |protocol: &'static str, field: &'static str| {
-        Expression::Named(NamedExpression::Payload(Payload::PayloadField(
-            PayloadField {
-                protocol: protocol.into(),
-                field: field.into(),
-            },
-        )))
-    };
-    let matches = |left, right| {
-        Statement::Match(Match {
-            left,
-            right,
-            op: Operator::EQ,
-        })
-    };
     let chain = "fence";
     nft::replace_table(
         FAMILY,
@@ -51,11 +36,11 @@ pub fn ruleset(peer: Ipv4Addr, port: u16) -> Nftables<'static> {
                 table: TABLE.into(),
                 chain: chain.into(),
                 expr: Cow::Owned(vec![
-                    matches(
-                        field("ip", "daddr"),
+                    equals(
+                        payload("ip", "daddr"),
                         Expression::String(peer.to_string().into()),
                     ),
-                    matches(field("tcp", "dport"), Expression::Number(u32::from(port))),
+                    equals(payload("tcp", "dport"), Expression::Number(u32::from(port))),
                     Statement::Counter(Counter::Anonymous(None)),
                     Statement::Reject(Some(Reject::new(Some(RejectType::TCPReset), None))),
                 ]),
