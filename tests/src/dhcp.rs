@@ -41,6 +41,17 @@ pub fn add_client(lab: &Lab, name: &str) -> Result<()> {
 /// earlier run it asks for the same address again (INIT-REBOOT, as a client does after a
 /// reboot or when its renewal goes unanswered). The client is stopped once bound.
 pub fn request(lab: &Lab, iface: &str, within: Duration) -> Result<(ClientLease, Duration)> {
+    request_wanting(lab, iface, within, None)
+}
+
+/// [`request`], the client asking for `wanted` in its DISCOVER (option 50), as a client does
+/// that remembers an address.
+pub fn request_wanting(
+    lab: &Lab,
+    iface: &str,
+    within: Duration,
+    wanted: Option<Ipv4Addr>,
+) -> Result<(ClientLease, Duration)> {
     let files = |ext: &str| lab.dir.join(format!("dhclient-{iface}.{ext}"));
     let conf = files("conf");
     // Retransmitted every second (dhclient's backoff otherwise grows to a minute),
@@ -48,8 +59,11 @@ pub fn request(lab: &Lab, iface: &str, within: Duration) -> Result<(ClientLease,
     std::fs::write(
         &conf,
         format!(
-            "timeout {};\nretry 1;\ninitial-interval 1;\nbackoff-cutoff 1;\n",
-            within.as_secs().max(1)
+            "timeout {};\nretry 1;\ninitial-interval 1;\nbackoff-cutoff 1;\n{}",
+            within.as_secs().max(1),
+            wanted.map_or(String::new(), |a| format!(
+                "send dhcp-requested-address {a};\n"
+            ))
         ),
     )?;
     // In the foreground (-d), as our own child: stopped by its PID once the lease is
