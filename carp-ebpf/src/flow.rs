@@ -328,6 +328,19 @@ fn update(p: &mut Packet, refresh_ns: u64) {
         // SAFETY: the map value stays valid for this program run.
         let entry = unsafe { &mut *entry };
         let before = [entry.tcp[0].phase, entry.tcp[1].phase];
+        if key.proto == IPPROTO_TCP && reopens(entry, dir, &p.tcp) {
+            // A new connection on the tuple (the port was reused), as conntrack and pf take
+            // it: without a new birth, phases that only move forward would keep the old
+            // connection's and the peer would never hear of the new one.
+            if slot.holds(key) {
+                slot.clear(0, 0);
+            }
+            restart(entry, now);
+            account(entry, slot, p, dir, now);
+            cache(slot, false, key, entry, tick);
+            emit(key, entry, DELTA_BORN, now);
+            return;
+        }
         let cached = account(entry, slot, p, dir, now);
         let after = [entry.tcp[0].phase, entry.tcp[1].phase];
         cache(slot, cached, key, entry, tick);
@@ -360,6 +373,30 @@ fn update(p: &mut Packet, refresh_ns: u64) {
         }
         cache(slot, cached, key, &entry, tick);
     }
+}
+
+/// Whether segment `s` from endpoint `dir` opens a new connection on the flow's tuple: a SYN
+/// after the old connection ended, or one whose sender has sent other sequence numbers
+/// (where NAT splits a flow, this side may never see the old connection's end; a
+/// retransmitted SYN ends where its first copy did).
+#[inline(always)]
+fn reopens(entry: &FlowEntry, dir: usize, s: &Segment) -> bool {
+    let sender = &entry.tcp[dir & 1];
+    s.flags & TCP_SYN != 0
+        && (ended([entry.tcp[0].phase, entry.tcp[1].phase])
+            || (entry.packets[dir & 1] > 0 && s.seq.wrapping_add(s.payload + 1) != sender.seqlo))
+}
+
+/// Empties `entry` for a new connection on its tuple.
+#[inline(always)]
+fn restart(entry: &mut FlowEntry, now: u64) {
+    entry.first_ns = now;
+    entry.last_ns = now;
+    entry.synced_ns = 0;
+    entry.packets = [0; 2];
+    entry.bytes = [0; 2];
+    entry.tcp = [TcpTrack::default(); 2];
+    entry.learned = 0;
 }
 
 /// Moves the slot's sums for the packet's flow, if it holds them, and then the packet itself

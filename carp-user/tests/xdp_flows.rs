@@ -1,6 +1,7 @@
 //! Flow capture through BPF_PROG_TEST_RUN on crafted frames: a whole TCP connection's phases
 //! and the deltas it emits (birth, changes, end; not one per packet), UDP and ICMP echo in
-//! both directions on one entry, IPv6, fragments and truncated headers, capture switched off,
+//! both directions on one entry, a reused tuple born again, IPv6, fragments and truncated
+//! headers, capture switched off,
 //! a full ring buffer that loses deltas without stalling packets, and the per-CPU cache of
 //! plain segments against slot sharing and LRU eviction. Needs root.
 
@@ -392,6 +393,66 @@ fn a_reset_ends_the_flow() {
     let e = l.dataplane.flow(&key(6, [40000, 80])).unwrap();
     assert_eq!([e.tcp[0].phase, e.tcp[1].phase], [tcp_phase::CLOSED; 2]);
     assert_eq!(delta_kinds(&mut l), [DELTA_BORN, DELTA_ENDED]);
+}
+
+/// A client that reset its connection may connect again from the same port: the new SYN is
+/// a new connection, born afresh, not more packets of the ended one.
+#[test]
+fn a_syn_on_a_reset_flows_tuple_is_a_new_connection() {
+    let mut l = capturing(Duration::from_secs(60));
+    let k = key(6, [40000, 80]);
+    pass(&mut l, &segment(true, 1000, 0, SYN, 0));
+    pass(&mut l, &segment(false, 5000, 1001, SYN | ACK, 0));
+    pass(&mut l, &segment(true, 1001, 5001, RST | ACK, 0));
+    assert_eq!(
+        delta_kinds(&mut l),
+        [DELTA_BORN, DELTA_CHANGED, DELTA_ENDED]
+    );
+    pass(&mut l, &segment(true, 9000, 0, SYN, 0));
+    let e = l.dataplane.flow(&k).unwrap();
+    assert_eq!(
+        [e.tcp[0].phase, e.tcp[1].phase],
+        [tcp_phase::SYN_SENT, tcp_phase::NONE]
+    );
+    assert_eq!(e.packets, [1, 0], "nothing of the old connection is kept");
+    assert_eq!(e.tcp[0].seqlo, 9001);
+    pass(&mut l, &segment(false, 7000, 9001, SYN | ACK, 0));
+    pass(&mut l, &segment(true, 9001, 7001, ACK, 0));
+    assert_eq!(
+        delta_kinds(&mut l),
+        [DELTA_BORN, DELTA_CHANGED, DELTA_CHANGED]
+    );
+    let e = l.dataplane.flow(&k).unwrap();
+    assert_eq!(
+        [e.tcp[0].phase, e.tcp[1].phase],
+        [tcp_phase::ESTABLISHED; 2]
+    );
+}
+
+/// Behind a NAT the far side sees a reused tuple first as the server's SYN-ACK, and it may
+/// never have seen the old connection end (the client's reset left by the other side): a
+/// SYN-ACK with a new sequence number is a new connection, a retransmitted one is not.
+#[test]
+fn a_syn_ack_with_a_new_sequence_number_is_a_new_connection() {
+    let mut l = capturing(Duration::from_secs(60));
+    let k = key(6, [40000, 80]);
+    pass(&mut l, &segment(false, 5000, 1001, SYN | ACK, 0));
+    pass(&mut l, &segment(false, 5000, 1001, SYN | ACK, 0));
+    assert_eq!(
+        delta_kinds(&mut l),
+        [DELTA_BORN],
+        "a retransmission is the same one"
+    );
+    pass(&mut l, &segment(false, 5001, 1001, ACK, 100));
+    assert_eq!(delta_kinds(&mut l), [DELTA_CHANGED]);
+    pass(&mut l, &segment(false, 8000, 3001, SYN | ACK, 0));
+    assert_eq!(delta_kinds(&mut l), [DELTA_BORN]);
+    let e = l.dataplane.flow(&k).unwrap();
+    assert_eq!(
+        [e.tcp[0].phase, e.tcp[1].phase],
+        [tcp_phase::NONE, tcp_phase::SYN_RECEIVED]
+    );
+    assert_eq!(e.packets, [0, 1]);
 }
 
 #[test]

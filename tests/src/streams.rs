@@ -53,22 +53,31 @@ pub struct Client {
 
 /// Opens `conns` connections from the LAN client for `seconds`.
 pub fn start_client(lab: &Lab, conns: usize, seconds: u64) -> Result<Client> {
+    start(lab, conns, seconds, None)
+}
+
+/// Opens `conns` connections from the LAN client's ports `first_port..` for `seconds`; they
+/// end with a reset, so the next such client reuses their tuples at once.
+pub fn start_client_from(lab: &Lab, conns: usize, seconds: u64, first_port: u16) -> Result<Client> {
+    start(lab, conns, seconds, Some(first_port))
+}
+
+fn start(lab: &Lab, conns: usize, seconds: u64, first_port: Option<u16>) -> Result<Client> {
     let bin = traffic_bin()?.to_string_lossy().into_owned();
     let log = lab
         .dir
         .join(format!("traffic-client-{}.log", crate::unix_us()));
     let started_us = crate::unix_us();
-    let pid = lab.spawn(
-        Host::Client,
-        &[
-            &bin,
-            "streams",
-            &format!("{SERVER_IP}:{PORT}"),
-            &conns.to_string(),
-            &seconds.to_string(),
-        ],
-        &log,
-    )?;
+    let mut args = vec![
+        bin,
+        "streams".into(),
+        format!("{SERVER_IP}:{PORT}"),
+        conns.to_string(),
+        seconds.to_string(),
+    ];
+    args.extend(first_port.map(|p| p.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let pid = lab.spawn(Host::Client, &args, &log)?;
     Ok(Client {
         pid,
         log,

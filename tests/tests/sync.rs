@@ -1,7 +1,8 @@
 //! State sync in the namespace lab, with outbound NAT to the WAN VIP on both gateways: the
 //! WAN server pushes data to dozens of LAN client connections through the master; they must
 //! survive its death, a restarted backup must get them back by bulk update, the sync link
-//! may flap (flows that end meanwhile are deleted on the peer when it returns), and the sync
+//! may flap (flows that end meanwhile are deleted on the peer when it returns), connections
+//! on a reset connection's reused ports are new ones, and the sync
 //! port shrugs off wrong keys and garbage. The same failover without sync must break them, so
 //! the survival test is known to be able to fail. Needs root.
 
@@ -234,6 +235,28 @@ fn connections_and_nat_survive_the_masters_death() -> Result<()> {
         status.install.conntrack_created >= CONNECTIONS as u64,
         "{status:?}"
     );
+    Ok(())
+}
+
+/// A client that reset its connections and opens them again from the same ports at once (a
+/// restarted client, a busy NAT) makes new connections on the old tuples: they are synced as
+/// new ones, not taken for more of the ended ones, and survive the master's death. This is
+/// what a chaos soak found: ports reused by chance were not synced, and a takeover reset them.
+#[test]
+fn connections_reusing_reset_connections_ports_survive_the_masters_death() -> Result<()> {
+    const FIRST_PORT: u16 = 40100;
+    let lab = Lab::up()?;
+    let (gw1, gw2) = cluster(&lab, true)?;
+    let before = streams::start_client_from(&lab, CONNECTIONS, 2, FIRST_PORT)?.finish()?;
+    assert!(
+        before.tcp.iter().all(|s| s.bytes > 0 && s.error == "-"),
+        "the first connections ran: {before:?}"
+    );
+    let client = streams::start_client_from(&lab, CONNECTIONS, 14, FIRST_PORT)?;
+    std::thread::sleep(Duration::from_secs(4));
+    wait_conntrack(&lab, Host::Gw2, CONNECTIONS).with_context(|| diagnose(&lab, &[&gw1, &gw2]))?;
+    let killed = take_over(&lab, &gw1, &gw2)?;
+    assert_all_survived(&client.finish()?, killed);
     Ok(())
 }
 

@@ -15,9 +15,12 @@ use std::{
 };
 use tracing::warn;
 
-/// Rounds a view waits for its conntrack entry (the kernel confirms a connection only after
-/// the packet XDP saw has crossed the stack) before it is sent without NAT.
+/// Lookups a view waits for its conntrack entry (the kernel confirms a connection only after
+/// the packet XDP saw has crossed the stack) before it is sent without NAT...
 const RESOLVE_ROUNDS: u8 = 3;
+/// ...and for at least this long: rounds come as fast as deltas do, and a burst of new
+/// flows used to spend a view's rounds before a busy CPU had confirmed its connection.
+const RESOLVE_WAIT: Duration = Duration::from_millis(100);
 /// How often connections nothing refreshed are forgotten.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
@@ -38,6 +41,14 @@ struct Unresolved {
     entry: FlowEntry,
     sender: usize,
     rounds: u8,
+    since: Instant,
+}
+
+impl Unresolved {
+    /// Whether the view has waited its rounds and its time for conntrack.
+    fn waited_enough(&self, now: Instant) -> bool {
+        self.rounds >= RESOLVE_ROUNDS && now.saturating_duration_since(self.since) >= RESOLVE_WAIT
+    }
 }
 
 /// Counters the status shows.
@@ -88,6 +99,7 @@ impl Capture {
                     entry: delta.entry,
                     sender,
                     rounds: 0,
+                    since: now,
                 });
                 slot.entry = delta.entry;
             }
@@ -136,6 +148,7 @@ impl Capture {
             return;
         }
         let keys: Vec<xdp::FlowKey> = self.unresolved.keys().copied().collect();
+        let tracked = conntrack.is_some();
         let found = match conntrack {
             Some(conntrack) => self.lookup(conntrack, &keys),
             None => vec![None; keys.len()],
@@ -143,9 +156,10 @@ impl Capture {
         for (key, hit) in keys.into_iter().zip(found) {
             let waiting = self.unresolved.get_mut(&key).expect("listed above");
             waiting.rounds += 1;
+            let from_kernel = hit.is_some();
             let (view, entry) = match hit {
                 Some(hit) => hit,
-                None if waiting.rounds < RESOLVE_ROUNDS => continue,
+                None if tracked && !waiting.waited_enough(now) => continue,
                 None => {
                     // Not in conntrack (not tracked, or already gone): the tuple as seen,
                     // untranslated.
@@ -173,6 +187,11 @@ impl Capture {
                         views: Vec::new(),
                         updated: now,
                     });
+            if from_kernel {
+                // A view that gave up waiting made the record untranslated: the kernel's
+                // answer for another view of the connection puts its NAT mapping back.
+                connection.record.reply = entry.reply;
+            }
             connection.views.push(key);
             self.views.insert(key, view);
             self.apply(&waiting.entry, view, 0, now, out);
@@ -295,20 +314,15 @@ mod tests {
         }
     }
 
-    /// Without conntrack, a flow is sent as seen, originated by its first packet's sender,
-    /// once it has waited its rounds.
+    /// Without conntrack, a flow is sent at once as seen, originated by its first packet's
+    /// sender.
     #[test]
-    fn untracked_flows_go_out_untranslated_after_waiting() {
+    fn untracked_flows_go_out_untranslated() {
         let t = tuple(IPPROTO_UDP, [198, 18, 1, 100], 5000, [198, 18, 2, 100], 53);
         let mut c = Capture::default();
         let now = Instant::now();
-        assert!(
-            c.handle(&[delta(&t, DELTA_BORN, 1, 0)], None, now)
-                .is_empty()
-        );
-        assert!(c.waiting());
-        assert!(c.handle(&[], None, now).is_empty());
-        let out = c.handle(&[], None, now);
+        let out = c.handle(&[delta(&t, DELTA_BORN, 1, 0)], None, now);
+        assert!(!c.waiting());
         let [Local::Upsert(r)] = out.as_slice() else {
             panic!("one upsert, got {out:?}");
         };
@@ -321,14 +335,29 @@ mod tests {
         assert!(matches!(out.as_slice(), [Local::Upsert(r)] if r.packets == [4, 0]));
     }
 
+    /// A burst of deltas spends a view's rounds in microseconds: it still waits its time
+    /// for the kernel to confirm the connection, and the rounds too on a slow loop.
+    #[test]
+    fn a_view_waits_rounds_and_time_for_conntrack() {
+        let since = Instant::now();
+        let mut waiting = Unresolved {
+            entry: FlowEntry::default(),
+            sender: 0,
+            rounds: RESOLVE_ROUNDS,
+            since,
+        };
+        assert!(!waiting.waited_enough(since + Duration::from_millis(1)));
+        assert!(waiting.waited_enough(since + RESOLVE_WAIT));
+        waiting.rounds = 1;
+        assert!(!waiting.waited_enough(since + Duration::from_secs(1)));
+    }
+
     #[test]
     fn ended_connections_are_deleted_and_forgotten() {
         let t = tuple(IPPROTO_TCP, [198, 18, 1, 100], 40000, [198, 18, 2, 100], 80);
         let mut c = Capture::default();
         let now = Instant::now();
-        for _ in 0..RESOLVE_ROUNDS {
-            c.handle(&[delta(&t, DELTA_BORN, 1, tcp_phase::SYN_SENT)], None, now);
-        }
+        c.handle(&[delta(&t, DELTA_BORN, 1, tcp_phase::SYN_SENT)], None, now);
         assert_eq!(c.len(), 1);
         let out = c.handle(&[delta(&t, DELTA_ENDED, 9, tcp_phase::CLOSED)], None, now);
         assert_eq!(out, [Local::Delete(t)]);
@@ -340,9 +369,7 @@ mod tests {
         let t = tuple(IPPROTO_UDP, [1, 1, 1, 1], 1, [2, 2, 2, 2], 2);
         let mut c = Capture::default();
         let now = Instant::now();
-        for _ in 0..RESOLVE_ROUNDS {
-            c.handle(&[delta(&t, DELTA_BORN, 1, 0)], None, now);
-        }
+        c.handle(&[delta(&t, DELTA_BORN, 1, 0)], None, now);
         assert_eq!(c.len(), 1);
         c.handle(&[], None, now + Duration::from_secs(29));
         assert_eq!(c.len(), 1, "UDP without replies lives 30 s");

@@ -6,7 +6,9 @@
 //! `carp-traffic streams ADDR:PORT CONNS SECONDS`: opens CONNS TCP connections to the server
 //! and one UDP flow (a datagram every 20 ms), reads for SECONDS, then prints one line per
 //! connection, `tcp <n> bytes=<b> last_rx_us=<t> error=<e>`, and
-//! `udp sent=<s> received=<r> last_rx_us=<t>`, so a test can tell which ones survived.
+//! `udp sent=<s> received=<r> last_rx_us=<t>`, so a test can tell which ones survived. With
+//! FIRST_PORT, connection i is made from port FIRST_PORT + i and ends with a reset (as a
+//! killed client's does), so the next run may reuse the very same tuples at once.
 //!
 //! `carp-traffic impair IF_A IF_B LOSS_% DELAY_MS JITTER_MS REORDER_%`: forwards frames
 //! between two interfaces with loss, delay and reordering (netem in user space).
@@ -16,6 +18,7 @@
 
 use anyhow::{Result, bail};
 use carp_lab::unix_us;
+use socket2::{Domain, Socket, Type};
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
@@ -40,6 +43,13 @@ fn main() -> Result<()> {
             addr.parse()?,
             conns.parse()?,
             Duration::from_secs(seconds.parse()?),
+            None,
+        ),
+        [_, "streams", addr, conns, seconds, first_port] => streams(
+            addr.parse()?,
+            conns.parse()?,
+            Duration::from_secs(seconds.parse()?),
+            Some(first_port.parse()?),
         ),
         [_, "impair", a, b, loss, delay_ms, jitter_ms, reorder] => carp_lab::impair::run(
             a,
@@ -56,7 +66,7 @@ fn main() -> Result<()> {
             carp_lab::syns::run(src.parse()?, *dst.ip(), dst.port(), count.parse()?)
         }
         _ => bail!(
-            "usage: carp-traffic serve ADDR:PORT | streams ADDR:PORT CONNS SECONDS \
+            "usage: carp-traffic serve ADDR:PORT | streams ADDR:PORT CONNS SECONDS [FIRST_PORT] \
              | impair IF_A IF_B LOSS_% DELAY_MS JITTER_MS REORDER_% | syns SRC DST:PORT COUNT"
         ),
     }
@@ -90,12 +100,35 @@ struct Tally {
     error: Option<String>,
 }
 
-fn streams(addr: SocketAddr, conns: usize, duration: Duration) -> Result<()> {
+/// A connection from `port` that a close resets.
+fn connect_from(addr: SocketAddr, port: u16) -> Result<TcpStream> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_linger(Some(Duration::ZERO))?;
+    let any: SocketAddr = if addr.is_ipv4() {
+        ([0, 0, 0, 0], port).into()
+    } else {
+        ([0u16; 8], port).into()
+    };
+    socket.bind(&any.into())?;
+    socket.connect_timeout(&addr.into(), Duration::from_secs(5))?;
+    Ok(socket.into())
+}
+
+fn streams(
+    addr: SocketAddr,
+    conns: usize,
+    duration: Duration,
+    first_port: Option<u16>,
+) -> Result<()> {
     let end = Instant::now() + duration;
     let tallies: Vec<Arc<Mutex<Tally>>> = (0..conns).map(|_| Arc::default()).collect();
     let mut threads = Vec::new();
-    for tally in &tallies {
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    for (i, tally) in tallies.iter().enumerate() {
+        let mut stream = match first_port {
+            Some(first) => connect_from(addr, first + i as u16)?,
+            None => TcpStream::connect_timeout(&addr, Duration::from_secs(5))?,
+        };
         let tally = tally.clone();
         threads.push(thread::spawn(move || {
             let mut buf = [0u8; 16384];
