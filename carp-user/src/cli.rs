@@ -337,7 +337,7 @@ pub fn request_leases(target: &Target) -> anyhow::Result<Vec<LeaseRow>> {
         .ok_or_else(|| anyhow::anyhow!("the daemon answered without leases"))
 }
 
-/// `carp leases`: a table of address, MAC, hostname, expiry and state.
+/// `carp leases`: a table of address, MAC, hostname, expiry, state and serving node.
 pub fn format_leases(leases: &[LeaseRow]) -> String {
     let header = [
         "INTERFACE",
@@ -346,8 +346,9 @@ pub fn format_leases(leases: &[LeaseRow]) -> String {
         "HOSTNAME",
         "EXPIRES",
         "STATE",
+        "SERVER",
     ];
-    let rows: Vec<[&str; 6]> = leases
+    let rows: Vec<[&str; 7]> = leases
         .iter()
         .map(|l| {
             [
@@ -357,6 +358,7 @@ pub fn format_leases(leases: &[LeaseRow]) -> String {
                 &l.hostname,
                 &l.expires,
                 &l.state,
+                &l.server,
             ]
         })
         .collect();

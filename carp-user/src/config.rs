@@ -90,6 +90,19 @@ pub struct Config {
     pub notify: Vec<Hook>,
     /// Where the Prometheus endpoint listens, if anywhere.
     pub metrics: Option<SocketAddr>,
+    /// Kea run by a service manager (`[kea] run_by = "service"`); `None`: carp runs it.
+    pub kea_service: Option<KeaService>,
+}
+
+/// Kea as a service (systemd's kea-dhcp4-server): carp writes its configuration, has the
+/// service manager reload it, and drives it through its control socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeaService {
+    pub config: PathBuf,
+    pub control_socket: PathBuf,
+    pub lease_file: PathBuf,
+    /// Run after a new configuration is written (and at start): reloads or starts Kea.
+    pub reload: Vec<String>,
 }
 
 /// The `[config_sync]` section: a primary pushes areas, a secondary accepts them.
@@ -159,6 +172,82 @@ struct RawConfig {
     #[serde(default)]
     notify: Vec<RawNotify>,
     metrics: Option<RawMetrics>,
+    kea: Option<RawKea>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKea {
+    run_by: String,
+    config: Option<PathBuf>,
+    control_socket: Option<PathBuf>,
+    lease_file: Option<PathBuf>,
+    reload: Option<Vec<String>>,
+}
+
+/// Debian's kea-dhcp4-server: its configuration file, control socket (in the unit's
+/// RuntimeDirectory) and lease file, and the unit to reload.
+const KEA_SERVICE_CONFIG: &str = "/etc/kea/kea-dhcp4.conf";
+const KEA_SERVICE_SOCKET: &str = "/run/kea/kea4-ctrl-socket";
+const KEA_SERVICE_LEASES: &str = "/var/lib/kea/kea-leases4.csv";
+const KEA_SERVICE_RELOAD: [&str; 3] = ["systemctl", "reload-or-restart", "kea-dhcp4-server"];
+
+/// `[kea]`: who runs Kea, and where the service's files are.
+fn kea_service(raw: Option<RawKea>, problems: &mut Vec<Problem>) -> Option<KeaService> {
+    let raw = raw?;
+    let mut problem = |field: &str, message: String| {
+        problems.push(Problem {
+            field: format!("kea.{field}"),
+            message,
+        })
+    };
+    match raw.run_by.as_str() {
+        "service" => {}
+        "carp" => {
+            let named = [
+                ("config", raw.config.is_some()),
+                ("control_socket", raw.control_socket.is_some()),
+                ("lease_file", raw.lease_file.is_some()),
+                ("reload", raw.reload.is_some()),
+            ];
+            for (field, _) in named.iter().filter(|(_, set)| *set) {
+                problem(field, "only with run_by = \"service\" (carp keeps Kea's files in its state directory)".into());
+            }
+            return None;
+        }
+        other => {
+            problem(
+                "run_by",
+                format!("`{other}` is neither \"carp\" nor \"service\""),
+            );
+            return None;
+        }
+    }
+    let mut path = |field: &str, given: Option<PathBuf>, default: &str| {
+        let path = given.unwrap_or_else(|| default.into());
+        if !path.is_absolute() {
+            problem(
+                field,
+                format!("`{}` is not an absolute path", path.display()),
+            );
+        }
+        path
+    };
+    let config = path("config", raw.config, KEA_SERVICE_CONFIG);
+    let control_socket = path("control_socket", raw.control_socket, KEA_SERVICE_SOCKET);
+    let lease_file = path("lease_file", raw.lease_file, KEA_SERVICE_LEASES);
+    let reload = raw
+        .reload
+        .unwrap_or_else(|| KEA_SERVICE_RELOAD.map(String::from).to_vec());
+    if reload.first().is_none_or(String::is_empty) {
+        problem("reload", "names no command".into());
+    }
+    Some(KeaService {
+        config,
+        control_socket,
+        lease_file,
+        reload,
+    })
 }
 
 #[derive(Deserialize)]
@@ -498,6 +587,7 @@ fn validate(raw: RawConfig, interfaces: &[Interface], problems: &mut Vec<Problem
                 None
             }
         });
+    let kea_service = kea_service(raw.kea, problems);
     match &sync {
         _ if raw.dhcp.is_empty() => {}
         None => problems.push(Problem {
@@ -539,6 +629,7 @@ fn validate(raw: RawConfig, interfaces: &[Interface], problems: &mut Vec<Problem
         dhcp,
         notify,
         metrics,
+        kea_service,
     }
 }
 
@@ -999,6 +1090,46 @@ address = "198.18.1.5"
             }
             Err(e) => panic!("unexpected {e}"),
         }
+    }
+
+    #[test]
+    fn a_kea_service_defaults_to_debians_and_is_validated_field_by_field() {
+        let c = Config::parse(&format!("{GOOD}[kea]\nrun_by = \"service\"\n"), &host()).unwrap();
+        let service = c.kea_service.unwrap();
+        assert_eq!(service.config, PathBuf::from("/etc/kea/kea-dhcp4.conf"));
+        assert_eq!(
+            service.control_socket,
+            PathBuf::from("/run/kea/kea4-ctrl-socket")
+        );
+        assert_eq!(
+            service.reload,
+            ["systemctl", "reload-or-restart", "kea-dhcp4-server"]
+        );
+        let own = Config::parse(&format!("{GOOD}[kea]\nrun_by = \"carp\"\n"), &host()).unwrap();
+        assert_eq!(own.kea_service, None);
+        assert_eq!(Config::parse(GOOD, &host()).unwrap().kea_service, None);
+        let got = problems(&format!(
+            "{GOOD}[kea]\nrun_by = \"service\"\nconfig = \"kea.conf\"\nreload = []\n"
+        ));
+        assert_eq!(
+            got,
+            [
+                "kea.config: `kea.conf` is not an absolute path",
+                "kea.reload: names no command"
+            ]
+        );
+        let got = problems(&format!(
+            "{GOOD}[kea]\nrun_by = \"carp\"\nlease_file = \"/var/lib/kea/l.csv\"\n"
+        ));
+        assert!(
+            got[0].starts_with("kea.lease_file: only with run_by"),
+            "{got:?}"
+        );
+        let got = problems(&format!("{GOOD}[kea]\nrun_by = \"systemd\"\n"));
+        assert_eq!(
+            got,
+            ["kea.run_by: `systemd` is neither \"carp\" nor \"service\""]
+        );
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! DHCP failover in the namespace lab, with real Kea on both gateways (run by carp; the
-//! secondary's `[[dhcp]]` arrives by config sync) and a real client (dhclient): a lease with the VIP as router and DNS, replicated to the
-//! secondary within a second; planned failover through `carp maintenance`; the primary's
-//! death, after which the client keeps its address from the secondary; and the control, two
-//! Kea servers without the HA hook, which hand the same address out twice. Needs root.
+//! secondary's `[[dhcp]]` arrives by config sync) and a real client (dhclient): a lease with
+//! the VIP as router and DNS, replicated to the secondary within a second; planned failover
+//! through `carp maintenance`; the primary's death, after which the client keeps its address
+//! from the secondary; `carp leases` naming the node that served each; Kea run by a service
+//! manager instead, configured and reloaded by carp; and the control, two Kea servers
+//! without the HA hook, which hand the same address out twice. Needs root.
 
 use anyhow::{Context, Result, ensure};
 use carp::dhcp::{
@@ -15,10 +17,11 @@ use carp_lab::{
     carp_bin,
     cluster::carp_cli,
     dhcp::{self, ClientLease},
-    kill_hard, wait_for,
+    end_process, kill_hard, wait_for,
 };
 use std::{
     net::Ipv4Addr,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -65,6 +68,14 @@ fn wait_ha(node: &Node, state: &str, within: Duration) -> Result<()> {
     })
 }
 
+/// The node `carp leases` on `node` says answered `lease`'s last transaction.
+fn served_by(node: &Node, lease: &ClientLease) -> String {
+    leases(node)
+        .into_iter()
+        .find(|l| l.address == lease.address.to_string())
+        .map_or_else(|| "not listed".into(), |l| l.server)
+}
+
 #[test]
 fn leases_follow_the_master() -> Result<()> {
     let lab = Lab::up()?;
@@ -92,6 +103,9 @@ fn leases_follow_the_master() -> Result<()> {
     wait_for(Duration::from_secs(1), || held(&gw2, &a).then_some(()))
         .with_context(|| format!("gw2 does not hold {a:?} 1 s later: {:?}", leases(&gw2)))?;
     eprintln!("lease replicated to the secondary in {:?}", since.elapsed());
+    // Both name the primary as the server that answered.
+    assert_eq!(served_by(&gw1, &a), gw1.name);
+    assert_eq!(served_by(&gw2, &a), gw1.name);
     // carp status reads Kea's lease count once a second.
     let counted = |node: &Node| {
         node.status()
@@ -116,6 +130,7 @@ fn leases_follow_the_master() -> Result<()> {
         "the secondary answers during maintenance: {b:?}"
     );
     assert_ne!(b.address, a.address, "no address handed out twice");
+    assert_eq!(served_by(&gw2, &b), gw2.name);
     carp_cli(&["maintenance", "off", "--socket", &gw1_socket])?;
     wait_ha(&gw1, "hot-standby", Duration::from_secs(20))?;
     wait_for(Duration::from_secs(10), || held(&gw1, &b).then_some(()))
@@ -126,6 +141,7 @@ fn leases_follow_the_master() -> Result<()> {
         (GW1_LAN, b.address),
         "the primary serves again, knowing the secondary's lease"
     );
+    assert_eq!(served_by(&gw1, &again), gw1.name);
 
     // The primary dies: carp and its Kea killed, its links down. The client asks for its
     // address again and the secondary gives it the same one; traffic through the VIP flows.
@@ -142,6 +158,7 @@ fn leases_follow_the_master() -> Result<()> {
         (GW2_LAN, a.address),
         "the secondary keeps the client's address"
     );
+    assert_eq!(served_by(&gw2, &renewed), gw2.name);
     ensure!(
         lab.sh(
             Host::Client,
@@ -149,6 +166,103 @@ fn leases_follow_the_master() -> Result<()> {
         )
         .is_ok(),
         "no traffic through the VIP after the failover"
+    );
+    Ok(())
+}
+
+/// `[kea]` for a node whose Kea a service manager runs: systemd's kea-dhcp4-server on a real
+/// gateway; here a script in its place that starts Kea or sends it SIGHUP (Kea's reload), as
+/// `systemctl reload-or-restart` does. Returns the section and the service's directory.
+fn kea_service(lab: &Lab, node: &str) -> Result<(String, PathBuf)> {
+    let dir = lab.dir.join(format!("kea-service-{node}"));
+    std::fs::create_dir_all(&dir)?;
+    let conf = dir.join("kea-dhcp4.conf");
+    let script = dir.join("reload-or-restart.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nset -e\ncd {d}\npid=$(cat kea-dhcp4.kea-dhcp4.pid 2>/dev/null || true)\n\
+             if [ -n \"$pid\" ] && kill -0 \"$pid\" 2>/dev/null; then exec kill -HUP \"$pid\"; fi\n\
+             KEA_PIDFILE_DIR={d} KEA_LOCKFILE_DIR={d} setsid kea-dhcp4 -c {c} >>kea.out 2>&1 </dev/null &\n",
+            d = dir.display(),
+            c = conf.display()
+        ),
+    )?;
+    let section = format!(
+        "\n[kea]\nrun_by = \"service\"\nconfig = \"{}\"\ncontrol_socket = \"{}\"\n\
+         lease_file = \"{}\"\nreload = [\"/bin/sh\", \"{}\"]\n",
+        conf.display(),
+        dir.join("kea.sock").display(),
+        dir.join("leases.csv").display(),
+        script.display()
+    );
+    Ok((section, dir))
+}
+
+/// The service's Kea, by its PID file.
+fn service_kea_pid(dir: &Path) -> Result<i32> {
+    Ok(
+        std::fs::read_to_string(dir.join("kea-dhcp4.kea-dhcp4.pid"))?
+            .trim()
+            .parse()?,
+    )
+}
+
+/// Where a service manager runs Kea, carp writes the configuration where the service reads
+/// it, reloads the service, and the pair serves and shows in `carp status` as with carp's
+/// own Kea; Kea is the service's, so it outlives carp.
+#[test]
+fn a_kea_service_is_configured_and_driven_by_carp() -> Result<()> {
+    let lab = Lab::up()?;
+    let bin = carp_bin()?;
+    let (section1, dir1) = kea_service(&lab, "gw1")?;
+    let (section2, dir2) = kea_service(&lab, "gw2")?;
+    let gw1 = lab.start_carp(
+        &bin,
+        Host::Gw1,
+        &NodeOptions {
+            extra: section1,
+            ..primary()
+        },
+    )?;
+    let gw2 = lab.start_carp(
+        &bin,
+        Host::Gw2,
+        &NodeOptions {
+            extra: section2,
+            ..secondary()
+        },
+    )?;
+    wait_ha(&gw1, "hot-standby", Duration::from_secs(30))?;
+    wait_ha(&gw2, "hot-standby", Duration::from_secs(10))?;
+    for (dir, role) in [(&dir1, "primary"), (&dir2, "standby")] {
+        let conf: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("kea-dhcp4.conf"))?)?;
+        let ha = &conf["Dhcp4"]["hooks-libraries"][1]["parameters"]["high-availability"][0];
+        assert_eq!(ha["this-server-name"], role, "{conf}");
+    }
+    let status = gw1.status()?.dhcp.context("no DHCP in gw1's status")?;
+    assert!(status.running && status.failure.is_none(), "{status:?}");
+    let kea = service_kea_pid(&dir1)?;
+    // /proc/PID/stat: "pid (comm) state ppid ...".
+    let stat = std::fs::read_to_string(format!("/proc/{kea}/stat"))?;
+    let parent = stat
+        .rsplit(')')
+        .next()
+        .and_then(|rest| rest.split_whitespace().nth(1));
+    assert_ne!(
+        parent,
+        Some(gw1.pid.to_string().as_str()),
+        "the service runs Kea, not carp"
+    );
+    let (a, _) = dhcp::request(&lab, "eth0", Duration::from_secs(15))?;
+    assert!(dhcp::in_pool(a.address), "{a:?}");
+    assert_eq!((a.server, a.routers.as_str()), (GW1_LAN, LAN_VIP));
+    // carp stops; the service's Kea goes on.
+    end_process(gw1.pid, Duration::from_secs(10));
+    ensure!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(kea), None).is_ok(),
+        "the service's Kea ended with carp"
     );
     Ok(())
 }
@@ -182,13 +296,14 @@ fn two_keas_without_ha_hand_out_the_same_address_twice() -> Result<()> {
             dir: dir.clone(),
             hooks_dir: kea_config::find_hooks_dir().context("Kea's hooks are not installed")?,
             failure_ms: 3000,
+            service: None,
         };
         let mut config = kea_config::generate(&setup);
         config["Dhcp4"]
             .as_object_mut()
             .context("Dhcp4")?
             .remove("hooks-libraries");
-        let file = kea_config::config_file(&dir);
+        let file = setup.config_file();
         std::fs::write(&file, config.to_string())?;
         let (pid_dir, lock_dir) = (
             format!("KEA_PIDFILE_DIR={}", dir.display()),

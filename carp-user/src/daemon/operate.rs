@@ -108,9 +108,21 @@ impl Daemon {
         };
         let leases = dhcp.leases();
         let scopes = dhcp.setup().scopes.clone();
+        // The partner is the sync peer: its name as it said hello, kept after it is gone.
+        let partner = self
+            .sync
+            .as_ref()
+            .and_then(|s| s.status().peer_node)
+            .unwrap_or_else(|| "partner".into());
+        let names = dhcp::PairNames {
+            here: self.config.node.name.clone(),
+            partner,
+        };
         tokio::spawn(async move {
             let response = match leases.await {
-                Ok(leases) => Response::leases(dhcp::lease_rows(&scopes, leases)),
+                Ok((leases, served_by)) => {
+                    Response::leases(dhcp::lease_rows(&scopes, leases, &served_by, &names))
+                }
                 Err(e) => Response::error(e),
             };
             let _ = reply.send(response);

@@ -156,10 +156,20 @@ pub struct HaStatus {
     /// Clients the partner seems not to answer (Kea's failure detection).
     pub unacked_clients: u64,
     pub communication_interrupted: bool,
+    /// The HA scopes served here and by the partner: in hot-standby, one of them serves.
+    pub local_scopes: Vec<String>,
+    pub partner_scopes: Vec<String>,
 }
 
 pub fn parse_status(arguments: &Value) -> Option<HaStatus> {
     let servers = &arguments["high-availability"][0]["ha-servers"];
+    let names = |scopes: &Value| -> Vec<String> {
+        scopes.as_array().map_or_else(Vec::new, |all| {
+            all.iter()
+                .filter_map(|s| s.as_str().map(str::to_owned))
+                .collect()
+        })
+    };
     Some(HaStatus {
         local_state: servers["local"]["state"].as_str()?.to_owned(),
         partner_state: servers["remote"]["last-state"]
@@ -170,6 +180,8 @@ pub fn parse_status(arguments: &Value) -> Option<HaStatus> {
         communication_interrupted: servers["remote"]["communication-interrupted"]
             .as_bool()
             .unwrap_or(false),
+        local_scopes: names(&servers["local"]["scopes"]),
+        partner_scopes: names(&servers["remote"]["last-scopes"]),
     })
 }
 
@@ -179,6 +191,8 @@ pub struct Lease {
     pub address: String,
     pub mac: String,
     pub hostname: String,
+    /// Unix time of the client's last transaction.
+    pub cltt: u64,
     /// Unix time the lease ends.
     pub expires: u64,
     pub subnet_id: u32,
@@ -197,6 +211,7 @@ pub fn parse_leases(arguments: &Value) -> Vec<Lease> {
                 address: l["ip-address"].as_str()?.to_owned(),
                 mac: l["hw-address"].as_str().unwrap_or("").to_owned(),
                 hostname: l["hostname"].as_str().unwrap_or("").to_owned(),
+                cltt: l["cltt"].as_u64()?,
                 expires: l["cltt"].as_u64()? + l["valid-lft"].as_u64().unwrap_or(0),
                 subnet_id: u32::try_from(l["subnet-id"].as_u64()?).ok()?,
                 state: u32::try_from(l["state"].as_u64().unwrap_or(0)).unwrap_or(0),
@@ -220,6 +235,8 @@ mod tests {
                 partner_state: "hot-standby".into(),
                 unacked_clients: 2,
                 communication_interrupted: false,
+                local_scopes: vec![],
+                partner_scopes: vec!["primary".into()],
             })
         );
         assert_eq!(parse_status(&json!({})), None);

@@ -1,9 +1,10 @@
 //! The Kea DHCPv4 configuration carp generates from `[[dhcp]]`: the scopes, the lease file,
-//! control socket and log in carp's own directory, and the HA hook in hot-standby with its
-//! peers on the sync link. Pure: the same input gives the same JSON on both nodes but for
+//! control socket and log in carp's own directory (or where the Kea service keeps them), and
+//! the HA hook in hot-standby with its peers on the sync link. Pure: the same input gives the same JSON on both nodes but for
 //! `this-server-name`.
 
 use super::scope::DhcpScope;
+use crate::config::KeaService;
 use serde_json::{Value, json};
 use std::{
     net::Ipv4Addr,
@@ -51,20 +52,45 @@ pub struct KeaSetup {
     /// How long the peer may stay silent before it counts as down: CARP's own master-down
     /// interval, so Kea serves about when CARP moves the VIPs.
     pub failure_ms: u32,
+    /// Kea run by a service manager, with its files where the service has them.
+    pub service: Option<KeaService>,
+}
+
+impl KeaSetup {
+    pub fn config_file(&self) -> PathBuf {
+        match &self.service {
+            Some(service) => service.config.clone(),
+            None => config_file(&self.dir),
+        }
+    }
+
+    pub fn control_socket(&self) -> PathBuf {
+        match &self.service {
+            Some(service) => service.control_socket.clone(),
+            None => control_socket(&self.dir),
+        }
+    }
+
+    fn lease_file(&self) -> PathBuf {
+        match &self.service {
+            Some(service) => service.lease_file.clone(),
+            None => lease_file(&self.dir),
+        }
+    }
 }
 
 /// Kea's heartbeat to its partner: often enough that a silence of `failure_ms` is noticed.
 const HEARTBEAT_MS: u32 = 1000;
 
-pub fn config_file(dir: &Path) -> PathBuf {
+fn config_file(dir: &Path) -> PathBuf {
     dir.join("kea-dhcp4.json")
 }
 
-pub fn control_socket(dir: &Path) -> PathBuf {
+fn control_socket(dir: &Path) -> PathBuf {
     dir.join("kea4.sock")
 }
 
-pub fn lease_file(dir: &Path) -> PathBuf {
+fn lease_file(dir: &Path) -> PathBuf {
     dir.join("leases4.csv")
 }
 
@@ -110,12 +136,12 @@ pub fn generate(setup: &KeaSetup) -> Value {
             "interfaces-config": { "interfaces": interfaces },
             "control-socket": {
                 "socket-type": "unix",
-                "socket-name": control_socket(&setup.dir),
+                "socket-name": setup.control_socket(),
             },
             "lease-database": {
                 "type": "memfile",
                 "persist": true,
-                "name": lease_file(&setup.dir),
+                "name": setup.lease_file(),
                 "lfc-interval": 3600,
             },
             // The HA hook's own listener needs Kea's multi-threading; no control agent then.
@@ -156,10 +182,14 @@ pub fn generate(setup: &KeaSetup) -> Value {
             "subnet4": subnets,
             "loggers": [{
                 "name": "kea-dhcp4",
-                "output_options": [{
-                    "output": log_file(&setup.dir),
-                    "maxsize": 10_485_760,
-                    "maxver": 2,
+                "output_options": [match setup.service {
+                    // A service's output goes to its journal.
+                    Some(_) => json!({ "output": "stdout" }),
+                    None => json!({
+                        "output": log_file(&setup.dir),
+                        "maxsize": 10_485_760,
+                        "maxver": 2,
+                    }),
                 }],
                 "severity": "INFO",
             }],
@@ -234,7 +264,19 @@ pub(crate) mod tests {
             dir: std::env::temp_dir().join(format!("carp-kea-{}", std::process::id())),
             hooks_dir: find_hooks_dir().unwrap_or_else(|| HOOK_DIRS[0].into()),
             failure_ms: 3000,
+            service: None,
         }
+    }
+
+    /// The Kea service's files where the service keeps them (here, beside the test's).
+    fn as_service(mut setup: KeaSetup) -> KeaSetup {
+        setup.service = Some(KeaService {
+            config: setup.dir.join("service.conf"),
+            control_socket: setup.dir.join("service.sock"),
+            lease_file: setup.dir.join("service-leases.csv"),
+            reload: vec!["true".into()],
+        });
+        setup
     }
 
     #[test]
@@ -262,14 +304,33 @@ pub(crate) mod tests {
         assert_eq!(subnet["reservations"][0]["hw-address"], "52:54:00:00:00:01");
     }
 
+    #[test]
+    fn a_kea_service_keeps_its_own_files_and_logs_to_its_journal() {
+        let setup = as_service(setup(HaRole::Primary));
+        let dhcp4 = &generate(&setup)["Dhcp4"];
+        assert_eq!(
+            dhcp4["control-socket"]["socket-name"],
+            setup.dir.join("service.sock").display().to_string()
+        );
+        assert_eq!(
+            dhcp4["lease-database"]["name"],
+            setup.dir.join("service-leases.csv").display().to_string()
+        );
+        assert_eq!(dhcp4["loggers"][0]["output_options"][0]["output"], "stdout");
+        assert_eq!(setup.config_file(), setup.dir.join("service.conf"));
+    }
+
     /// Kea itself accepts what carp generates (`kea-dhcp4 -t`); needs Kea installed, which
     /// `cargo xtask setup` does.
     #[test]
     fn kea_accepts_the_generated_configuration() {
-        for role in [HaRole::Primary, HaRole::Standby] {
-            let setup = setup(role);
+        let setups = [HaRole::Primary, HaRole::Standby]
+            .into_iter()
+            .flat_map(|role| [setup(role), as_service(setup(role))]);
+        for setup in setups {
+            let role = (setup.role, setup.service.is_some());
             std::fs::create_dir_all(&setup.dir).unwrap();
-            let file = config_file(&setup.dir);
+            let file = setup.config_file();
             std::fs::write(&file, generate(&setup).to_string()).unwrap();
             let checked = super::super::kea::check(&file, &setup.dir);
             assert_eq!(checked, Ok(()), "{role:?}");

@@ -5,6 +5,7 @@ pub mod fence;
 pub mod kea;
 pub mod kea_config;
 pub mod scope;
+pub mod served_by;
 pub mod supervisor;
 
 use crate::config::Config;
@@ -12,6 +13,7 @@ use kea::Lease;
 use kea_config::{HaRole, KeaSetup};
 use scope::DhcpScope;
 use serde::{Deserialize, Serialize};
+use served_by::{ServedBy, Server};
 
 /// A node whose `[carp] advskew` is below this runs Kea's primary: pfSense's secondary has
 /// every skew raised by 100, so the CARP primary is also Kea's.
@@ -49,6 +51,7 @@ pub fn kea_setup(config: &Config) -> Option<KeaSetup> {
         hooks_dir: kea_config::find_hooks_dir().unwrap_or_else(|| kea_config::HOOK_DIRS[0].into()),
         // CARP's master-down interval: three adverts missed.
         failure_ms: 3000 * u32::from(config.carp.advbase),
+        service: config.kea_service.clone(),
     })
 }
 
@@ -63,13 +66,31 @@ pub struct LeaseRow {
     pub expires: String,
     /// active, declined or expired.
     pub state: String,
+    /// The node that answered the lease's last transaction (`-` if before this daemon).
+    pub server: String,
+}
+
+/// The pair's node names, for the server column.
+pub struct PairNames {
+    pub here: String,
+    pub partner: String,
 }
 
 /// Kea's leases as rows, by interface and address.
-pub fn lease_rows(scopes: &[DhcpScope], leases: Vec<Lease>) -> Vec<LeaseRow> {
+pub fn lease_rows(
+    scopes: &[DhcpScope],
+    leases: Vec<Lease>,
+    served_by: &ServedBy,
+    names: &PairNames,
+) -> Vec<LeaseRow> {
     let mut rows: Vec<LeaseRow> = leases
         .into_iter()
         .map(|lease| LeaseRow {
+            server: match served_by.at(lease.cltt) {
+                Some(Server::Here) => names.here.clone(),
+                Some(Server::Partner) => names.partner.clone(),
+                Some(Server::Unknown) | None => "-".into(),
+            },
             interface: scopes
                 .iter()
                 .find(|s| kea_config::subnet_id(s) == lease.subnet_id)

@@ -1,11 +1,14 @@
 //! Runs kea-dhcp4 for carp: writes its configuration, checks it with `kea-dhcp4 -t`, starts
 //! it, restarts it with backoff when it dies, and reads its HA state and lease counts every
-//! second for `carp status`. A Kea that is missing or refuses its configuration shows as
-//! failed with Kea's own words; CARP and sync go on regardless.
+//! second for `carp status`. Where a service manager runs Kea instead, carp writes the
+//! configuration where the service reads it, has the service reloaded and reads it alike. A
+//! Kea that is missing or refuses its configuration shows as failed with Kea's own words;
+//! CARP and sync go on regardless.
 
 use super::{
     kea::{self, HaStatus, KEA_DHCP4, Lease},
     kea_config::{self, KeaSetup},
+    served_by::{self, ServedBy, Server},
 };
 use serde::{Deserialize, Serialize};
 use std::{
@@ -47,6 +50,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// A configuration Kea refused is tried again this often (the host may change under it).
 const RECHECK: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_secs(1);
+/// How long a Kea service's reload command may take.
+const RELOAD_LIMIT: Duration = Duration::from_secs(30);
 /// How long Kea gets to stop on SIGTERM.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -54,6 +59,7 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 pub struct Supervisor {
     setup: KeaSetup,
     status: Arc<Mutex<DhcpStatus>>,
+    served_by: Arc<Mutex<ServedBy>>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -74,10 +80,17 @@ impl Supervisor {
             ..DhcpStatus::default()
         }));
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(supervise(setup.clone(), status.clone(), stopped));
+        let served_by = Arc::new(Mutex::new(ServedBy::default()));
+        let task = tokio::spawn(supervise(
+            setup.clone(),
+            status.clone(),
+            served_by.clone(),
+            stopped,
+        ));
         Self {
             setup,
             status,
+            served_by,
             stop,
             task,
         }
@@ -99,12 +112,17 @@ impl Supervisor {
         }
     }
 
-    /// Every lease Kea holds here (a future that owns what it needs, to run on its own).
-    pub fn leases(&self) -> impl Future<Output = Result<Vec<Lease>, String>> + Send + 'static {
-        let socket = kea_config::control_socket(&self.setup.dir);
+    /// Every lease Kea holds here, with who served when (a future that owns what it needs,
+    /// to run on its own).
+    pub fn leases(
+        &self,
+    ) -> impl Future<Output = Result<(Vec<Lease>, ServedBy), String>> + Send + 'static {
+        let socket = self.setup.control_socket();
+        let served_by = self.served_by.clone();
         async move {
             let answer = kea::command(&socket, "lease4-get-all", None).await?;
-            Ok(kea::parse_leases(&answer))
+            let served_by = lock(&served_by).clone();
+            Ok((kea::parse_leases(&answer), served_by))
         }
     }
 
@@ -136,8 +154,12 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 async fn supervise(
     setup: KeaSetup,
     status: Arc<Mutex<DhcpStatus>>,
+    served_by: Arc<Mutex<ServedBy>>,
     mut stopped: watch::Receiver<bool>,
 ) {
+    if setup.service.is_some() {
+        return drive_service(&setup, &status, &served_by, &mut stopped).await;
+    }
     let mut backoff = FIRST_BACKOFF;
     loop {
         let wait = match prepare(&setup) {
@@ -158,7 +180,7 @@ async fn supervise(
                         "kea-dhcp4 started"
                     );
                     let ran_for = tokio::time::Instant::now();
-                    match watch_child(child, &setup, &status, &mut stopped).await {
+                    match watch_child(child, &setup, &status, &served_by, &mut stopped).await {
                         Ended::Stopped => return,
                         Ended::Exited(failure) => {
                             error!(%failure, "kea-dhcp4 died; restarting it");
@@ -181,6 +203,94 @@ async fn supervise(
     }
 }
 
+/// Kea run by a service manager: carp's configuration written where the service reads it
+/// (only once `kea-dhcp4 -t` accepts it), the service reloaded, then Kea read every second.
+/// Kea stays up when carp stops: it is the service manager's.
+async fn drive_service(
+    setup: &KeaSetup,
+    status: &Mutex<DhcpStatus>,
+    served_by: &Mutex<ServedBy>,
+    stopped: &mut watch::Receiver<bool>,
+) {
+    let Some(service) = &setup.service else {
+        return;
+    };
+    loop {
+        let installed = match write_for_service(setup) {
+            Ok(()) => reload_service(&service.reload).await,
+            Err(failure) => Err(failure),
+        };
+        match installed {
+            Ok(()) => break,
+            Err(failure) => {
+                warn!(%failure, "DHCP not served");
+                set_failed(status, failure);
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(RECHECK) => {}
+            _ = stopped.changed() => return,
+        }
+    }
+    info!(config = %service.config.display(), "the Kea service runs carp's configuration");
+    let mut poll = tokio::time::interval(POLL);
+    loop {
+        tokio::select! {
+            _ = poll.tick() => {
+                poll_kea(setup, status, served_by).await;
+                let mut status = lock(status);
+                status.running = status.ha.is_some();
+                status.failure = (!status.running).then(|| {
+                    format!("the Kea service does not answer on {}", service.control_socket.display())
+                });
+            }
+            _ = stopped.changed() => return,
+        }
+    }
+}
+
+/// The service's configuration file replaced by carp's, which Kea must accept first: a
+/// refused one never reaches the file the service reads.
+fn write_for_service(setup: &KeaSetup) -> Result<(), String> {
+    std::fs::create_dir_all(&setup.dir)
+        .map_err(|e| format!("creating {}: {e}", setup.dir.display()))?;
+    let text =
+        serde_json::to_string_pretty(&kea_config::generate(setup)).map_err(|e| e.to_string())?;
+    let candidate = setup.dir.join("kea-dhcp4.candidate.json");
+    std::fs::write(&candidate, &text)
+        .map_err(|e| format!("writing {}: {e}", candidate.display()))?;
+    kea::check(&candidate, &setup.dir)?;
+    let file = setup.config_file();
+    crate::synced_files::write_atomically(&file, &text)
+        .map_err(|e| format!("writing {}: {e}", file.display()))
+}
+
+/// Runs the service's reload command; its own words if it fails.
+async fn reload_service(argv: &[String]) -> Result<(), String> {
+    let Some((program, args)) = argv.split_first() else {
+        return Err("no reload command".into());
+    };
+    let run = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(RELOAD_LIMIT, run).await {
+        Err(_) => Err(format!(
+            "`{}` took longer than {RELOAD_LIMIT:?}",
+            argv.join(" ")
+        )),
+        Ok(Err(e)) => Err(format!("`{}` cannot run: {e}", argv.join(" "))),
+        Ok(Ok(out)) if !out.status.success() => Err(format!(
+            "`{}` failed ({}): {}",
+            argv.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+        Ok(Ok(_)) => Ok(()),
+    }
+}
+
 fn set_failed(status: &Mutex<DhcpStatus>, failure: String) {
     let mut status = lock(status);
     status.running = false;
@@ -195,7 +305,7 @@ fn prepare(setup: &KeaSetup) -> Result<PathBuf, String> {
     std::fs::create_dir_all(&setup.dir)
         .map_err(|e| format!("creating {}: {e}", setup.dir.display()))?;
     end_stale(&setup.dir);
-    let file = kea_config::config_file(&setup.dir);
+    let file = setup.config_file();
     let text =
         serde_json::to_string_pretty(&kea_config::generate(setup)).map_err(|e| e.to_string())?;
     crate::synced_files::write_atomically(&file, &text)
@@ -263,6 +373,7 @@ async fn watch_child(
     mut child: Child,
     setup: &KeaSetup,
     status: &Mutex<DhcpStatus>,
+    served_by: &Mutex<ServedBy>,
     stopped: &mut watch::Receiver<bool>,
 ) -> Ended {
     {
@@ -285,14 +396,14 @@ async fn watch_child(
                 status.pid = None;
                 return Ended::Stopped;
             }
-            _ = poll.tick() => poll_kea(setup, status).await,
+            _ = poll.tick() => poll_kea(setup, status, served_by).await,
         }
     }
 }
 
-/// Kea's HA state and each scope's lease count.
-async fn poll_kea(setup: &KeaSetup, status: &Mutex<DhcpStatus>) {
-    let socket = kea_config::control_socket(&setup.dir);
+/// Kea's HA state (and so who serves) and each scope's lease count.
+async fn poll_kea(setup: &KeaSetup, status: &Mutex<DhcpStatus>, served_by: &Mutex<ServedBy>) {
+    let socket = setup.control_socket();
     let ha = kea::command(&socket, "status-get", None)
         .await
         .ok()
@@ -300,6 +411,13 @@ async fn poll_kea(setup: &KeaSetup, status: &Mutex<DhcpStatus>) {
     let leases = kea::command(&socket, "lease4-get-all", None)
         .await
         .map(|a| kea::parse_leases(&a));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let serving = ha.as_ref().map_or(Server::Unknown, |ha| {
+        served_by::serving(&ha.local_scopes, &ha.partner_scopes)
+    });
+    lock(served_by).observe(now, serving);
     let mut status = lock(status);
     status.ha = ha;
     if let Ok(leases) = leases {
