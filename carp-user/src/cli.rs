@@ -5,7 +5,12 @@ use crate::{
     control::{self, Request, Response, Status},
     dhcp::{LeaseRow, supervisor::DhcpStatus},
     error::Chain,
-    sync::{merge::Origin, service::FlowRow, service::SyncStatus},
+    sync::{
+        lag::{self, LagHistogram},
+        merge::Origin,
+        service::FlowRow,
+        service::SyncStatus,
+    },
 };
 use carp_common::flow::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -510,7 +515,30 @@ fn format_sync(s: &SyncStatus) -> String {
             .as_ref()
             .map(|e| format!("last error: {e}\n"))
             .unwrap_or_default(),
-    ) + &format_sync_health(s)
+    ) + &format_lag(s)
+        + &format_sync_health(s)
+}
+
+/// Where half and 99% of the sync lag fall, by histogram bucket.
+fn format_lag(s: &SyncStatus) -> String {
+    let bound = |h: &LagHistogram, q: f64| match h.quantile_bound(q) {
+        None => "-".to_owned(),
+        Some(b) if b.is_infinite() => {
+            format!("> {:.0} ms", lag::BOUNDS[lag::BOUNDS.len() - 1] * 1e3)
+        }
+        Some(b) => format!("<= {} ms", (b * 1e4).round() / 10.0),
+    };
+    let (send, install) = (&s.send_lag, &s.install.install_lag);
+    if send.count() == 0 && install.count() == 0 {
+        return String::new();
+    }
+    format!(
+        "lag: to the link p50 {} p99 {}  into conntrack p50 {} p99 {}\n",
+        bound(send, 0.5),
+        bound(send, 0.99),
+        bound(install, 0.5),
+        bound(install, 0.99)
+    )
 }
 
 /// What is wrong with sync's threads or its reach into the kernel, one line each, and
@@ -609,6 +637,23 @@ mod tests {
         carp::fsm::State,
         control::{Counters, VipStatus},
     };
+
+    #[test]
+    fn sync_lag_shows_as_bucket_bounds() {
+        let mut s = SyncStatus::default();
+        assert_eq!(format_lag(&s), "", "nothing counted, nothing shown");
+        for ms in [0.3, 0.4, 40.0] {
+            s.send_lag
+                .observe(std::time::Duration::from_secs_f64(ms / 1e3));
+        }
+        s.install
+            .install_lag
+            .observe(std::time::Duration::from_secs(9));
+        assert_eq!(
+            format_lag(&s),
+            "lag: to the link p50 <= 0.5 ms p99 <= 50 ms  into conntrack p50 > 5000 ms p99 > 5000 ms\n"
+        );
+    }
 
     #[test]
     fn status_table_has_a_row_per_vip() {

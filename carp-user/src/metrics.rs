@@ -5,10 +5,11 @@
 use crate::{
     carp::fsm::State,
     control::{Pending, Request, Status},
+    sync::lag::LagHistogram,
 };
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet, text::encode},
+    metrics::{MetricType, counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 use std::{net::SocketAddr, time::Duration};
@@ -124,6 +125,25 @@ struct SourceLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
     state: String,
+}
+
+/// A histogram the daemon has counted, encoded as Prometheus's classic one.
+#[derive(Debug)]
+struct Buckets(LagHistogram);
+
+impl EncodeMetric for Buckets {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        encoder.encode_histogram::<NoLabelSet>(
+            self.0.sum_ns as f64 / 1e9,
+            self.0.count(),
+            &self.0.buckets(),
+            None,
+        )
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
 }
 
 /// A gauge already set.
@@ -301,6 +321,16 @@ pub fn render(status: &Status) -> String {
         ] {
             registry.register(name, help, counter(n));
         }
+        registry.register(
+            "sync_send_lag_seconds",
+            "From reading a flow change off XDP's ring to having it on the sync link, per batch",
+            Buckets(sync.send_lag.clone()),
+        );
+        registry.register(
+            "sync_install_lag_seconds",
+            "From a sync frame's arrival to its flows being in conntrack",
+            Buckets(sync.install.install_lag.clone()),
+        );
         let c = &sync.config;
         if c.role != "off" && !c.role.is_empty() {
             registry.register(
@@ -350,10 +380,16 @@ pub fn render(status: &Status) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::{Counters, VipStatus};
+    use crate::{
+        control::{Counters, VipStatus},
+        sync::service::SyncStatus,
+    };
 
     #[test]
     fn the_status_becomes_openmetrics_text() {
+        let mut send_lag = LagHistogram::default();
+        send_lag.observe(Duration::from_micros(700));
+        send_lag.observe(Duration::from_millis(3));
         let status = Status {
             node: "gw1".into(),
             maintenance: false,
@@ -376,7 +412,10 @@ mod tests {
                 bad_auth: 3,
                 ..Counters::default()
             },
-            sync: None,
+            sync: Some(SyncStatus {
+                send_lag,
+                ..SyncStatus::default()
+            }),
             dhcp: None,
             demotion_by_source: [("maintenance".to_owned(), 240)].into(),
         };
@@ -388,6 +427,13 @@ mod tests {
             "carp_adverts_sent_total 7",
             "carp_adverts_rejected_total{reason=\"bad_auth\"} 3",
             "carp_demotion{source=\"maintenance\"} 240",
+            "# TYPE carp_sync_send_lag_seconds histogram",
+            "carp_sync_send_lag_seconds_bucket{le=\"0.0005\"} 0",
+            "carp_sync_send_lag_seconds_bucket{le=\"0.001\"} 1",
+            "carp_sync_send_lag_seconds_bucket{le=\"0.005\"} 2",
+            "carp_sync_send_lag_seconds_bucket{le=\"+Inf\"} 2",
+            "carp_sync_send_lag_seconds_count 2",
+            "carp_sync_install_lag_seconds_count 0",
             "# EOF",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");

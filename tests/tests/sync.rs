@@ -184,6 +184,13 @@ fn failover_under_load(
             natted >= CONNECTIONS,
             "{natted} NATed flows listed: {flows:?}"
         );
+        // Both lag histograms counted the flows on their way: sent here, installed there.
+        let sent = sync_status(gw1)?.send_lag;
+        let installed = sync_status(gw2)?.install.install_lag;
+        assert!(
+            sent.count() > 0 && installed.count() > 0,
+            "{sent:?} {installed:?}"
+        );
         // XDP's map on the backup holds both sides of each, marked learned.
         let in_map = learned_in_map(gw2, streams::PORT)?;
         assert!(

@@ -5,6 +5,7 @@
 
 use super::{
     flow_writer::{FlowMap, FlowWriter},
+    lag::LagHistogram,
     proto::{FlowKey, FlowRecord},
     worker::{Worker, lock},
 };
@@ -24,7 +25,11 @@ const WARN_EVERY: Duration = Duration::from_secs(5);
 /// Work for the installer.
 #[derive(Debug)]
 pub enum Job {
-    Upsert(Vec<FlowRecord>),
+    /// The peer's flows, from a frame that arrived at `received`.
+    Upsert {
+        records: Vec<FlowRecord>,
+        received: Instant,
+    },
     Delete(Vec<FlowKey>),
     /// Answered once every earlier job is done.
     Barrier(tokio::sync::oneshot::Sender<()>),
@@ -43,6 +48,9 @@ pub struct InstallStats {
     pub conntrack_errors: u64,
     pub map_errors: u64,
     pub last_error: Option<String>,
+    /// From a frame's arrival to its flows being in conntrack (the XDP map is written
+    /// alongside, on its own thread).
+    pub install_lag: LagHistogram,
 }
 
 struct Installer {
@@ -127,7 +135,7 @@ impl Installer {
 
     fn run(&mut self, job: Job) {
         match job {
-            Job::Upsert(records) => {
+            Job::Upsert { records, received } => {
                 let records = Arc::new(records);
                 if let Some(flows) = &self.flows {
                     flows.write(records.clone());
@@ -135,6 +143,9 @@ impl Installer {
                 for batch in records.chunks(JOB_BATCH) {
                     self.upsert(batch);
                 }
+                lock(&self.report.stats)
+                    .install_lag
+                    .observe(received.elapsed());
             }
             Job::Delete(keys) => {
                 if let Some(flows) = &self.flows {

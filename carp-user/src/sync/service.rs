@@ -9,6 +9,7 @@ use super::{
     config_link::{Answer, ConfigLink, ConfigSyncStatus, Explicit, Received},
     flow_writer::FlowMap,
     install::{self, InstallStats, Job, Workers},
+    lag::LagHistogram,
     merge::{FlowTable, Origin, Verdict},
     proto::{FlowKey, FlowRecord, Frame, delete_frames, upsert_frames},
     transport::{self, SharedKey, SyncStream, TransportError},
@@ -102,6 +103,9 @@ pub struct SyncStatus {
     /// Mean cost of one conntrack lookup (the price of taking NAT from the kernel).
     pub conntrack_lookup_ns: u64,
     pub install: InstallStats,
+    /// From reading a change off XDP's ring to having it on the sync link, per batch sent
+    /// (its oldest change).
+    pub send_lag: LagHistogram,
     /// Configuration sync over this link.
     pub config: ConfigSyncStatus,
 }
@@ -275,6 +279,7 @@ pub fn start(
             unsent,
             last_persist_error: None,
             recent_deletes: VecDeque::new(),
+            pending_since: None,
         }
         .run(listener, local_rx),
     );
@@ -486,7 +491,7 @@ fn flow_row(r: &FlowRecord, origin: Origin) -> FlowRow {
 fn capture_loop(
     mut ring: RingBuf<MapData>,
     mut conntrack: Option<Conntrack>,
-    out: mpsc::Sender<Local>,
+    out: mpsc::Sender<(Instant, Local)>,
     shared: &Shared,
 ) {
     let mut capture = Capture::default();
@@ -514,7 +519,7 @@ fn capture_loop(
 fn capture_round(
     ring: &mut RingBuf<MapData>,
     conntrack: Option<&mut Conntrack>,
-    out: &mpsc::Sender<Local>,
+    out: &mpsc::Sender<(Instant, Local)>,
     shared: &Shared,
     capture: &mut Capture,
     deltas: &mut Vec<carp_common::flow::FlowDelta>,
@@ -536,8 +541,9 @@ fn capture_round(
         }
     }
     let before = (capture.stats.conntrack_lookups, capture.stats.lookup_ns);
-    for local in capture.handle(deltas, conntrack, Instant::now()) {
-        if out.try_send(local).is_err() {
+    let read_at = Instant::now();
+    for local in capture.handle(deltas, conntrack, read_at) {
+        if out.try_send((read_at, local)).is_err() {
             shared.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -572,12 +578,14 @@ struct Session {
     last_persist_error: Option<String>,
     /// Deletes sent within [`RESEND_DELETES_WITHIN`], oldest first.
     recent_deletes: VecDeque<(Instant, FlowKey)>,
+    /// When the oldest change waiting in `pending` was read off XDP's ring.
+    pending_since: Option<Instant>,
 }
 
 type Handshake = Result<(SyncStream, SocketAddr), (SocketAddr, TransportError)>;
 
 impl Session {
-    async fn run(mut self, listener: TcpListener, mut local: mpsc::Receiver<Local>) {
+    async fn run(mut self, listener: TcpListener, mut local: mpsc::Receiver<(Instant, Local)>) {
         let (handshakes_tx, mut handshakes) = mpsc::channel::<Handshake>(8);
         // One side dials, so the two never race each other into two sessions.
         let dialer = self.config.listen < self.config.peer;
@@ -622,12 +630,12 @@ impl Session {
                     let frame = ConfigLink::answer(answer, &mut lock(&self.shared.status).config);
                     self.outbox.push(frame);
                 }
-                Some(event) = local.recv() => {
+                Some((read_at, event)) = local.recv() => {
                     let now = Instant::now();
-                    self.on_local(event, &mut pending, now);
+                    self.on_local(event, &mut pending, now, read_at);
                     while pending.len() < SEND_BATCH {
-                        let Ok(event) = local.try_recv() else { break };
-                        self.on_local(event, &mut pending, now);
+                        let Ok((read_at, event)) = local.try_recv() else { break };
+                        self.on_local(event, &mut pending, now, read_at);
                     }
                 }
                 _ = tick.tick() => {
@@ -725,7 +733,14 @@ impl Session {
         status.last_error = Some(Chain(e).to_string());
     }
 
-    fn on_local(&mut self, event: Local, pending: &mut HashMap<FlowKey, Local>, now: Instant) {
+    fn on_local(
+        &mut self,
+        event: Local,
+        pending: &mut HashMap<FlowKey, Local>,
+        now: Instant,
+        read_at: Instant,
+    ) {
+        self.pending_since = Some(self.pending_since.map_or(read_at, |t| t.min(read_at)));
         let mut table = lock(&self.shared.table);
         let key = match event {
             Local::Upsert(record) => {
@@ -779,7 +794,10 @@ impl Session {
                 status.stale_answered += newer_here.len() as u64;
                 drop(status);
                 if !install.is_empty() {
-                    let _ = self.jobs.send(Job::Upsert(install));
+                    let _ = self.jobs.send(Job::Upsert {
+                        records: install,
+                        received: now,
+                    });
                 }
                 self.outbox.extend(upsert_frames(&newer_here));
             }
@@ -857,6 +875,7 @@ impl Session {
         while let Some(frame) = self.bulk.poll_transmit() {
             self.outbox.push(frame);
         }
+        let waiting_since = self.pending_since.take();
         let Some(stream) = &mut self.stream else {
             // No peer: the bulk update on reconnect carries the table, the deletes wait.
             for (key, event) in pending.drain() {
@@ -904,7 +923,13 @@ impl Session {
         }
         match result {
             Ok(()) => {
-                lock(&self.shared.status).deltas_sent += sent;
+                let mut status = lock(&self.shared.status);
+                status.deltas_sent += sent;
+                if let (Some(since), true) = (waiting_since, sent > 0) {
+                    status
+                        .send_lag
+                        .observe(now.saturating_duration_since(since));
+                }
             }
             Err(e) => self.disconnected(&e),
         }
