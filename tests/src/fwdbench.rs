@@ -1,9 +1,13 @@
 //! `cargo xtask bench`'s forwarding cost: TCP and 64-byte UDP from the client through gw1 to
 //! the server (iperf3), in three settings of the same run: carp off (the VIPs as plain
 //! addresses on gw1, the same path), carp on (XDP attached, no sync), and carp with state
-//! sync (flow capture on, the peer taking the flows). Generic XDP on veth, as the lab runs
-//! it; all of it on the lab's shared cores, so the figures move by several percent from run
-//! to run.
+//! sync (flow capture on, the peer taking the flows). Each in generic XDP on veth, as the lab
+//! runs it, and in native XDP, where the gateways' switch ports carry a bare XDP program in
+//! all three settings (veth's native XDP_TX, carp's ARP answers, needs one on the peer) and
+//! carp answers with the interface's MAC (`mac = "interface"`: veth's native path keeps the
+//! packet type it set before XDP, so a frame XDP readdressed from the virtual MAC would be
+//! dropped as another host's; a NIC driver sets it after XDP). All of it on the lab's
+//! shared cores, so the figures move by several percent from run to run.
 
 use crate::{
     Host, LAN_VIP, Lab, NodeOptions, SERVER_IP, SYNC_SECRET, WAN_VIP, carp_bin,
@@ -11,7 +15,9 @@ use crate::{
     end_process,
 };
 use anyhow::{Context, Result};
+use aya::programs::{Xdp, XdpMode};
 use carp::carp::fsm::State;
+use carp_common::maps::XDP_PASS_PROGRAM;
 use std::time::Duration;
 
 /// Seconds per iperf3 run, and runs per figure (the median is kept).
@@ -35,7 +41,32 @@ impl Setting {
     }
 }
 
+/// How XDP runs on the gateways' veths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Generic,
+    Native,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Generic => "generic XDP",
+            Mode::Native => "native XDP",
+        }
+    }
+
+    /// The gateways' `[node] xdp_mode` and `[carp] mac`.
+    fn config(self) -> (&'static str, &'static str) {
+        match self {
+            Mode::Generic => ("generic", "virtual"),
+            Mode::Native => ("native", "interface"),
+        }
+    }
+}
+
 pub struct Forwarding {
+    pub mode: Mode,
     pub setting: Setting,
     /// Medians of [`RUNS`].
     pub tcp_gbps: f64,
@@ -43,15 +74,44 @@ pub struct Forwarding {
 }
 
 pub fn measure() -> Result<Vec<Forwarding>> {
-    [Setting::Off, Setting::Carp, Setting::Capture]
-        .into_iter()
-        .map(one_setting)
-        .collect()
+    let mut figures = Vec::new();
+    for mode in [Mode::Generic, Mode::Native] {
+        println!("  {}:", mode.name());
+        for setting in [Setting::Off, Setting::Carp, Setting::Capture] {
+            figures.push(one_setting(mode, setting)?);
+        }
+    }
+    Ok(figures)
 }
 
-fn one_setting(setting: Setting) -> Result<Forwarding> {
+/// XDP's bare program attached natively to the gateways' switch ports, for as long as the
+/// returned object lives.
+fn bare_on_switch_ports(lab: &Lab) -> Result<aya::Ebpf> {
+    crate::syncbench::in_netns(&lab.ns(Host::Switch), || -> Result<aya::Ebpf> {
+        let mut object = aya::Ebpf::load(carp::EBPF_OBJECT)?;
+        let bare: &mut Xdp = object
+            .program_mut(XDP_PASS_PROGRAM)
+            .context("no xdp_pass")?
+            .try_into()?;
+        bare.load()?;
+        for port in ["gw1-lan", "gw1-wan", "gw2-lan", "gw2-wan"] {
+            bare.attach(port, XdpMode::Driver)
+                .with_context(|| format!("native XDP on {port}"))?;
+        }
+        Ok(object)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the attaching thread panicked"))??
+}
+
+fn one_setting(mode: Mode, setting: Setting) -> Result<Forwarding> {
     let lab = Lab::up()?;
     let bin = carp_bin()?;
+    let _bare = match mode {
+        Mode::Native => Some(bare_on_switch_ports(&lab)?),
+        Mode::Generic => None,
+    };
+    let (xdp_mode, mac) = mode.config();
     match setting {
         Setting::Off => {
             lab.sh(
@@ -60,7 +120,15 @@ fn one_setting(setting: Setting) -> Result<Forwarding> {
             )?;
         }
         Setting::Carp => {
-            let gw1 = lab.start_carp(&bin, Host::Gw1, &NodeOptions::default())?;
+            let gw1 = lab.start_carp(
+                &bin,
+                Host::Gw1,
+                &NodeOptions {
+                    xdp_mode,
+                    mac,
+                    ..NodeOptions::default()
+                },
+            )?;
             wait_all(&gw1, State::Master, Duration::from_secs(10))?;
         }
         Setting::Capture => {
@@ -70,6 +138,8 @@ fn one_setting(setting: Setting) -> Result<Forwarding> {
                 Host::Gw1,
                 &NodeOptions {
                     sync_key: sync(),
+                    xdp_mode,
+                    mac,
                     ..NodeOptions::default()
                 },
             )?;
@@ -79,6 +149,8 @@ fn one_setting(setting: Setting) -> Result<Forwarding> {
                 Host::Gw2,
                 &NodeOptions {
                     sync_key: sync(),
+                    xdp_mode,
+                    mac,
                     ..backup_opts()
                 },
             )?;
@@ -116,6 +188,7 @@ fn one_setting(setting: Setting) -> Result<Forwarding> {
     }
     end_process(server, Duration::from_secs(2));
     let figures = Forwarding {
+        mode,
         setting,
         tcp_gbps: median(&mut tcp),
         udp_kpps: median(&mut udp),
@@ -148,31 +221,49 @@ fn median(values: &mut [f64]) -> f64 {
 
 pub fn print(figures: &[Forwarding]) {
     println!(
-        "\nForwarding through gw1 (client -> VIP -> server, iperf3, generic XDP on veth; medians of {RUNS} x {SECONDS} s)"
+        "\nForwarding through gw1 (client -> VIP -> server, iperf3 on veth; medians of {RUNS} x {SECONDS} s)"
     );
     println!(
-        "  {:<16} {:>14} {:>8} {:>18} {:>8}",
+        "  {:<28} {:>14} {:>8} {:>18} {:>8}",
         "setting", "TCP", "cost", "64-byte UDP", "cost"
     );
-    let off = figures.iter().find(|f| f.setting == Setting::Off);
     for f in figures {
+        let off = figures
+            .iter()
+            .find(|o| o.mode == f.mode && o.setting == Setting::Off);
         let cost = |value: f64, base: Option<f64>| {
             base.map_or("-".to_owned(), |b| {
                 format!("{:.1}%", (1.0 - value / b) * 100.0)
             })
         };
         println!(
-            "  {:<16} {:>9.2} Gb/s {:>8} {:>13.0} kpps {:>8}",
-            f.setting.name(),
+            "  {:<28} {:>9.2} Gb/s {:>8} {:>13.0} kpps {:>8}",
+            format!("{}, {}", f.mode.name(), f.setting.name()),
             f.tcp_gbps,
             cost(f.tcp_gbps, off.map(|o| o.tcp_gbps)),
             f.udp_kpps,
             cost(f.udp_kpps, off.map(|o| o.udp_kpps)),
         );
     }
-    println!(
-        "  target: capture costs <= 5% in native XDP mode: not measured here (veth's native mode needs an XDP program on the peer; the lab runs generic)"
-    );
+    let cost = |mode: Mode, value: fn(&Forwarding) -> f64| {
+        let of = |setting| {
+            figures
+                .iter()
+                .find(|f| f.mode == mode && f.setting == setting)
+        };
+        Some((1.0 - value(of(Setting::Capture)?) / value(of(Setting::Off)?)) * 100.0)
+    };
+    if let (Some(tcp), Some(udp)) = (
+        cost(Mode::Native, |f| f.tcp_gbps),
+        cost(Mode::Native, |f| f.udp_kpps),
+    ) {
+        let met = |c: f64| if c <= 5.0 { "met" } else { "NOT met" };
+        println!(
+            "  target: capture costs <= 5% in native XDP mode: TCP {tcp:.1}% ({}), UDP {udp:.1}% ({})",
+            met(tcp),
+            met(udp)
+        );
+    }
 }
 
 /// Only the forwarding figures (`carp-lab bench forwarding`).

@@ -569,6 +569,8 @@ pub struct NodeOptions {
     pub dhcp: bool,
     /// More TOML at the end of the file (`[[notify]]`, `[metrics]`).
     pub extra: String,
+    /// `[node] xdp_mode`: auto (generic on the lab's veths), native or generic.
+    pub xdp_mode: &'static str,
 }
 
 /// A lab node's part in configuration sync.
@@ -602,6 +604,7 @@ impl Default for NodeOptions {
             reload_after: Vec::new(),
             dhcp: false,
             extra: String::new(),
+            xdp_mode: "auto",
         }
     }
 }
@@ -625,8 +628,9 @@ impl Lab {
     pub fn write_config(&self, host: Host, opts: &NodeOptions) -> Result<(String, PathBuf)> {
         let name = format!("{}-{}", host.tag(), self.id);
         let mut text = format!(
-            "[node]\nname = \"{name}\"\ncontrol_socket = \"{dir}/{name}.sock\"\nstate_dir = \"{dir}/{name}-state\"\n",
+            "[node]\nname = \"{name}\"\ncontrol_socket = \"{dir}/{name}.sock\"\nstate_dir = \"{dir}/{name}-state\"\nxdp_mode = \"{mode}\"\n",
             dir = self.dir.display(),
+            mode = opts.xdp_mode,
         );
         match opts.config_sync {
             ConfigSyncPart::None => {}
