@@ -216,8 +216,8 @@ async fn drive_service(
         return;
     };
     loop {
-        let installed = match write_for_service(setup) {
-            Ok(()) => reload_service(&service.reload).await,
+        let installed = match install_config(setup) {
+            Ok(_) => reload_service(&service.reload).await,
             Err(failure) => Err(failure),
         };
         match installed {
@@ -249,9 +249,9 @@ async fn drive_service(
     }
 }
 
-/// The service's configuration file replaced by carp's, which Kea must accept first: a
-/// refused one never reaches the file the service reads.
-fn write_for_service(setup: &KeaSetup) -> Result<(), String> {
+/// carp's configuration for Kea, accepted by `kea-dhcp4 -t` before it replaces the file Kea
+/// reads: a refused one never reaches it (the last good one stays). Returns that file.
+fn install_config(setup: &KeaSetup) -> Result<PathBuf, String> {
     std::fs::create_dir_all(&setup.dir)
         .map_err(|e| format!("creating {}: {e}", setup.dir.display()))?;
     let text =
@@ -262,7 +262,8 @@ fn write_for_service(setup: &KeaSetup) -> Result<(), String> {
     kea::check(&candidate, &setup.dir)?;
     let file = setup.config_file();
     crate::synced_files::write_atomically(&file, &text)
-        .map_err(|e| format!("writing {}: {e}", file.display()))
+        .map_err(|e| format!("writing {}: {e}", file.display()))?;
+    Ok(file)
 }
 
 /// Runs the service's reload command; its own words if it fails.
@@ -299,19 +300,10 @@ fn set_failed(status: &Mutex<DhcpStatus>, failure: String) {
     status.failure = Some(failure);
 }
 
-/// Kea's directory ready, a Kea left from an earlier run of carp ended, the configuration
-/// written and accepted by `kea-dhcp4 -t`.
+/// A Kea left from an earlier run of carp ended, the configuration installed.
 fn prepare(setup: &KeaSetup) -> Result<PathBuf, String> {
-    std::fs::create_dir_all(&setup.dir)
-        .map_err(|e| format!("creating {}: {e}", setup.dir.display()))?;
     end_stale(&setup.dir);
-    let file = setup.config_file();
-    let text =
-        serde_json::to_string_pretty(&kea_config::generate(setup)).map_err(|e| e.to_string())?;
-    crate::synced_files::write_atomically(&file, &text)
-        .map_err(|e| format!("writing {}: {e}", file.display()))?;
-    kea::check(&file, &setup.dir)?;
-    Ok(file)
+    install_config(setup)
 }
 
 /// Kea's PID file for our configuration file (Kea names it after the file).
