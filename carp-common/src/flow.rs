@@ -143,8 +143,12 @@ const _: () = assert!(size_of::<FlowEntry>() == 88);
 
 /// Name of the per-CPU flow cache: [`FLOW_CACHE_SLOTS`] of [`FlowCacheSlot`] per CPU.
 pub const FLOW_CACHE_MAP: &str = "CARP_FLOW_CACHE";
-/// Slots per CPU, a power of two (32 KiB per CPU).
-pub const FLOW_CACHE_SLOTS: u32 = 256;
+/// Slots per CPU, a power of two (480 KiB per CPU): enough for the flows that carry most
+/// packets on a busy gateway, small enough to stay in a core's L2.
+pub const FLOW_CACHE_SLOTS: u32 = 4096;
+/// How long a slot sums a flow before its first packet after that writes the sums back: it
+/// bounds how late refreshes, a phase seen on another CPU, and the map's `last_ns` can be.
+pub const FLOW_CACHE_HOLD_NS: u64 = 50_000_000;
 
 impl FlowKey {
     /// The key as 64-bit words (each endpoint's address is two of them): XDP compares,
@@ -161,14 +165,46 @@ impl FlowKey {
         unsafe { &mut *(self as *mut FlowKey as *mut [u64; 5]) }
     }
 
-    /// The flow cache slot of this key: its 64-bit words folded and spread by a
-    /// multiplicative hash. XDP and the daemon both use it.
+    /// The key as 32-bit words in memory order: an IPv4 key's addresses are words
+    /// [`FlowKey::W_ADDR0`] and [`FlowKey::W_ADDR1`] (the rest of each address is zero), its
+    /// ports word [`FlowKey::W_PORTS`], protocol and family word [`FlowKey::W_PROTO`].
+    #[inline(always)]
+    pub fn words(&self) -> &[u32; 10] {
+        // SAFETY: FlowKey is 40 bytes of plain integers, 8-byte aligned.
+        unsafe { &*(self as *const FlowKey as *const [u32; 10]) }
+    }
+
+    pub const W_ADDR0: usize = 0;
+    pub const W_ADDR1: usize = 4;
+    pub const W_PORTS: usize = 8;
+    pub const W_PROTO: usize = 9;
+
+    /// The flow cache slot of this key. It is the same for both orders of the endpoints, so
+    /// XDP finds a cached flow straight from a frame's fields without ordering them first.
+    /// XDP and the daemon both use it.
     #[inline(always)]
     pub fn cache_slot(&self) -> u32 {
-        let q = self.quads();
-        let folded = q[0] ^ q[1].rotate_left(16) ^ q[2].rotate_left(32) ^ q[3] ^ q[4];
-        (folded.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u32 & (FLOW_CACHE_SLOTS - 1)
+        let w = self.words();
+        let mut addrs = 0;
+        for i in 0..4 {
+            addrs ^= w[Self::W_ADDR0 + i] ^ w[Self::W_ADDR1 + i];
+        }
+        let ports = self.port[0];
+        let other = self.port[1];
+        cache_slot_of(
+            addrs,
+            u16::from_ne_bytes(ports) ^ u16::from_ne_bytes(other),
+            self.proto,
+        )
     }
+}
+
+/// [`FlowKey::cache_slot`] from the XOR of the endpoints' address words and of their port
+/// words (as read from the frame, in memory order), spread by a multiplicative hash.
+#[inline(always)]
+pub const fn cache_slot_of(addrs: u32, ports: u16, proto: u8) -> u32 {
+    let folded = (addrs as u64) << 32 | (ports as u64) << 8 | proto as u64;
+    (folded.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - FLOW_CACHE_SLOTS.trailing_zeros())) as u32
 }
 
 /// [`FlowCacheSlot::seen`]: endpoint `d` sent a TCP segment (`SENT << d`) or an ACK
@@ -179,17 +215,20 @@ pub const CACHE_ACKED: u8 = 0x04;
 /// One slot of XDP's per-CPU write-back cache. Plain segments of a settled flow (no SYN, FIN
 /// or RST, no handshake in progress) are summed here instead of in the flow map, whose hash
 /// lookup costs more than the bare XDP program; the sums go to the map with the flow's first
-/// packet in the next jiffy, with any packet that can change its state, or when another flow
-/// takes the slot. Readers add the slot's sums to the map entry ([`FlowCacheSlot::fold_into`]).
+/// packet once [`FLOW_CACHE_HOLD_NS`] have passed, with any packet that can change its state,
+/// or when another flow takes the slot after the flow sent nothing for a whole tick. Readers
+/// add the slot's sums to the map entry ([`FlowCacheSlot::fold_into`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FlowCacheSlot {
     pub key: FlowKey,
-    /// The tick (jiffies) of the last write-back: packets in the same tick are summed, the
-    /// first one after it writes back. 0: the slot holds no flow.
+    /// The last tick (jiffies) a packet of the flow was summed in, or it was written back.
+    /// 0: the slot holds no flow.
     pub jiffies: u64,
     /// The coarse clock in that tick: the last-seen time of every packet summed.
     pub since_ns: u64,
+    /// The coarse clock at the last write-back.
+    pub written_ns: u64,
     /// Packets and bytes sent by endpoint 0 and 1 since the write-back.
     pub packets: [u64; 2],
     pub bytes: [u64; 2],
@@ -201,7 +240,7 @@ pub struct FlowCacheSlot {
     pub seen: u8,
     pub _pad: [u8; 3],
 }
-const _: () = assert!(size_of::<FlowCacheSlot>() == 112);
+const _: () = assert!(size_of::<FlowCacheSlot>() == 120);
 
 impl FlowCacheSlot {
     /// Whether the slot holds sums for `key`.
@@ -215,6 +254,25 @@ impl FlowCacheSlot {
             && a[2] == b[2]
             && a[3] == b[3]
             && a[4] == b[4]
+    }
+
+    /// Whether the flow it holds sent in tick `jiffies` or the one before: such a flow keeps
+    /// the slot against others.
+    #[inline(always)]
+    pub fn busy(&self, jiffies: u64) -> bool {
+        self.jiffies != 0 && jiffies.wrapping_sub(self.jiffies) <= 1
+    }
+
+    /// For a packet of the held flow in a new tick `jiffies` at coarse time `now`: whether
+    /// the hold still runs (then the flow counts as seen now), or the sums must go back.
+    #[inline(always)]
+    pub fn hold(&mut self, jiffies: u64, now: u64) -> bool {
+        if now.wrapping_sub(self.written_ns) >= FLOW_CACHE_HOLD_NS {
+            return false;
+        }
+        self.jiffies = jiffies;
+        self.since_ns = now;
+        true
     }
 
     /// Whether anything was summed since the last write-back.
@@ -285,6 +343,7 @@ impl FlowCacheSlot {
         };
         set(&mut self.jiffies, jiffies);
         set(&mut self.since_ns, now);
+        set(&mut self.written_ns, now);
         set(&mut self.packets[0], 0);
         set(&mut self.packets[1], 0);
         set(&mut self.bytes[0], 0);
@@ -361,6 +420,77 @@ mod tests {
         assert_eq!(folded.tcp[0].seqlo, 90, "past the wrap");
         assert_eq!(folded.tcp[0].seqhi, 10);
         assert_eq!(folded.tcp[0].max_win, 3000);
+    }
+
+    #[test]
+    fn the_cache_slot_is_the_same_for_both_orders_of_the_endpoints() {
+        let v4 = FlowKey {
+            addr: [
+                [198, 18, 1, 100, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                [198, 18, 2, 100, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            ],
+            port: [40_000u16.to_be_bytes(), 80u16.to_be_bytes()],
+            proto: IPPROTO_TCP,
+            family: 4,
+            _pad: [0; 2],
+        };
+        let swapped = |k: FlowKey| FlowKey {
+            addr: [k.addr[1], k.addr[0]],
+            port: [k.port[1], k.port[0]],
+            ..k
+        };
+        let mut v6 = v4;
+        v6.addr[0][15] = 1;
+        v6.addr[1][8] = 7;
+        v6.family = 6;
+        for key in [v4, v6] {
+            assert_eq!(key.cache_slot(), swapped(key).cache_slot());
+            assert!(key.cache_slot() < FLOW_CACHE_SLOTS);
+        }
+        // What XDP's fast path computes from an IPv4 frame's fields.
+        let w = v4.words();
+        let ports = (
+            u16::from_ne_bytes(v4.port[0]),
+            u16::from_ne_bytes(v4.port[1]),
+        );
+        assert_eq!(
+            cache_slot_of(
+                w[FlowKey::W_ADDR0] ^ w[FlowKey::W_ADDR1],
+                ports.0 ^ ports.1,
+                IPPROTO_TCP
+            ),
+            v4.cache_slot()
+        );
+        assert_eq!(
+            w[FlowKey::W_PROTO],
+            u32::from_ne_bytes([IPPROTO_TCP, 4, 0, 0])
+        );
+    }
+
+    #[test]
+    fn a_flow_keeps_its_slot_while_busy_and_sums_until_the_hold_runs_out() {
+        let mut slot = FlowCacheSlot::default();
+        assert!(!slot.busy(100), "empty");
+        slot.clear(100, 1_000);
+        assert!(
+            slot.busy(100) && slot.busy(101),
+            "seen this tick or the one before"
+        );
+        assert!(!slot.busy(102));
+        assert!(slot.hold(105, 1_000 + FLOW_CACHE_HOLD_NS - 1));
+        assert_eq!(
+            (slot.jiffies, slot.since_ns),
+            (105, 1_000 + FLOW_CACHE_HOLD_NS - 1)
+        );
+        assert!(slot.busy(106));
+        assert!(
+            !slot.hold(110, 1_000 + FLOW_CACHE_HOLD_NS),
+            "counted from the write-back"
+        );
+        assert_eq!(
+            slot.jiffies, 105,
+            "a hold that ran out leaves the slot for the map path"
+        );
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //! born, a TCP direction changes phase, the flow ends, or the peer has not heard of it for
 //! `refresh_ns`: not per packet. A full ring buffer never stalls the packet: the loss is
 //! counted and the next refresh repairs it. Plain segments of a settled flow are summed in a
-//! per-CPU cache slot and reach the map within a tick (see `FlowCacheSlot`): the map's hash
-//! lookup alone costs more than a bare XDP program.
+//! per-CPU cache slot and reach the map within `FLOW_CACHE_HOLD_NS` (see `FlowCacheSlot`): the hash
+//! map's lookup alone costs more than a bare XDP program.
 
 use crate::{clock, count, count_n, ptr_at};
 use aya_ebpf::{
@@ -17,7 +17,7 @@ use carp_common::{
         CaptureConfig, DEFAULT_FLOWS_MAX, DELTA_BORN, DELTA_CHANGED, DELTA_ENDED, DELTA_REFRESH,
         DELTA_RING_BYTES, FLOW_CACHE_SLOTS, FlowCacheSlot, FlowDelta, FlowEntry, FlowKey,
         IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, TcpTrack, WSCALE_MAX, WSCALE_SEEN,
-        tcp_phase,
+        cache_slot_of, tcp_phase,
     },
     maps::{STAT_DELTA_LOST, STAT_FLOW_INSERT_FAILED, STAT_FLOW_PACKETS, STAT_FLOW_UNTRACKED},
 };
@@ -77,6 +77,9 @@ pub fn track(ctx: &XdpContext, ether_type: u16) -> Result<(), ()> {
     if config.enabled == 0 {
         return Ok(());
     }
+    if ether_type == ETHERTYPE_IPV4 && summed_in_cache_v4(ctx) {
+        return Ok(());
+    }
     // Zeroed in place and kept in memory: as a value, LLVM splits the key into 40 single bytes
     // shared by both IP versions and shuffles them through the stack, costing more than the
     // parsing, and zeroes it with a call to the byte-wise `memset`.
@@ -97,6 +100,107 @@ pub fn track(ctx: &XdpContext, ether_type: u16) -> Result<(), ()> {
         count(STAT_FLOW_UNTRACKED);
     }
     Ok(())
+}
+
+/// The fast path of busy IPv4 flows: a plain TCP segment or UDP datagram of a flow this
+/// CPU's cache holds is summed there straight from the frame's fields, with no key built or
+/// ordered (the slot is the same for both directions). `false` leaves the packet to the full
+/// path, which handles everything else the same way, only slower.
+#[inline(always)]
+fn summed_in_cache_v4(ctx: &XdpContext) -> bool {
+    let Ok(ip) = ptr_at::<[u16; 10]>(ctx, ETH_LEN) else {
+        return false;
+    };
+    // SAFETY: bounds-checked by ptr_at; frame data is 2-byte aligned.
+    let ip = unsafe { &*ip };
+    // No options (20-byte header), no fragment.
+    if ip[0].to_ne_bytes()[0] != 0x45 || u16::from_be(ip[3]) & 0x3fff != 0 {
+        return false;
+    }
+    let [_, proto] = ip[4].to_ne_bytes();
+    let total = u32::from(u16::from_be(ip[1]));
+    let (src, dst) = (ne32(ip[6], ip[7]), ne32(ip[8], ip[9]));
+    const L4: usize = ETH_LEN + 20;
+    let mut segment = Segment::default();
+    let ports = match proto {
+        IPPROTO_TCP => {
+            let Ok(t) = ptr_at::<[u16; 10]>(ctx, L4) else {
+                return false;
+            };
+            // SAFETY: bounds-checked by ptr_at.
+            let t = unsafe { &*t };
+            let [data_offset, flags] = t[6].to_ne_bytes();
+            if flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
+                return false;
+            }
+            let header = u32::from(data_offset >> 4) * 4;
+            segment = Segment {
+                flags,
+                wscale: 0,
+                seq: be32(t[2], t[3]),
+                ack: be32(t[4], t[5]),
+                win: u16::from_be(t[7]),
+                payload: total.saturating_sub(20 + header),
+            };
+            [t[0], t[1]]
+        }
+        IPPROTO_UDP => {
+            let Ok(u) = ptr_at::<[u16; 2]>(ctx, L4) else {
+                return false;
+            };
+            // SAFETY: bounds-checked by ptr_at.
+            unsafe { *u }
+        }
+        _ => return false,
+    };
+    let index = cache_slot_of(src ^ dst, ports[0] ^ ports[1], proto);
+    let Some(slot) = CARP_FLOW_CACHE.get_ptr_mut(index) else {
+        return false;
+    };
+    // SAFETY: this CPU's slot; XDP runs without preemption, so nobody else writes it now.
+    let slot = unsafe { &mut *slot };
+    let k = slot.key.words();
+    let dir = if k[FlowKey::W_ADDR0] == src
+        && k[FlowKey::W_ADDR1] == dst
+        && k[FlowKey::W_PORTS] == ne32(ports[0], ports[1])
+    {
+        0
+    } else if k[FlowKey::W_ADDR0] == dst
+        && k[FlowKey::W_ADDR1] == src
+        && k[FlowKey::W_PORTS] == ne32(ports[1], ports[0])
+    {
+        1
+    } else {
+        return false;
+    };
+    if k[FlowKey::W_PROTO] != u32::from_ne_bytes([proto, 4, 0, 0]) || slot.jiffies == 0 {
+        return false;
+    }
+    let jiffies = clock::jiffies();
+    if slot.jiffies != jiffies && !slot.hold(jiffies, clock::coarse_ns_at(jiffies)) {
+        return false;
+    }
+    slot.add_packet(dir, u64::from(total) + ETH_LEN as u64);
+    if proto == IPPROTO_TCP {
+        sum_segment(slot, dir, &segment);
+    }
+    true
+}
+
+/// A TCP segment's sequence, window and ack in the slot.
+#[inline(always)]
+fn sum_segment(slot: &mut FlowCacheSlot, dir: usize, s: &Segment) {
+    slot.add_segment(dir, s.seq.wrapping_add(s.payload), s.win);
+    if s.flags & TCP_ACK != 0 {
+        slot.add_ack(dir, s.ack.wrapping_add(u32::from(s.win)));
+    }
+}
+
+/// Two 16-bit words as read from the frame, as the 32-bit word of the same four bytes.
+#[inline(always)]
+fn ne32(first: u16, second: u16) -> u32 {
+    // SAFETY: two u16 are four bytes, in memory order either way.
+    unsafe { core::mem::transmute::<[u16; 2], u32>([first, second]) }
 }
 
 /// Zeroes `value` with one volatile 64-bit store per word, which LLVM can neither turn into
@@ -310,14 +414,13 @@ fn update(p: &mut Packet, refresh_ns: u64) {
     let slot = unsafe { &mut *slot };
     let jiffies = clock::jiffies();
     let plain = key.proto != IPPROTO_TCP || p.tcp.flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0;
-    if plain && slot.jiffies == jiffies && slot.holds(key) {
+    if plain
+        && slot.holds(key)
+        && (slot.jiffies == jiffies || slot.hold(jiffies, clock::coarse_ns_at(jiffies)))
+    {
         slot.add_packet(dir, len);
         if key.proto == IPPROTO_TCP {
-            let s = &p.tcp;
-            slot.add_segment(dir, s.seq.wrapping_add(s.payload), s.win);
-            if s.flags & TCP_ACK != 0 {
-                slot.add_ack(dir, s.ack.wrapping_add(u32::from(s.win)));
-            }
+            sum_segment(slot, dir, &p.tcp);
         }
         return;
     }
@@ -429,15 +532,15 @@ struct Tick {
     now: u64,
 }
 
-/// After a packet took the map path: lets the flow's next plain packets in this tick be
-/// summed in `slot` if no plain packet can change its state, and never drops another flow's
-/// sums. `cached`: the slot held this flow (its sums are in `entry` now).
+/// After a packet took the map path: lets the flow's next plain packets be summed in `slot`
+/// if no plain packet can change its state, and never drops another flow's sums. A flow that
+/// sends every tick keeps its slot, so busy flows stay cached while quiet ones take the map
+/// path. `cached`: the slot held this flow (its sums are in `entry` now).
 #[inline(always)]
 fn cache(slot: &mut FlowCacheSlot, cached: bool, key: &FlowKey, entry: &FlowEntry, tick: Tick) {
     if !cached {
-        if slot.jiffies == tick.jiffies {
-            // Another flow summed in this tick keeps the slot: at most one write-back of
-            // someone else's sums per slot and tick.
+        if slot.busy(tick.jiffies) {
+            // At most one write-back of someone else's sums per slot and tick.
             return;
         }
         if slot.pending() {

@@ -10,7 +10,8 @@ mod support;
 use aya::programs::{TestRun, TestRunOptions};
 use carp_common::{
     flow::{
-        DELTA_BORN, DELTA_CHANGED, DELTA_ENDED, DELTA_REFRESH, FlowKey, WSCALE_SEEN, tcp_phase,
+        DELTA_BORN, DELTA_CHANGED, DELTA_ENDED, DELTA_REFRESH, FLOW_CACHE_HOLD_NS, FlowKey,
+        WSCALE_SEEN, tcp_phase,
     },
     maps::{STAT_DELTA_LOST, STAT_FLOW_UNTRACKED, STAT_MALFORMED},
 };
@@ -196,8 +197,8 @@ fn stay_on_one_cpu() {
     sched_setaffinity(Pid::from_raw(0), &cpus).unwrap();
 }
 
-/// Longer than a tick at any HZ.
-const NEXT_TICK: Duration = Duration::from_millis(30);
+/// Longer than a tick at any HZ, well within `FLOW_CACHE_HOLD_NS`.
+const NEXT_TICK: Duration = Duration::from_millis(20);
 
 /// Handshake on the client's `port`, then `n` client data segments of 100 bytes.
 fn established_with_data(l: &mut Loaded, port: u16, n: u32) {
@@ -224,7 +225,7 @@ fn summed_in_the_cache(l: &mut Loaded, ports: std::ops::Range<u16>) -> u16 {
 }
 
 #[test]
-fn plain_segments_wait_in_the_cpu_cache_until_a_flag_or_the_next_tick() {
+fn plain_segments_wait_in_the_cpu_cache_until_a_flag_or_the_hold_runs_out() {
     stay_on_one_cpu();
     let mut l = capturing(Duration::from_secs(60));
     let map = l.dataplane.open_flow_map().unwrap();
@@ -243,14 +244,22 @@ fn plain_segments_wait_in_the_cpu_cache_until_a_flag_or_the_next_tick() {
     assert_eq!(e.tcp[0].seqlo, 1502);
     let delta = l.dataplane.next_delta().expect("FIN is a phase change");
     assert_eq!((delta.kind, delta.entry.packets), (DELTA_CHANGED, [8, 1]));
-    // Plain segments again (the flow is settled in FIN_WAIT): the first one of the next tick
-    // writes back what the previous tick summed.
+    // Plain segments again (the flow is settled in FIN_WAIT), summed straight from the frame
+    // in the other direction too; ticks later they still wait in the cache...
     for _ in 0..3 {
         pass(&mut l, &segment_on(port, false, 5001, 1502, ACK, 0));
     }
     std::thread::sleep(NEXT_TICK);
     pass(&mut l, &segment_on(port, false, 5001, 1502, ACK, 0));
-    assert_eq!(in_map(port).packets, [8, 5]);
+    assert_eq!(in_map(port).packets, [8, 1], "held past a tick");
+    assert_eq!(
+        l.dataplane.flow(&key(6, [port, 80])).unwrap().packets,
+        [8, 5]
+    );
+    // ...until the hold runs out: the next packet writes them back.
+    std::thread::sleep(Duration::from_nanos(FLOW_CACHE_HOLD_NS));
+    pass(&mut l, &segment_on(port, false, 5001, 1502, ACK, 0));
+    assert_eq!(in_map(port).packets, [8, 6]);
 }
 
 #[test]
