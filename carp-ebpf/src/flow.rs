@@ -3,8 +3,8 @@
 //! born, a TCP direction changes phase, the flow ends, or the peer has not heard of it for
 //! `refresh_ns`: not per packet. A full ring buffer never stalls the packet: the loss is
 //! counted and the next refresh repairs it. Plain segments of a settled flow are summed in a
-//! per-CPU cache slot and reach the map within `FLOW_CACHE_HOLD_NS` (see `FlowCacheSlot`): the hash
-//! map's lookup alone costs more than a bare XDP program.
+//! per-CPU cache slot and reach the map within `FLOW_CACHE_HOLD_NS` (see `FlowCacheSlot`):
+//! the hash map's lookup alone costs more than a bare XDP program.
 
 use crate::{clock, count, count_n, ptr_at};
 use aya_ebpf::{
