@@ -863,12 +863,12 @@ pub fn run_loss() -> Result<()> {
     Ok(())
 }
 
-fn print_loss(took: Duration) {
+fn print_loss((took, sessions): (Duration, u32)) {
     let link = crate::syncbench::LOSSY_LINK;
     println!(
         "
 Bulk update of {} flows over a sync link losing {}% of frames with {} ms delay each way: \
-         complete in the peer's kernel after {:.1} s ({:.0} states/s)",
+         complete in the peer's kernel after {:.1} s ({:.0} states/s, {sessions} session(s))",
         crate::syncbench::BULK_FLOWS,
         link.loss_pct,
         link.delay.as_millis(),

@@ -192,6 +192,17 @@ async fn connect_as_peer() -> Result<SyncStream> {
     }
 }
 
+/// A session over the lossy link; the handshake itself may lose a message, so it dials
+/// again, as the daemon does.
+async fn dial_over_loss() -> Result<SyncStream> {
+    for _ in 0..10 {
+        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(20), connect_as_peer()).await {
+            return Ok(s);
+        }
+    }
+    anyhow::bail!("no session over the lossy link")
+}
+
 pub fn measure() -> Result<SyncFigures> {
     let lab = Lab::up()?;
     lab.enable_nat()?;
@@ -489,31 +500,24 @@ pub const LOSSY_LINK: Impairment = Impairment {
 };
 
 /// A bulk update of [`BULK_FLOWS`] over the impaired sync link into a real `carp run` on
-/// gw2: the time from the first byte sent until all are in gw2's kernel conntrack.
-pub fn bulk_under_loss() -> Result<Duration> {
+/// gw2: the time from the first byte sent until all are in gw2's kernel conntrack, and how
+/// many sessions it took. TCP's backoff over such a link can leave the session silent past
+/// gw2's dead interval; gw2 then drops it, and the sender dials again and sends the whole
+/// bulk again, as a daemon answers a new bulk request (installs are idempotent).
+pub fn bulk_under_loss() -> Result<(Duration, u32)> {
     let lab = Lab::up()?;
     lab.enable_nat()?;
     let _gw2 = start_receiver(&lab)?;
     let gw2_ns = lab.ns(Host::Gw2);
     let base = conntrack_count(&gw2_ns)?;
     let forwarder = lab.impair_sync(&LOSSY_LINK)?;
-    let took = in_netns(&lab.ns(Host::Gw1), move || -> Result<Duration> {
+    let took = in_netns(&lab.ns(Host::Gw1), move || -> Result<(Duration, u32)> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         rt.block_on(async move {
-            // The handshake itself may lose a message: dial again, as the daemon does.
-            let mut session = None;
-            for _ in 0..10 {
-                if let Ok(Ok(s)) =
-                    tokio::time::timeout(Duration::from_secs(20), connect_as_peer()).await
-                {
-                    session = Some(s);
-                    break;
-                }
-            }
-            let mut session = session.context("no session over the lossy link")?;
             let frames = bulk_frames();
+            let mut session = dial_over_loss().await?;
             let started = Instant::now();
             let waiting = tokio::task::spawn_blocking(move || {
                 wait_count_within(
@@ -523,8 +527,17 @@ pub fn bulk_under_loss() -> Result<Duration> {
                     Duration::from_secs(1200),
                 )
             });
-            session.send(&frames).await?;
-            waiting.await?
+            let mut sessions = 1;
+            while let Err(e) = session.send(&frames).await {
+                anyhow::ensure!(sessions < 10, "{sessions} sessions dropped: {e}");
+                println!(
+                    "    (the session dropped after {:.0} s: {e}; dialing again)",
+                    started.elapsed().as_secs_f64()
+                );
+                session = dial_over_loss().await?;
+                sessions += 1;
+            }
+            Ok((waiting.await??, sessions))
         })
     })
     .join()
