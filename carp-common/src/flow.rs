@@ -189,13 +189,8 @@ impl FlowKey {
         for i in 0..4 {
             addrs ^= w[Self::W_ADDR0 + i] ^ w[Self::W_ADDR1 + i];
         }
-        let ports = self.port[0];
-        let other = self.port[1];
-        cache_slot_of(
-            addrs,
-            u16::from_ne_bytes(ports) ^ u16::from_ne_bytes(other),
-            self.proto,
-        )
+        let ports = u16::from_ne_bytes(self.port[0]) ^ u16::from_ne_bytes(self.port[1]);
+        cache_slot_of(addrs, ports, self.proto)
     }
 }
 

@@ -176,8 +176,7 @@ fn summed_in_cache_v4(ctx: &XdpContext) -> bool {
     if k[FlowKey::W_PROTO] != u32::from_ne_bytes([proto, 4, 0, 0]) || slot.jiffies == 0 {
         return false;
     }
-    let jiffies = clock::jiffies();
-    if slot.jiffies != jiffies && !slot.hold(jiffies, clock::coarse_ns_at(jiffies)) {
+    if !still_held(slot, clock::jiffies()) {
         return false;
     }
     slot.add_packet(dir, u64::from(total) + ETH_LEN as u64);
@@ -185,6 +184,13 @@ fn summed_in_cache_v4(ctx: &XdpContext) -> bool {
         sum_segment(slot, dir, &segment);
     }
     true
+}
+
+/// Whether the slot, holding the packet's flow, may sum it in tick `jiffies`: it summed in
+/// this tick already, or its hold still runs.
+#[inline(always)]
+fn still_held(slot: &mut FlowCacheSlot, jiffies: u64) -> bool {
+    slot.jiffies == jiffies || slot.hold(jiffies, clock::coarse_ns_at(jiffies))
 }
 
 /// A TCP segment's sequence, window and ack in the slot.
@@ -414,10 +420,7 @@ fn update(p: &mut Packet, refresh_ns: u64) {
     let slot = unsafe { &mut *slot };
     let jiffies = clock::jiffies();
     let plain = key.proto != IPPROTO_TCP || p.tcp.flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0;
-    if plain
-        && slot.holds(key)
-        && (slot.jiffies == jiffies || slot.hold(jiffies, clock::coarse_ns_at(jiffies)))
-    {
+    if plain && slot.holds(key) && still_held(slot, jiffies) {
         slot.add_packet(dir, len);
         if key.proto == IPPROTO_TCP {
             sum_segment(slot, dir, &p.tcp);
