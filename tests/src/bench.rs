@@ -387,11 +387,7 @@ fn measure_xdp(dir: &std::path::Path) -> Result<XdpCost> {
     dataplane.set_vmac(1, 1, IF_MAC, Role::Master)?;
     dataplane.refresh_heartbeat(Duration::from_secs(600))?;
     let mut bare_object = aya::Ebpf::load(carp::EBPF_OBJECT)?;
-    let bare: &mut Xdp = bare_object
-        .program_mut(XDP_PASS_PROGRAM)
-        .context("no xdp_pass")?
-        .try_into()?;
-    bare.load()?;
+    let bare = loaded_bare(&mut bare_object)?;
 
     let mut arp = vec![0xff; 6];
     arp.extend_from_slice(&[2, 0, 0, 0, 0, 0x50, 0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
@@ -511,6 +507,17 @@ fn measure_xdp(dir: &std::path::Path) -> Result<XdpCost> {
         bare_repeat,
         pass_repeat,
     })
+}
+
+/// The bare XDP_PASS program of carp's object, loaded into the kernel: the baseline the
+/// benches test-run or attach.
+pub(crate) fn loaded_bare(object: &mut aya::Ebpf) -> Result<&mut Xdp> {
+    let bare: &mut Xdp = object
+        .program_mut(XDP_PASS_PROGRAM)
+        .context("no xdp_pass")?
+        .try_into()?;
+    bare.load()?;
+    Ok(bare)
 }
 
 fn test_run(program: &Xdp, frame: &[u8], repeat: u32) -> Result<(u32, Duration)> {

@@ -4,7 +4,7 @@
 //! veth), carp on (XDP attached, no sync), and carp with state sync (flow capture on, the
 //! peer taking the flows). Each in generic XDP on veth, as the lab
 //! runs it, and in native XDP, where the gateways' switch ports carry a bare XDP program in
-//! all three settings (veth's native XDP_TX, carp's ARP answers, needs one on the peer) and
+//! every setting (veth's native XDP_TX, carp's ARP answers, needs one on the peer) and
 //! carp answers with the interface's MAC (`mac = "interface"`: veth's native path keeps the
 //! packet type it set before XDP, so a frame XDP readdressed from the virtual MAC would be
 //! dropped as another host's; a NIC driver sets it after XDP). All of it on the lab's
@@ -17,9 +17,8 @@ use crate::{
     end_process,
 };
 use anyhow::{Context, Result};
-use aya::programs::{Xdp, XdpMode};
+use aya::programs::XdpMode;
 use carp::carp::fsm::State;
-use carp_common::maps::XDP_PASS_PROGRAM;
 use std::time::Duration;
 
 /// Seconds per iperf3 run, and rounds per figure (the median is kept): short runs, many
@@ -75,15 +74,22 @@ impl Mode {
 pub struct Forwarding {
     pub mode: Mode,
     pub setting: Setting,
-    /// Medians of [`RUNS`].
-    pub tcp_gbps: f64,
-    pub udp_kpps: f64,
     /// Each round's figure, in round order: settings of one round ran back to back.
     pub tcp_rounds: Vec<f64>,
     pub udp_rounds: Vec<f64>,
 }
 
 impl Forwarding {
+    /// Gbit/s, the median of the rounds.
+    pub fn tcp_gbps(&self) -> f64 {
+        median(&self.tcp_rounds)
+    }
+
+    /// 64-byte UDP kpps, the median of the rounds.
+    pub fn udp_kpps(&self) -> f64 {
+        median(&self.udp_rounds)
+    }
+
     /// The median over rounds of what this setting lost against `base` in the same round,
     /// in percent, with the smallest and largest of those: pairs within a round share the
     /// machine's speed of the moment, which medians of each setting alone do not.
@@ -137,43 +143,39 @@ fn one_mode(mode: Mode) -> Result<Vec<Forwarding>> {
     for setting in settings {
         prepared.push(prepare(mode, setting)?);
     }
-    let mut tcp = vec![Vec::new(); settings.len()];
-    let mut udp = vec![Vec::new(); settings.len()];
+    let mut figures: Vec<Forwarding> = settings
+        .iter()
+        .map(|&setting| Forwarding {
+            mode,
+            setting,
+            tcp_rounds: Vec::new(),
+            udp_rounds: Vec::new(),
+        })
+        .collect();
     for round in 0..RUNS {
         let mut line = format!("    round {} of {RUNS}:", round + 1);
-        for (i, setting) in prepared.iter().enumerate() {
+        for (setting, f) in prepared.iter().zip(&mut figures) {
             let (gbps, kpps) = one_round(&setting.lab)?;
-            line += &format!(" {} {gbps:.2} Gb/s {kpps:.0} kpps;", setting.setting.name());
-            tcp[i].push(gbps);
-            udp[i].push(kpps);
+            line += &format!(" {} {gbps:.2} Gb/s {kpps:.0} kpps;", f.setting.name());
+            f.tcp_rounds.push(gbps);
+            f.udp_rounds.push(kpps);
         }
         println!("{}", line.trim_end_matches(';'));
     }
-    let mut figures = Vec::new();
-    for (i, setting) in prepared.into_iter().enumerate() {
+    for (setting, f) in prepared.into_iter().zip(&figures) {
         end_process(setting.server, Duration::from_secs(2));
-        let f = Forwarding {
-            mode,
-            setting: setting.setting,
-            tcp_gbps: median(&mut tcp[i].clone()),
-            udp_kpps: median(&mut udp[i].clone()),
-            tcp_rounds: std::mem::take(&mut tcp[i]),
-            udp_rounds: std::mem::take(&mut udp[i]),
-        };
         println!(
             "    {}: TCP {:.2} Gbit/s, 64-byte UDP {:.0} kpps (medians of {RUNS} x {SECONDS} s)",
             f.setting.name(),
-            f.tcp_gbps,
-            f.udp_kpps
+            f.tcp_gbps(),
+            f.udp_kpps()
         );
-        figures.push(f);
     }
     Ok(figures)
 }
 
 /// One setting's lab, ready to forward: what it attached lives as long as this does.
 struct Prepared {
-    setting: Setting,
     server: u32,
     _xdp: (Option<aya::Ebpf>, Option<aya::Ebpf>),
     lab: Lab,
@@ -189,11 +191,7 @@ fn bare_on(
 ) -> Result<aya::Ebpf> {
     crate::syncbench::in_netns(&lab.ns(host), move || -> Result<aya::Ebpf> {
         let mut object = aya::Ebpf::load(carp::EBPF_OBJECT)?;
-        let bare: &mut Xdp = object
-            .program_mut(XDP_PASS_PROGRAM)
-            .context("no xdp_pass")?
-            .try_into()?;
-        bare.load()?;
+        let bare = crate::bench::loaded_bare(&mut object)?;
         for iface in ifaces {
             bare.attach(iface, mode)
                 .with_context(|| format!("XDP ({mode:?}) on {iface}"))?;
@@ -277,7 +275,6 @@ fn prepare(mode: Mode, setting: Setting) -> Result<Prepared> {
     )?;
     std::thread::sleep(Duration::from_millis(500));
     Ok(Prepared {
-        setting,
         server,
         _xdp: (ports, on_gw1),
         lab,
@@ -340,9 +337,10 @@ fn iperf(lab: &Lab, args: &[&str]) -> Result<serde_json::Value> {
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
 }
 
 pub fn print(figures: &[Forwarding]) {
@@ -366,14 +364,14 @@ pub fn print(figures: &[Forwarding]) {
         println!(
             "  {:<30} TCP {:>6.2} Gb/s, cost {} / {}",
             format!("{}, {}", f.mode.name(), f.setting.name()),
-            f.tcp_gbps,
+            f.tcp_gbps(),
             shown(f, off, true),
             shown(f, bare, true),
         );
         println!(
             "  {:<30} UDP {:>6.0} kpps, cost {} / {}",
             "",
-            f.udp_kpps,
+            f.udp_kpps(),
             shown(f, off, false),
             shown(f, bare, false),
         );
