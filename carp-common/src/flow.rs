@@ -195,11 +195,13 @@ impl FlowKey {
 }
 
 /// [`FlowKey::cache_slot`] from the XOR of the endpoints' address words and of their port
-/// words (as read from the frame, in memory order), spread by a multiplicative hash.
+/// words (as read from the frame, in memory order), spread by a multiplicative hash. In 32
+/// bits: the ports land on the address halves that differ least between flows (the first
+/// two bytes), and the product's top bits mix in every input bit.
 #[inline(always)]
 pub const fn cache_slot_of(addrs: u32, ports: u16, proto: u8) -> u32 {
-    let folded = (addrs as u64) << 32 | (ports as u64) << 8 | proto as u64;
-    (folded.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - FLOW_CACHE_SLOTS.trailing_zeros())) as u32
+    let folded = addrs ^ ports as u32 ^ (proto as u32) << 24;
+    folded.wrapping_mul(0x9e37_79b9) >> (32 - FLOW_CACHE_SLOTS.trailing_zeros())
 }
 
 /// [`FlowCacheSlot::seen`]: endpoint `d` sent a TCP segment (`SENT << d`) or an ACK
@@ -283,27 +285,35 @@ impl FlowCacheSlot {
         self.bytes[dir & 1] += len;
     }
 
-    /// Sums a TCP segment from endpoint `dir` that ends at `end` and advertises `win`.
+    /// Sums a TCP segment with ACK from endpoint `D` (a constant: its fields sit at fixed
+    /// offsets): `len` bytes, ending at sequence number `end`, advertising `win` and allowing
+    /// the other side up to `allowed`. The first since the write-back sets the bounds.
     #[inline(always)]
-    pub fn add_segment(&mut self, dir: usize, end: u32, win: u16) {
-        let d = dir & 1;
-        if self.seen & (CACHE_SENT << d) == 0 || seq_after(end, self.sent_up_to[d]) {
-            self.sent_up_to[d] = end;
+    pub fn add_acked_segment<const D: usize>(
+        &mut self,
+        len: u64,
+        end: u32,
+        win: u16,
+        allowed: u32,
+    ) {
+        if self.packets[D] == 0 {
+            self.sent_up_to[D] = end;
+            self.max_win[D] = win;
+            self.allowed_up_to[D] = allowed;
+            self.seen |= (CACHE_SENT | CACHE_ACKED) << D;
+        } else {
+            if seq_after(end, self.sent_up_to[D]) {
+                self.sent_up_to[D] = end;
+            }
+            if win > self.max_win[D] {
+                self.max_win[D] = win;
+            }
+            if seq_after(allowed, self.allowed_up_to[D]) {
+                self.allowed_up_to[D] = allowed;
+            }
         }
-        if self.seen & (CACHE_SENT << d) == 0 || win > self.max_win[d] {
-            self.max_win[d] = win;
-        }
-        self.seen |= CACHE_SENT << d;
-    }
-
-    /// Sums an ACK from endpoint `dir` that allows the other side up to `allowed`.
-    #[inline(always)]
-    pub fn add_ack(&mut self, dir: usize, allowed: u32) {
-        let d = dir & 1;
-        if self.seen & (CACHE_ACKED << d) == 0 || seq_after(allowed, self.allowed_up_to[d]) {
-            self.allowed_up_to[d] = allowed;
-        }
-        self.seen |= CACHE_ACKED << d;
+        self.packets[D] += 1;
+        self.bytes[D] += len;
     }
 
     /// Adds the slot's sums to the flow's map entry, by the rules the per-packet tracking
@@ -375,9 +385,14 @@ const _: () = assert!(size_of::<CaptureConfig>() == 16);
 mod tests {
     use super::*;
 
-    /// Segments from endpoint 0 across the sequence wrap, acked by endpoint 1.
-    const SEGMENTS: [(u32, u16); 3] = [(u32::MAX - 99, 1000), (u32::MAX - 9, 3000), (90, 2000)];
-    const ACKS: [u32; 2] = [u32::MAX - 50, 10];
+    /// Segments from endpoint 0 across the sequence wrap (end, window, what they allow
+    /// endpoint 1), and endpoint 1's (pure ACKs: its end stays put) acking them.
+    const FROM_0: [(u32, u16, u32); 3] = [
+        (u32::MAX - 99, 1000, 500),
+        (u32::MAX - 9, 3000, 400),
+        (90, 2000, 600),
+    ];
+    const FROM_1: [(u32, u16, u32); 2] = [(300, 500, u32::MAX - 50), (300, 400, 10)];
 
     fn established() -> FlowEntry {
         let mut entry = FlowEntry::default();
@@ -393,28 +408,33 @@ mod tests {
         let mut each = established();
         let mut slot = FlowCacheSlot::default();
         slot.clear(7, 1_000);
-        for (end, win) in SEGMENTS {
-            each.tcp[0].sent_up_to(end);
-            each.tcp[0].advertised(win);
-            each.packets[0] += 1;
-            each.bytes[0] += 100;
-            slot.add_packet(0, 100);
-            slot.add_segment(0, end, win);
+        let mut track = |d: usize, (end, win, allowed): (u32, u16, u32), len: u64| {
+            each.tcp[d].sent_up_to(end);
+            each.tcp[d].advertised(win);
+            each.tcp[d ^ 1].allowed_up_to(allowed);
+            each.packets[d] += 1;
+            each.bytes[d] += len;
+        };
+        for segment in FROM_0 {
+            track(0, segment, 100);
+            slot.add_acked_segment::<0>(100, segment.0, segment.1, segment.2);
         }
-        for allowed in ACKS {
-            each.tcp[0].allowed_up_to(allowed);
-            each.packets[1] += 1;
-            each.bytes[1] += 54;
-            slot.add_packet(1, 54);
-            slot.add_ack(1, allowed);
+        for segment in FROM_1 {
+            track(1, segment, 54);
+            slot.add_acked_segment::<1>(54, segment.0, segment.1, segment.2);
         }
         each.last_ns = 1_000;
         let mut folded = established();
         slot.fold_into(&mut folded);
         assert_eq!(folded, each);
         assert_eq!(folded.tcp[0].seqlo, 90, "past the wrap");
-        assert_eq!(folded.tcp[0].seqhi, 10);
+        assert_eq!(folded.tcp[0].seqhi, 10, "past the wrap");
         assert_eq!(folded.tcp[0].max_win, 3000);
+        assert_eq!(folded.tcp[1].seqhi, 600, "the last, as it is the furthest");
+        assert_eq!(
+            folded.tcp[1].max_win, 500,
+            "the first, as it is the largest"
+        );
     }
 
     #[test]

@@ -70,16 +70,15 @@ struct Segment {
 
 /// Tracks the packet in `ctx` if capture is on. `Err` for headers cut short.
 #[inline(always)]
-pub fn track(ctx: &XdpContext, ether_type: u16) -> Result<(), ()> {
-    let Some(config) = CARP_CAPTURE.get(0) else {
-        return Ok(());
-    };
-    if config.enabled == 0 {
+pub fn track(ctx: &XdpContext) -> Result<(), ()> {
+    if CARP_CAPTURE.get(0).is_none_or(|config| config.enabled == 0) {
         return Ok(());
     }
-    if ether_type == ETHERTYPE_IPV4 && summed_in_cache_v4(ctx) {
+    if ether_type(ctx)? == ETHERTYPE_IPV4 && summed_in_cache_v4(ctx) {
         return Ok(());
     }
+    // Read again, not kept: see `ether_type`.
+    let ether_type = ether_type(ctx)?;
     // Zeroed in place and kept in memory: as a value, LLVM splits the key into 40 single bytes
     // shared by both IP versions and shuffles them through the stack, costing more than the
     // parsing, and zeroes it with a call to the byte-wise `memset`.
@@ -95,110 +94,145 @@ pub fn track(ctx: &XdpContext, ether_type: u16) -> Result<(), ()> {
         return Ok(());
     };
     if tracked {
-        update(packet, config.refresh_ns);
+        // Looked up again rather than kept from above: a value live across the fast path
+        // costs it a spill to the stack and back.
+        let refresh_ns = CARP_CAPTURE
+            .get(0)
+            .map_or(u64::MAX, |config| config.refresh_ns);
+        update(packet, refresh_ns);
     } else {
         count(STAT_FLOW_UNTRACKED);
     }
     Ok(())
 }
 
+/// The frame's EtherType, read from the frame where it is needed rather than passed in: a
+/// value kept across the fast path's map lookups (calls, to LLVM) takes one of the four
+/// registers calls preserve, and the fast path needs them all.
+#[inline(always)]
+fn ether_type(ctx: &XdpContext) -> Result<u16, ()> {
+    let eth: *const [u16; 7] = ptr_at(ctx, 0)?;
+    // SAFETY: bounds-checked by ptr_at.
+    Ok(unsafe { (*eth)[6] })
+}
+
 /// The fast path of busy IPv4 flows: a plain TCP segment or UDP datagram of a flow this
 /// CPU's cache holds is summed there straight from the frame's fields, with no key built or
 /// ordered (the slot is the same for both directions). `false` leaves the packet to the full
-/// path, which handles everything else the same way, only slower.
+/// path, which handles everything else the same way, only slower. Its order keeps the cost
+/// down: the frame is matched against the slot in 16-bit words as read, and the segment is
+/// read only once the slot holds its flow, so that few values stay live (each one more
+/// would be spilled to the stack).
 #[inline(always)]
 fn summed_in_cache_v4(ctx: &XdpContext) -> bool {
-    let Ok(ip) = ptr_at::<[u16; 10]>(ctx, ETH_LEN) else {
+    // The IPv4 header and a TCP header after it (or a UDP header and 12 bytes) in one
+    // bounds check: shorter frames take the full path.
+    let Ok(h) = ptr_at::<[u16; 20]>(ctx, ETH_LEN) else {
         return false;
     };
     // SAFETY: bounds-checked by ptr_at; frame data is 2-byte aligned.
-    let ip = unsafe { &*ip };
+    let h = unsafe { &*h };
     // No options (20-byte header), no fragment.
-    if ip[0].to_ne_bytes()[0] != 0x45 || u16::from_be(ip[3]) & 0x3fff != 0 {
+    if h[0].to_ne_bytes()[0] != 0x45 || u16::from_be(h[3]) & 0x3fff != 0 {
         return false;
     }
-    let [_, proto] = ip[4].to_ne_bytes();
-    let total = u32::from(u16::from_be(ip[1]));
-    let (src, dst) = (ne32(ip[6], ip[7]), ne32(ip[8], ip[9]));
-    const L4: usize = ETH_LEN + 20;
-    let mut segment = Segment::default();
-    let ports = match proto {
-        IPPROTO_TCP => {
-            let Ok(t) = ptr_at::<[u16; 10]>(ctx, L4) else {
-                return false;
-            };
-            // SAFETY: bounds-checked by ptr_at.
-            let t = unsafe { &*t };
-            let [data_offset, flags] = t[6].to_ne_bytes();
-            if flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
-                return false;
-            }
-            let header = u32::from(data_offset >> 4) * 4;
-            segment = Segment {
-                flags,
-                wscale: 0,
-                seq: be32(t[2], t[3]),
-                ack: be32(t[4], t[5]),
-                win: u16::from_be(t[7]),
-                payload: total.saturating_sub(20 + header),
-            };
-            [t[0], t[1]]
-        }
-        IPPROTO_UDP => {
-            let Ok(u) = ptr_at::<[u16; 2]>(ctx, L4) else {
-                return false;
-            };
-            // SAFETY: bounds-checked by ptr_at.
-            unsafe { *u }
-        }
-        _ => return false,
-    };
-    let index = cache_slot_of(src ^ dst, ports[0] ^ ports[1], proto);
-    let Some(slot) = CARP_FLOW_CACHE.get_ptr_mut(index) else {
+    let [_, proto] = h[4].to_ne_bytes();
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return false;
+    }
+    let addrs = ne32(h[6] ^ h[8], h[7] ^ h[9]);
+    let Some(slot) = CARP_FLOW_CACHE.get_ptr_mut(cache_slot_of(addrs, h[10] ^ h[11], proto)) else {
         return false;
     };
     // SAFETY: this CPU's slot; XDP runs without preemption, so nobody else writes it now.
     let slot = unsafe { &mut *slot };
-    let k = slot.key.words();
-    let dir = if k[FlowKey::W_ADDR0] == src
-        && k[FlowKey::W_ADDR1] == dst
-        && k[FlowKey::W_PORTS] == ne32(ports[0], ports[1])
-    {
-        0
-    } else if k[FlowKey::W_ADDR0] == dst
-        && k[FlowKey::W_ADDR1] == src
-        && k[FlowKey::W_PORTS] == ne32(ports[1], ports[0])
-    {
-        1
-    } else {
-        return false;
+    let k = key_halves(&slot.key);
+    // Each field read from the frame where it is compared, and element by element: LLVM
+    // would load all six ahead for both orders and spill half of them to the stack, and a
+    // slice `==` may become a call to the byte-wise memcmp.
+    let at = |i: usize| {
+        // SAFETY: within the bounds-checked header.
+        unsafe { core::ptr::read_volatile(&h[i]) }
     };
-    if k[FlowKey::W_PROTO] != u32::from_ne_bytes([proto, 4, 0, 0]) || slot.jiffies == 0 {
+    const SRC: usize = 6;
+    const DST: usize = 8;
+    const PORT: usize = 10;
+    if k[KW_ADDR0] == at(SRC)
+        && k[KW_ADDR0 + 1] == at(SRC + 1)
+        && k[KW_ADDR1] == at(DST)
+        && k[KW_ADDR1 + 1] == at(DST + 1)
+        && k[KW_PORT0] == at(PORT)
+        && k[KW_PORT1] == at(PORT + 1)
+    {
+        return sum_in_slot::<0>(h, slot);
+    }
+    if k[KW_ADDR0] == at(DST)
+        && k[KW_ADDR0 + 1] == at(DST + 1)
+        && k[KW_ADDR1] == at(SRC)
+        && k[KW_ADDR1 + 1] == at(SRC + 1)
+        && k[KW_PORT0] == at(PORT + 1)
+        && k[KW_PORT1] == at(PORT)
+    {
+        return sum_in_slot::<1>(h, slot);
+    }
+    false
+}
+
+/// The rest of the fast path once `slot` holds the frame's addresses and ports, sent by
+/// endpoint `D`: a constant, so that the slot's fields for it sit at fixed offsets. The hold
+/// check comes before the frame's fields are read: the clock reads in it are calls to LLVM,
+/// and only two pointers live across them fit the registers calls preserve.
+#[inline(always)]
+fn sum_in_slot<const D: usize>(h: &[u16; 20], slot: &mut FlowCacheSlot) -> bool {
+    let [_, proto] = h[4].to_ne_bytes();
+    if key_halves(&slot.key)[KW_PROTO] != u16::from_ne_bytes([proto, 4]) {
+        return false;
+    }
+    if proto == IPPROTO_UDP {
+        if !still_held(slot, clock::jiffies()) {
+            return false;
+        }
+        slot.add_packet(D, u64::from(u16::from_be(h[1])) + ETH_LEN as u64);
+        return true;
+    }
+    // SAFETY: the TCP header is the second half of `h`.
+    let t = unsafe { &*(h[10..].as_ptr() as *const [u16; 10]) };
+    if t[6].to_ne_bytes()[1] & (TCP_SYN | TCP_FIN | TCP_RST | TCP_ACK) != TCP_ACK {
         return false;
     }
     if !still_held(slot, clock::jiffies()) {
         return false;
     }
-    slot.add_packet(dir, u64::from(total) + ETH_LEN as u64);
-    if proto == IPPROTO_TCP {
-        sum_segment(slot, dir, &segment);
-    }
+    let total = u32::from(u16::from_be(h[1]));
+    let [data_offset, _] = t[6].to_ne_bytes();
+    let win = u16::from_be(t[7]);
+    let payload = total.saturating_sub(20 + u32::from(data_offset >> 4) * 4);
+    slot.add_acked_segment::<D>(
+        u64::from(total) + ETH_LEN as u64,
+        be32(t[2], t[3]).wrapping_add(payload),
+        win,
+        be32(t[4], t[5]).wrapping_add(u32::from(win)),
+    );
     true
 }
 
 /// Whether the slot, holding the packet's flow, may sum it in tick `jiffies`: it summed in
-/// this tick already, or its hold still runs.
+/// this tick already, or it holds a flow whose hold still runs.
 #[inline(always)]
 fn still_held(slot: &mut FlowCacheSlot, jiffies: u64) -> bool {
-    slot.jiffies == jiffies || slot.hold(jiffies, clock::coarse_ns_at(jiffies))
+    slot.jiffies == jiffies
+        || (slot.jiffies != 0 && slot.hold(jiffies, clock::coarse_ns_at(jiffies)))
 }
 
-/// A TCP segment's sequence, window and ack in the slot.
+/// A TCP segment with ACK from endpoint `dir`, summed in the slot with its packet.
 #[inline(always)]
-fn sum_segment(slot: &mut FlowCacheSlot, dir: usize, s: &Segment) {
-    slot.add_segment(dir, s.seq.wrapping_add(s.payload), s.win);
-    if s.flags & TCP_ACK != 0 {
-        slot.add_ack(dir, s.ack.wrapping_add(u32::from(s.win)));
+fn sum_segment(slot: &mut FlowCacheSlot, dir: usize, len: u64, s: &Segment) {
+    let end = s.seq.wrapping_add(s.payload);
+    let allowed = s.ack.wrapping_add(u32::from(s.win));
+    if dir == 0 {
+        slot.add_acked_segment::<0>(len, end, s.win, allowed);
+    } else {
+        slot.add_acked_segment::<1>(len, end, s.win, allowed);
     }
 }
 
@@ -230,11 +264,18 @@ fn key_words(key: &mut FlowKey) -> &mut [u16; 20] {
     unsafe { &mut *(key as *mut FlowKey as *mut [u16; 20]) }
 }
 
-/// Word indexes of the key's fields in [`key_words`].
+#[inline(always)]
+fn key_halves(key: &FlowKey) -> &[u16; 20] {
+    // SAFETY: as in `key_words`.
+    unsafe { &*(key as *const FlowKey as *const [u16; 20]) }
+}
+
+/// Word indexes of the key's fields in [`key_words`]: protocol and family share one.
 const KW_ADDR0: usize = 0;
 const KW_ADDR1: usize = 8;
 const KW_PORT0: usize = 16;
 const KW_PORT1: usize = 17;
+const KW_PROTO: usize = 18;
 
 /// Fills `p` from an IPv4 frame; `Ok(false)` for what is not tracked.
 #[inline(always)]
@@ -419,11 +460,15 @@ fn update(p: &mut Packet, refresh_ns: u64) {
     // SAFETY: this CPU's slot; XDP runs without preemption, so nobody else writes it now.
     let slot = unsafe { &mut *slot };
     let jiffies = clock::jiffies();
-    let plain = key.proto != IPPROTO_TCP || p.tcp.flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0;
+    // A segment without ACK (after the handshake, only a broken or hostile sender's) takes
+    // the map path: every segment a slot sums acks, which is what lets it skip the flags.
+    let plain = key.proto != IPPROTO_TCP
+        || p.tcp.flags & (TCP_SYN | TCP_FIN | TCP_RST | TCP_ACK) == TCP_ACK;
     if plain && slot.holds(key) && still_held(slot, jiffies) {
-        slot.add_packet(dir, len);
         if key.proto == IPPROTO_TCP {
-            sum_segment(slot, dir, &p.tcp);
+            sum_segment(slot, dir, len, &p.tcp);
+        } else {
+            slot.add_packet(dir, len);
         }
         return;
     }

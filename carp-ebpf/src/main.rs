@@ -59,12 +59,11 @@ fn try_carp_xdp(ctx: &XdpContext) -> Result<u32, ()> {
     if ether_type == EtherType::Arp as u16 {
         return answer_arp(ctx);
     }
-    let action = match vhid_of_virtual_mac(&dst) {
-        Some(vhid) => accept_virtual_mac(ctx, eth, vhid),
-        None => xdp_action::XDP_PASS,
-    };
-    flow::track(ctx, ether_type)?;
-    Ok(action)
+    if let Some(vhid) = vhid_of_virtual_mac(&dst) {
+        accept_virtual_mac(ctx, eth, vhid);
+    }
+    flow::track(ctx)?;
+    Ok(xdp_action::XDP_PASS)
 }
 
 /// An Ethernet + ARP request for IPv4 as 16-bit words. Every field the answer touches starts
@@ -152,7 +151,7 @@ fn find_vip(key: &VipKey) -> Option<&'static VipEntry> {
 
 /// Frames to `00:00:5e:00:01:<vhid>`: while master, the destination becomes the interface's
 /// own MAC so the stack takes them; otherwise they pass as they are (the stack ignores them).
-fn accept_virtual_mac(ctx: &XdpContext, eth: *mut EthHdr, vhid: u8) -> u32 {
+fn accept_virtual_mac(ctx: &XdpContext, eth: *mut EthHdr, vhid: u8) {
     let key = VmacKey {
         ifindex: ingress_ifindex(ctx),
         vhid,
@@ -167,7 +166,6 @@ fn accept_virtual_mac(ctx: &XdpContext, eth: *mut EthHdr, vhid: u8) -> u32 {
         }
         _ => count(STAT_VMAC_IGNORED),
     }
-    xdp_action::XDP_PASS
 }
 
 /// Whether the daemon refreshed its heartbeat within the master-down interval.

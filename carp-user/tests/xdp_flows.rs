@@ -27,6 +27,7 @@ const SERVER: [u8; 4] = [198, 18, 2, 100];
 const SYN: u8 = 0x02;
 const ACK: u8 = 0x10;
 const FIN: u8 = 0x01;
+const PSH: u8 = 0x08;
 const RST: u8 = 0x04;
 
 fn eth(ethertype: [u8; 2]) -> Vec<u8> {
@@ -260,6 +261,22 @@ fn plain_segments_wait_in_the_cpu_cache_until_a_flag_or_the_hold_runs_out() {
     std::thread::sleep(Duration::from_nanos(FLOW_CACHE_HOLD_NS));
     pass(&mut l, &segment_on(port, false, 5001, 1502, ACK, 0));
     assert_eq!(in_map(port).packets, [8, 6]);
+}
+
+#[test]
+fn a_segment_without_ack_takes_the_map_path_and_brings_the_sums_along() {
+    stay_on_one_cpu();
+    let mut l = capturing(Duration::from_secs(60));
+    let map = l.dataplane.open_flow_map().unwrap();
+    let port = summed_in_the_cache(&mut l, 40150..40153);
+    let held = map.get(&key(6, [port, 80]), 0).unwrap().packets;
+    assert!(held[0] < 7, "the data segments wait in the cache");
+    // Only a broken or hostile sender omits ACK after the handshake: the cache sums only
+    // segments that carry one, so this one is tracked in the map, with the sums before it.
+    pass(&mut l, &segment_on(port, true, 1501, 0, PSH, 100));
+    let e = map.get(&key(6, [port, 80]), 0).unwrap();
+    assert_eq!(e.packets, [8, 1]);
+    assert_eq!(e.tcp[0].seqlo, 1601);
 }
 
 #[test]
