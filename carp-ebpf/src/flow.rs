@@ -74,10 +74,9 @@ pub fn track(ctx: &XdpContext) -> Result<(), ()> {
     if CARP_CAPTURE.get(0).is_none_or(|config| config.enabled == 0) {
         return Ok(());
     }
-    if ether_type(ctx)? == ETHERTYPE_IPV4 && summed_in_cache_v4(ctx) {
+    if summed_in_cache_v4(ctx) {
         return Ok(());
     }
-    // Read again, not kept: see `ether_type`.
     let ether_type = ether_type(ctx)?;
     // Zeroed in place and kept in memory: as a value, LLVM splits the key into 40 single bytes
     // shared by both IP versions and shuffles them through the stack, costing more than the
@@ -107,7 +106,7 @@ pub fn track(ctx: &XdpContext) -> Result<(), ()> {
 }
 
 /// The frame's EtherType, read from the frame where it is needed rather than passed in: a
-/// value kept across the fast path's map lookups (calls, to LLVM) takes one of the four
+/// value kept across the fast path's map lookups (calls, to LLVM) would take one of the four
 /// registers calls preserve, and the fast path needs them all.
 #[inline(always)]
 fn ether_type(ctx: &XdpContext) -> Result<u16, ()> {
@@ -125,13 +124,18 @@ fn ether_type(ctx: &XdpContext) -> Result<u16, ()> {
 /// would be spilled to the stack).
 #[inline(always)]
 fn summed_in_cache_v4(ctx: &XdpContext) -> bool {
-    // The IPv4 header and a TCP header after it (or a UDP header and 12 bytes) in one
-    // bounds check: shorter frames take the full path.
-    let Ok(h) = ptr_at::<[u16; 20]>(ctx, ETH_LEN) else {
+    // Ethernet, IPv4 and a TCP header (or a UDP header and 12 bytes) in one bounds check:
+    // shorter frames take the full path.
+    let Ok(frame) = ptr_at::<[u16; 27]>(ctx, 0) else {
         return false;
     };
     // SAFETY: bounds-checked by ptr_at; frame data is 2-byte aligned.
-    let h = unsafe { &*h };
+    let frame = unsafe { &*frame };
+    if frame[6] != ETHERTYPE_IPV4 {
+        return false;
+    }
+    // SAFETY: the IPv4 header and what follows it are the frame's last 20 words.
+    let h = unsafe { &*(frame[7..].as_ptr() as *const [u16; 20]) };
     // No options (20-byte header), no fragment.
     if h[0].to_ne_bytes()[0] != 0x45 || u16::from_be(h[3]) & 0x3fff != 0 {
         return false;
@@ -197,7 +201,11 @@ fn sum_in_slot<const D: usize>(h: &[u16; 20], slot: &mut FlowCacheSlot) -> bool 
     }
     // SAFETY: the TCP header is the second half of `h`.
     let t = unsafe { &*(h[10..].as_ptr() as *const [u16; 10]) };
-    if t[6].to_ne_bytes()[1] & (TCP_SYN | TCP_FIN | TCP_RST | TCP_ACK) != TCP_ACK {
+    // Volatile, as the frame's other fields here: a value kept past the clock reads takes a
+    // register the slot's pointer needs.
+    // SAFETY: within the bounds-checked header.
+    let flags = unsafe { core::ptr::read_volatile(&t[6]) }.to_ne_bytes()[1];
+    if flags & (TCP_SYN | TCP_FIN | TCP_RST | TCP_ACK) != TCP_ACK {
         return false;
     }
     if !still_held(slot, clock::jiffies()) {
