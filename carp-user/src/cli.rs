@@ -394,8 +394,9 @@ fn table<const N: usize>(header: &[&str; N], rows: &[[&str; N]]) -> String {
 /// DHCP in `carp status`: Kea's state here and at the partner, leases per scope.
 fn format_dhcp(d: &DhcpStatus) -> String {
     let mut out = format!(
-        "dhcp: kea {} ({})  {}\n",
+        "dhcp: kea {}{} ({})  {}\n",
         if d.running { "running" } else { "NOT RUNNING" },
+        d.pid.map_or_else(String::new, |pid| format!(", pid {pid}")),
         d.role,
         match &d.ha {
             Some(ha) => format!(
@@ -653,6 +654,23 @@ mod tests {
             format_lag(&s),
             "lag: to the link p50 <= 0.5 ms p99 <= 50 ms  into conntrack p50 > 5000 ms p99 > 5000 ms\n"
         );
+    }
+
+    #[test]
+    fn dhcp_line_names_keas_pid_when_known() {
+        let mut d = DhcpStatus {
+            role: "primary".into(),
+            running: true,
+            pid: Some(4242),
+            ..DhcpStatus::default()
+        };
+        assert!(
+            format_dhcp(&d).starts_with("dhcp: kea running, pid 4242 (primary)"),
+            "{}",
+            format_dhcp(&d)
+        );
+        d.pid = None;
+        assert!(format_dhcp(&d).starts_with("dhcp: kea running (primary)"));
     }
 
     #[test]

@@ -254,6 +254,11 @@ fn a_kea_service_is_configured_and_driven_by_carp() -> Result<()> {
     let status = gw1.status()?.dhcp.context("no DHCP in gw1's status")?;
     assert!(status.running && status.failure.is_none(), "{status:?}");
     let kea = service_kea_pid(&dir1)?;
+    assert_eq!(
+        status.pid.map(|pid| pid as i32),
+        Some(kea),
+        "`carp status` shows the service's Kea"
+    );
     // /proc/PID/stat: "pid (comm) state ppid ...".
     let stat = std::fs::read_to_string(format!("/proc/{kea}/stat"))?;
     let parent = stat

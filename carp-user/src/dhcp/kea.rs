@@ -185,6 +185,14 @@ pub fn parse_status(arguments: &Value) -> Option<HaStatus> {
     })
 }
 
+/// The process answering, from `status-get`: how carp knows the PID of a Kea a service
+/// manager runs.
+pub fn parse_pid(arguments: &Value) -> Option<u32> {
+    arguments["pid"]
+        .as_u64()
+        .and_then(|pid| u32::try_from(pid).ok())
+}
+
 /// One lease, as `carp leases` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
@@ -240,6 +248,8 @@ mod tests {
             })
         );
         assert_eq!(parse_status(&json!({})), None);
+        assert_eq!(parse_pid(&status), Some(28154));
+        assert_eq!(parse_pid(&json!({})), None);
         let leases: Value = serde_json::from_str(r#"{ "leases": [ { "cltt": 1796171850, "fqdn-fwd": false, "fqdn-rev": false, "hostname": "vm", "hw-address": "36:c7:df:d2:33:fa", "ip-address": "198.18.1.150", "state": 0, "subnet-id": 1, "valid-lft": 600 } ] }"#).unwrap();
         let parsed = parse_leases(&leases);
         assert_eq!(parsed[0].address, "198.18.1.150");

@@ -396,10 +396,8 @@ async fn watch_child(
 /// Kea's HA state (and so who serves) and each scope's lease count.
 async fn poll_kea(setup: &KeaSetup, status: &Mutex<DhcpStatus>, served_by: &Mutex<ServedBy>) {
     let socket = setup.control_socket();
-    let ha = kea::command(&socket, "status-get", None)
-        .await
-        .ok()
-        .and_then(|a| kea::parse_status(&a));
+    let answer = kea::command(&socket, "status-get", None).await.ok();
+    let ha = answer.as_ref().and_then(kea::parse_status);
     let leases = kea::command(&socket, "lease4-get-all", None)
         .await
         .map(|a| kea::parse_leases(&a));
@@ -412,6 +410,10 @@ async fn poll_kea(setup: &KeaSetup, status: &Mutex<DhcpStatus>, served_by: &Mute
     lock(served_by).observe(now, serving);
     let mut status = lock(status);
     status.ha = ha;
+    if setup.service.is_some() {
+        // Not carp's child: the service's Kea says who it is.
+        status.pid = answer.as_ref().and_then(kea::parse_pid);
+    }
     if let Ok(leases) = leases {
         for (scope, shown) in setup.scopes.iter().zip(status.scopes.iter_mut()) {
             let id = kea_config::subnet_id(scope);
