@@ -3,10 +3,12 @@
 //! the VIP as router and DNS, replicated to the secondary within a second; planned failover
 //! through `carp maintenance`; the primary's death, after which the client keeps its address
 //! from the secondary; `carp leases` naming the node that served each; Kea run by a service
-//! manager instead, configured and reloaded by carp; and the control, two Kea servers
-//! without the HA hook, which hand the same address out twice. Needs root.
+//! manager instead, configured and reloaded by carp; a partner Kea that never answers, which
+//! holds up `carp maintenance` but not the daemon; and the control, two Kea servers without
+//! the HA hook, which hand the same address out twice. Needs root.
 
 use anyhow::{Context, Result, ensure};
+use carp::carp::fsm::State;
 use carp::dhcp::{
     LeaseRow,
     kea_config::{self, HaRole, KeaSetup},
@@ -15,9 +17,9 @@ use carp::dhcp::{
 use carp_lab::{
     CLIENT_IP, ConfigSyncPart, Host, LAN_VIP, Lab, Node, NodeOptions, SERVER_IP, SYNC_SECRET,
     carp_bin,
-    cluster::carp_cli,
+    cluster::{backup_opts, carp_cli, wait_all},
     dhcp::{self, ClientLease},
-    end_process, kill_hard, wait_for,
+    end_process, kill_hard, traffic_bin, wait_for,
 };
 use std::{
     net::Ipv4Addr,
@@ -177,6 +179,72 @@ fn leases_follow_the_master() -> Result<()> {
         .is_ok(),
         "no traffic through the VIP after the failover"
     );
+    Ok(())
+}
+
+/// `carp maintenance` waits for the partner's Kea to take over DHCP, up to Kea's command
+/// timeout (3 s), but the daemon goes on meanwhile: `carp status` answers at once and the
+/// master keeps its VIPs (its adverts go on). The partner here accepts Kea's HA port and
+/// never answers. The control: the maintenance command itself did wait.
+#[test]
+fn a_partner_kea_that_never_answers_does_not_hold_up_the_daemon() -> Result<()> {
+    let lab = Lab::up()?;
+    let bin = carp_bin()?;
+    let traffic = traffic_bin()?.to_string_lossy().into_owned();
+    lab.spawn(
+        Host::Gw2,
+        &[&traffic, "serve", "198.18.3.2:8371"],
+        &lab.dir.join("silent-kea.log"),
+    )?;
+    // gw2's carp runs (without DHCP of its own), so the sync link is up and gw1 does not
+    // fence the partner's Kea port off as it would with the peer gone.
+    let gw1 = lab.start_carp(&bin, Host::Gw1, &primary())?;
+    let _gw2 = lab.start_carp(
+        &bin,
+        Host::Gw2,
+        &NodeOptions {
+            sync_key: Some(SYNC_SECRET.into()),
+            ..backup_opts()
+        },
+    )?;
+    wait_all(&gw1, State::Master, Duration::from_secs(10))?;
+    wait_for(Duration::from_secs(15), || {
+        gw1.status()
+            .ok()
+            .and_then(|s| s.sync)
+            .is_some_and(|s| s.connected)
+            .then_some(())
+    })
+    .context("the sync link does not come up")?;
+    let socket = gw1.socket.to_string_lossy().into_owned();
+    let asked = Instant::now();
+    let maintenance =
+        std::thread::spawn(move || carp_cli(&["maintenance", "on", "--socket", &socket]));
+    std::thread::sleep(Duration::from_millis(500));
+    let status_asked = Instant::now();
+    let status = gw1.status()?;
+    let status_took = status_asked.elapsed();
+    ensure!(
+        status_took < Duration::from_millis(500),
+        "carp status took {status_took:?} while the partner's Kea was being asked"
+    );
+    ensure!(
+        !status.maintenance,
+        "in maintenance before the partner answered: {:?}",
+        status.dhcp.and_then(|d| d.maintenance)
+    );
+    let table = maintenance
+        .join()
+        .map_err(|_| anyhow::anyhow!("the maintenance thread panicked"))??;
+    let took = asked.elapsed();
+    ensure!(
+        took >= Duration::from_millis(2500),
+        "the maintenance command answered after {took:?}: it did not wait for the partner"
+    );
+    assert!(table.contains("maintenance ON"), "{table}");
+    let shown = gw1.status()?.dhcp.context("no DHCP in gw1's status")?;
+    let last = shown.maintenance.unwrap_or_default();
+    assert!(last.contains("did not answer"), "{last}");
     Ok(())
 }
 

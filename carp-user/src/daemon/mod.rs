@@ -37,6 +37,7 @@ use carp_common::{
     },
 };
 use config_apply::recv_push;
+use operate::DhcpHandover;
 use std::{
     net::Ipv4Addr,
     os::fd::{BorrowedFd, OwnedFd, RawFd},
@@ -171,6 +172,8 @@ struct Daemon {
     dhcp: Option<Supervisor>,
     /// The peer's Kea is fenced off ([`dhcp::fence`]).
     dhcp_fenced: bool,
+    /// `carp maintenance` waits for the partner's Kea ([`Daemon::maintenance_request`]).
+    dhcp_handover_pending: bool,
     /// State changes and sync events, for notify hooks and `carp events`.
     events: Events,
     notify_failures: Arc<AtomicU64>,
@@ -197,6 +200,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
     let inherited_sync = inherit::take(inherit::SYNC);
     let (packets_tx, mut packets_rx) = mpsc::channel::<(u32, Vec<u8>)>(BACKLOG);
     let (control_tx, mut control_rx) = mpsc::channel::<Pending>(16);
+    let (handovers_tx, mut handovers_rx) = mpsc::unbounded_channel::<DhcpHandover>();
     let mut daemon = Daemon::start(config, config_path, inherited_sync).await?;
     if let Some(listen) = daemon.config.metrics {
         metrics::serve(listen, control_tx.clone())
@@ -276,9 +280,17 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
                     daemon.leases_request(reply);
                     continue;
                 }
+                if let Request::Maintenance { enable } = request {
+                    if let Some((response, reply)) =
+                        daemon.maintenance_request(enable, reply, &handovers_tx)
+                    {
+                        daemon.settle().await;
+                        let _ = reply.send(response);
+                    }
+                    continue;
+                }
                 let (response, exit) = match request {
                     Request::Reload => daemon.reload().await,
-                    Request::Maintenance { enable } => (daemon.maintenance(enable).await, None),
                     Request::ConfigRollback => (daemon.rollback().await, None),
                     Request::Upgrade => (
                         daemon.on_request(request),
@@ -289,6 +301,11 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
                 daemon.settle().await;
                 let _ = reply.send(response);
                 if let Some(exit) = exit { break exit; }
+            }
+            Some(handover) = handovers_rx.recv() => {
+                let (response, reply) = daemon.finish_dhcp_handover(handover);
+                daemon.settle().await;
+                let _ = reply.send(response);
             }
             Some((pushed, flags)) = recv_push(&mut config_pushes) => {
                 let answer = daemon.apply_pushed(&pushed, flags).await;
@@ -542,6 +559,7 @@ impl Daemon {
             reload_after_failure: Arc::default(),
             dhcp,
             dhcp_fenced: false,
+            dhcp_handover_pending: false,
             events,
             notify_failures: Arc::default(),
             sync_connected: false,

@@ -11,7 +11,15 @@ use crate::{
     notify,
     sync::service::SyncHandle,
 };
+use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
+
+/// `carp maintenance` once the partner's Kea has answered: its outcome and who asked.
+pub(super) struct DhcpHandover {
+    enable: bool,
+    outcome: Result<String, String>,
+    reply: oneshot::Sender<Response>,
+}
 
 impl Daemon {
     /// A state change: the notify hooks that want it start (never waited for), and
@@ -58,16 +66,51 @@ impl Daemon {
     }
 
     /// `carp maintenance on|off`: DHCP first (the partner's Kea takes over, or hands back),
-    /// then CARP's demotion.
-    pub(super) async fn maintenance(&mut self, enable: bool) -> Response {
-        if let Some(dhcp) = &self.dhcp
-            && enable != self.maintenance
-        {
-            match dhcp.partner_maintenance(enable).await {
-                Ok(done) => info!(%done, "DHCP maintenance"),
-                Err(e) => warn!(error = %e, "DHCP maintenance not taken by the partner"),
-            }
+    /// then CARP's demotion. The partner's Kea may take its whole command timeout to answer
+    /// (or not), so that part runs on its own and the loop goes on sending adverts; the
+    /// demotion and the answer follow in [`Daemon::finish_dhcp_handover`]. `Some` is the
+    /// answer when there is nothing to wait for.
+    pub(super) fn maintenance_request(
+        &mut self,
+        enable: bool,
+        reply: oneshot::Sender<Response>,
+        handovers: &mpsc::UnboundedSender<DhcpHandover>,
+    ) -> Option<(Response, oneshot::Sender<Response>)> {
+        let Some(dhcp) = self.dhcp.as_ref().filter(|_| enable != self.maintenance) else {
+            return Some((self.maintenance_now(enable), reply));
+        };
+        if self.dhcp_handover_pending {
+            let busy = "a maintenance change is under way: the partner's Kea has not answered yet";
+            return Some((Response::error(busy.into()), reply));
         }
+        self.dhcp_handover_pending = true;
+        let command = dhcp.partner_maintenance(enable);
+        let handovers = handovers.clone();
+        tokio::spawn(async move {
+            let outcome = command.await;
+            let _ = handovers.send(DhcpHandover {
+                enable,
+                outcome,
+                reply,
+            });
+        });
+        None
+    }
+
+    /// The partner's Kea answered (or gave up): CARP's side of `carp maintenance` now.
+    pub(super) fn finish_dhcp_handover(
+        &mut self,
+        handover: DhcpHandover,
+    ) -> (Response, oneshot::Sender<Response>) {
+        self.dhcp_handover_pending = false;
+        match handover.outcome {
+            Ok(done) => info!(%done, "DHCP maintenance"),
+            Err(e) => warn!(error = %e, "DHCP maintenance not taken by the partner"),
+        }
+        (self.maintenance_now(handover.enable), handover.reply)
+    }
+
+    fn maintenance_now(&mut self, enable: bool) -> Response {
         match self.set_maintenance(enable) {
             Ok(()) => Response::status(self.status()),
             Err(e) => Response::error(Chain(&e).to_string()),

@@ -127,23 +127,31 @@ impl Supervisor {
     }
 
     /// Planned failover: the partner's Kea (the one that stays) takes this one into
-    /// maintenance, so no lease is lost or handed out twice; `false` cancels it.
-    pub async fn partner_maintenance(&self, on: bool) -> Result<String, String> {
+    /// maintenance, so no lease is lost or handed out twice; `false` cancels it. A future
+    /// that owns what it needs, to run on its own: an unreachable partner takes Kea's
+    /// command timeout to give up.
+    pub fn partner_maintenance(
+        &self,
+        on: bool,
+    ) -> impl Future<Output = Result<String, String>> + Send + 'static {
         let partner = SocketAddr::from((self.setup.peer, self.setup.port));
-        let name = if on {
-            "ha-maintenance-start"
-        } else {
-            "ha-maintenance-cancel"
-        };
-        let outcome = kea::peer_command(partner, name)
-            .await
-            .map(|_| format!("{name}: done by the partner"));
-        let shown = match &outcome {
-            Ok(done) => done.clone(),
-            Err(e) => e.clone(),
-        };
-        lock(&self.status).maintenance = Some(shown);
-        outcome
+        let status = self.status.clone();
+        async move {
+            let name = if on {
+                "ha-maintenance-start"
+            } else {
+                "ha-maintenance-cancel"
+            };
+            let outcome = kea::peer_command(partner, name)
+                .await
+                .map(|_| format!("{name}: done by the partner"));
+            let shown = match &outcome {
+                Ok(done) => done.clone(),
+                Err(e) => e.clone(),
+            };
+            lock(&status).maintenance = Some(shown);
+            outcome
+        }
     }
 }
 
