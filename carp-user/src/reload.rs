@@ -19,7 +19,8 @@ pub struct Plan {
     pub retuned: Vec<(usize, Params)>,
     /// Kept VIPs nothing touches.
     pub unchanged: usize,
-    /// `[sync]` changed: applied by re-executing in place (the session starts anew).
+    /// `[sync]` or `[config_sync]` changed: applied by re-executing in place (the session
+    /// starts anew).
     pub sync_changed: bool,
     /// The `[[nat]]` rules changed: carp's NAT table is replaced.
     pub nat_changed: bool,

@@ -567,6 +567,8 @@ pub struct NodeOptions {
     pub reload_after: Vec<(PathBuf, Vec<String>)>,
     /// DHCP on the LAN ([[dhcp]], pool [`dhcp::POOL`]), served by Kea as a pair over sync.
     pub dhcp: bool,
+    /// Another pool for that [[dhcp]].
+    pub dhcp_pool: Option<&'static str>,
     /// More TOML at the end of the file (`[[notify]]`, `[metrics]`).
     pub extra: String,
     /// `[node] xdp_mode`: auto (generic on the lab's veths), native or generic.
@@ -603,6 +605,7 @@ impl Default for NodeOptions {
             files: Vec::new(),
             reload_after: Vec::new(),
             dhcp: false,
+            dhcp_pool: None,
             extra: String::new(),
             xdp_mode: "auto",
         }
@@ -698,7 +701,7 @@ impl Lab {
             write!(
                 text,
                 "\n[[dhcp]]\ninterface = \"lan\"\npool = \"{}\"\nlease_time = \"10m\"\n",
-                dhcp::POOL
+                opts.dhcp_pool.unwrap_or(dhcp::POOL)
             )?;
         }
         if opts.nat && own_areas {

@@ -3,9 +3,10 @@
 //! the VIP as router and DNS, replicated to the secondary within a second; planned failover
 //! through `carp maintenance`; the primary's death, after which the client keeps its address
 //! from the secondary; `carp leases` naming the node that served each; Kea run by a service
-//! manager instead, configured and reloaded by carp; a partner Kea that never answers, which
-//! holds up `carp maintenance` but not the daemon; and the control, two Kea servers without
-//! the HA hook, which hand the same address out twice. Needs root.
+//! manager instead, configured and reloaded by carp; a changed `[[dhcp]]` handed to the
+//! running Kea without a restart; a partner Kea that never answers, which holds up `carp
+//! maintenance` but not the daemon; and the control, two Kea servers without the HA hook,
+//! which hand the same address out twice. Needs root.
 
 use anyhow::{Context, Result, ensure};
 use carp::carp::fsm::State;
@@ -179,6 +180,65 @@ fn leases_follow_the_master() -> Result<()> {
         .is_ok(),
         "no traffic through the VIP after the failover"
     );
+    Ok(())
+}
+
+/// A changed `[[dhcp]]` reaches the running Kea on `carp reload` without a restart: the
+/// same kea-dhcp4 processes (their PIDs in `carp status`) serve a new client from the new
+/// pool, outside the old one, and the pair is back in hot-standby.
+#[test]
+fn a_changed_dhcp_section_reaches_the_running_kea_without_a_restart() -> Result<()> {
+    const NEW_POOL: &str = "198.18.1.200-198.18.1.220";
+    let lab = Lab::up()?;
+    let bin = carp_bin()?;
+    let gw1 = lab.start_carp(&bin, Host::Gw1, &primary())?;
+    let gw2 = lab.start_carp(&bin, Host::Gw2, &secondary())?;
+    wait_ha(&gw1, "hot-standby", Duration::from_secs(30))?;
+    wait_ha(&gw2, "hot-standby", Duration::from_secs(10))?;
+    let kea_pid = |node: &Node| -> Result<u32> {
+        node.status()?
+            .dhcp
+            .and_then(|d| d.pid)
+            .context("no Kea PID in carp status")
+    };
+    let before = (kea_pid(&gw1)?, kea_pid(&gw2)?);
+    lab.write_config(
+        Host::Gw1,
+        &NodeOptions {
+            dhcp_pool: Some(NEW_POOL),
+            ..primary()
+        },
+    )?;
+    let socket = gw1.socket.to_string_lossy().into_owned();
+    carp_cli(&["reload", "--socket", &socket])?;
+    // The secondary gets the section by config sync and hands it to its Kea alike.
+    let no_failure = |node: &Node| {
+        node.status()
+            .ok()
+            .and_then(|s| s.dhcp)
+            .is_some_and(|d| d.failure.is_none())
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    wait_ha(&gw1, "hot-standby", Duration::from_secs(30))?;
+    wait_ha(&gw2, "hot-standby", Duration::from_secs(30))?;
+    ensure!(
+        no_failure(&gw1) && no_failure(&gw2),
+        "a node shows a DHCP failure"
+    );
+    assert_eq!(
+        (kea_pid(&gw1)?, kea_pid(&gw2)?),
+        before,
+        "Kea was restarted instead of reconfigured"
+    );
+    dhcp::add_client(&lab, "mv0")?;
+    let (b, _) = dhcp::request(&lab, "mv0", Duration::from_secs(15))?;
+    let (lo, hi) = NEW_POOL.split_once('-').context("a range")?;
+    let (lo, hi): (Ipv4Addr, Ipv4Addr) = (lo.parse()?, hi.parse()?);
+    ensure!(
+        (lo..=hi).contains(&b.address) && !dhcp::in_pool(b.address),
+        "{b:?} is not from the new pool {NEW_POOL}"
+    );
+    assert_eq!(b.server, GW1_LAN, "the primary serves");
     Ok(())
 }
 

@@ -891,7 +891,7 @@ impl Daemon {
             Err(problems) => return (refused(&problems), None),
         };
         if plan.sync_changed {
-            info!("reload: [sync] changed, re-executing in place to apply it");
+            info!("reload: [sync] or [config_sync] changed, re-executing in place to apply it");
             return (
                 Response::done(control::REEXECUTING.to_owned(), self.status()),
                 Some(Exit::Reexec {
@@ -926,15 +926,24 @@ impl Daemon {
         self.heartbeat_lifetime = heartbeat_lifetime(self.config.carp.advbase);
         let kea = dhcp::kea_setup(&self.config);
         if kea.as_ref() != self.dhcp.as_ref().map(Supervisor::setup) {
-            // Kea starts again on the new configuration; its lease file stays.
-            if let Some(old) = self.dhcp.take() {
-                old.stop().await;
+            match (&mut self.dhcp, kea) {
+                (Some(running), Some(new)) if running.can_reconfigure(&new) => {
+                    info!("reload: DHCP configuration changed; Kea reads it again");
+                    running.reconfigure(new);
+                }
+                (_, kea) => {
+                    // Kea starts again (or stops) on the new configuration; its lease file
+                    // stays.
+                    if let Some(old) = self.dhcp.take() {
+                        old.stop().await;
+                    }
+                    self.dhcp = kea.map(Supervisor::start);
+                    info!(
+                        serving = self.dhcp.is_some(),
+                        "reload: DHCP configuration changed"
+                    );
+                }
             }
-            self.dhcp = kea.map(Supervisor::start);
-            info!(
-                serving = self.dhcp.is_some(),
-                "reload: DHCP configuration changed"
-            );
         }
         let vip_addrs: Vec<Ipv4Addr> = self.config.vips.iter().map(|v| v.address.addr).collect();
         let mut failed = Vec::new();

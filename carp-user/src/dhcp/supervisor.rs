@@ -1,9 +1,10 @@
 //! Runs kea-dhcp4 for carp: writes its configuration, checks it with `kea-dhcp4 -t`, starts
-//! it, restarts it with backoff when it dies, and reads its HA state and lease counts every
-//! second for `carp status`. Where a service manager runs Kea instead, carp writes the
-//! configuration where the service reads it, has the service reloaded and reads it alike. A
-//! Kea that is missing or refuses its configuration shows as failed with Kea's own words;
-//! CARP and sync go on regardless.
+//! it, restarts it with backoff when it dies, hands it a changed configuration without a
+//! restart (`config-reload`), and reads its HA state and lease counts every second for
+//! `carp status`. Where a service manager runs Kea instead, carp writes the configuration
+//! where the service reads it, has the service reloaded and reads it alike. A Kea that is
+//! missing or refuses its configuration shows as failed with Kea's own words; CARP and sync
+//! go on regardless.
 
 use super::{
     kea::{self, HaStatus, KEA_DHCP4, Lease},
@@ -61,28 +62,20 @@ pub struct Supervisor {
     status: Arc<Mutex<DhcpStatus>>,
     served_by: Arc<Mutex<ServedBy>>,
     stop: watch::Sender<bool>,
+    /// The configuration Kea should run; a new one is handed over without a restart.
+    setups: watch::Sender<KeaSetup>,
     task: JoinHandle<()>,
 }
 
 impl Supervisor {
     pub fn start(setup: KeaSetup) -> Self {
-        let status = Arc::new(Mutex::new(DhcpStatus {
-            role: setup.role.name().into(),
-            scopes: setup
-                .scopes
-                .iter()
-                .map(|s| ScopeStatus {
-                    interface: s.interface.clone(),
-                    subnet: s.subnet.to_string(),
-                    leases: 0,
-                })
-                .collect(),
-            ..DhcpStatus::default()
-        }));
+        let status = Arc::new(Mutex::new(DhcpStatus::default()));
+        show_setup(&mut lock(&status), &setup);
         let (stop, stopped) = watch::channel(false);
+        let (setups, latest) = watch::channel(setup.clone());
         let served_by = Arc::new(Mutex::new(ServedBy::default()));
         let task = tokio::spawn(supervise(
-            setup.clone(),
+            latest,
             status.clone(),
             served_by.clone(),
             stopped,
@@ -92,12 +85,29 @@ impl Supervisor {
             status,
             served_by,
             stop,
+            setups,
             task,
         }
     }
 
     pub fn setup(&self) -> &KeaSetup {
         &self.setup
+    }
+
+    /// Whether the running Kea can take `new` without a restart: the same files, control
+    /// socket and way of running it (what differs is in the configuration file Kea reads).
+    pub fn can_reconfigure(&self, new: &KeaSetup) -> bool {
+        new.dir == self.setup.dir && new.service == self.setup.service
+    }
+
+    /// Hands `new` to the running Kea: written once `kea-dhcp4 -t` accepts it, then read
+    /// again by Kea (`config-reload`, or the service's reload command), so DHCP, its leases
+    /// and the HA pair's connection go on. A refused one leaves Kea on the last good one, with
+    /// the reason in `carp status`.
+    pub fn reconfigure(&mut self, new: KeaSetup) {
+        show_setup(&mut lock(&self.status), &new);
+        self.setup = new.clone();
+        let _ = self.setups.send(new);
     }
 
     pub fn status(&self) -> DhcpStatus {
@@ -155,21 +165,37 @@ impl Supervisor {
     }
 }
 
+/// The role and scopes `carp status` shows for `setup` (lease counts from the next look).
+fn show_setup(status: &mut DhcpStatus, setup: &KeaSetup) {
+    status.role = setup.role.name().into();
+    status.scopes = setup
+        .scopes
+        .iter()
+        .map(|s| ScopeStatus {
+            interface: s.interface.clone(),
+            subnet: s.subnet.to_string(),
+            leases: 0,
+        })
+        .collect();
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 async fn supervise(
-    setup: KeaSetup,
+    mut setups: watch::Receiver<KeaSetup>,
     status: Arc<Mutex<DhcpStatus>>,
     served_by: Arc<Mutex<ServedBy>>,
     mut stopped: watch::Receiver<bool>,
 ) {
-    if setup.service.is_some() {
-        return drive_service(&setup, &status, &served_by, &mut stopped).await;
+    if setups.borrow().service.is_some() {
+        return drive_service(&mut setups, &status, &served_by, &mut stopped).await;
     }
     let mut backoff = FIRST_BACKOFF;
     loop {
+        // A Kea started (again) runs the latest configuration.
+        let mut setup = setups.borrow_and_update().clone();
         let wait = match prepare(&setup) {
             Err(failure) => {
                 warn!(%failure, "DHCP not served");
@@ -188,7 +214,15 @@ async fn supervise(
                         "kea-dhcp4 started"
                     );
                     let ran_for = tokio::time::Instant::now();
-                    match watch_child(child, &setup, &status, &served_by, &mut stopped).await {
+                    let watched = watch_child(
+                        child,
+                        &mut setup,
+                        &mut setups,
+                        &status,
+                        &served_by,
+                        &mut stopped,
+                    );
+                    match watched.await {
                         Ended::Stopped => return,
                         Ended::Exited(failure) => {
                             error!(%failure, "kea-dhcp4 died; restarting it");
@@ -206,6 +240,8 @@ async fn supervise(
         };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
+            // A new configuration is tried at once.
+            Ok(()) = setups.changed() => {}
             _ = stopped.changed() => return,
         }
     }
@@ -215,20 +251,18 @@ async fn supervise(
 /// (only once `kea-dhcp4 -t` accepts it), the service reloaded, then Kea read every second.
 /// Kea stays up when carp stops: it is the service manager's.
 async fn drive_service(
-    setup: &KeaSetup,
+    setups: &mut watch::Receiver<KeaSetup>,
     status: &Mutex<DhcpStatus>,
     served_by: &Mutex<ServedBy>,
     stopped: &mut watch::Receiver<bool>,
 ) {
-    let Some(service) = &setup.service else {
+    let mut setup = setups.borrow_and_update().clone();
+    let Some(service) = setup.service.clone() else {
         return;
     };
     loop {
-        let installed = match install_config(setup) {
-            Ok(_) => reload_service(&service.reload).await,
-            Err(failure) => Err(failure),
-        };
-        match installed {
+        setup = setups.borrow_and_update().clone();
+        match install_in_service(&setup).await {
             Ok(()) => break,
             Err(failure) => {
                 warn!(%failure, "DHCP not served");
@@ -242,17 +276,54 @@ async fn drive_service(
     }
     info!(config = %service.config.display(), "the Kea service runs carp's configuration");
     let mut poll = tokio::time::interval(POLL);
+    let mut refused = None;
     loop {
         tokio::select! {
             _ = poll.tick() => {
-                poll_kea(setup, status, served_by).await;
+                poll_kea(&setup, status, served_by).await;
                 let mut status = lock(status);
                 status.running = status.ha.is_some();
-                status.failure = (!status.running).then(|| {
-                    format!("the Kea service does not answer on {}", service.control_socket.display())
-                });
+                status.failure = if status.running {
+                    refused.clone()
+                } else {
+                    Some(format!("the Kea service does not answer on {}", service.control_socket.display()))
+                };
+            }
+            Ok(()) = setups.changed() => {
+                let new = setups.borrow_and_update().clone();
+                refused = taken(&new, install_in_service(&new).await);
+                if refused.is_none() {
+                    setup = new;
+                }
             }
             _ = stopped.changed() => return,
+        }
+    }
+}
+
+/// carp's configuration installed where the service reads it, and the service reloaded.
+async fn install_in_service(setup: &KeaSetup) -> Result<(), String> {
+    let Some(service) = &setup.service else {
+        return Err("Kea is not run by a service".into());
+    };
+    install_config(setup)?;
+    reload_service(&service.reload).await
+}
+
+/// How handing a new configuration to the running Kea went: logged, and `Some` reason to
+/// show in `carp status` while Kea runs on the last good one.
+fn taken(new: &KeaSetup, outcome: Result<(), String>) -> Option<String> {
+    match outcome {
+        Ok(()) => {
+            info!(
+                scopes = new.scopes.len(),
+                "Kea runs the new configuration (no restart)"
+            );
+            None
+        }
+        Err(failure) => {
+            warn!(%failure, "Kea keeps its last good configuration");
+            Some(format!("the new configuration is not in use: {failure}"))
         }
     }
 }
@@ -368,10 +439,12 @@ enum Ended {
     Exited(String),
 }
 
-/// Polls a running Kea until it exits or carp stops it.
+/// Polls a running Kea until it exits or carp stops it, and hands it each new
+/// configuration (`setup` is the one it runs).
 async fn watch_child(
     mut child: Child,
-    setup: &KeaSetup,
+    setup: &mut KeaSetup,
+    setups: &mut watch::Receiver<KeaSetup>,
     status: &Mutex<DhcpStatus>,
     served_by: &Mutex<ServedBy>,
     stopped: &mut watch::Receiver<bool>,
@@ -397,8 +470,24 @@ async fn watch_child(
                 return Ended::Stopped;
             }
             _ = poll.tick() => poll_kea(setup, status, served_by).await,
+            Ok(()) = setups.changed() => {
+                let new = setups.borrow_and_update().clone();
+                let refused = taken(&new, reload_child(&new).await);
+                if refused.is_none() {
+                    *setup = new;
+                }
+                lock(status).failure = refused;
+            }
         }
     }
+}
+
+/// A new configuration for the Kea carp runs: installed, then read again by Kea.
+async fn reload_child(setup: &KeaSetup) -> Result<(), String> {
+    install_config(setup)?;
+    kea::command(&setup.control_socket(), "config-reload", None)
+        .await
+        .map(|_| ())
 }
 
 /// Kea's HA state (and so who serves) and each scope's lease count.
