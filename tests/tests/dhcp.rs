@@ -30,6 +30,15 @@ use std::{
 
 const GW1_LAN: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
 const GW2_LAN: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 3);
+/// The pool a reload changes `[[dhcp]]` to, beside the lab's own.
+const NEW_POOL: &str = "198.18.1.200-198.18.1.220";
+
+/// Whether `address` is from [`NEW_POOL`].
+fn in_new_pool(address: Ipv4Addr) -> bool {
+    let (lo, hi) = NEW_POOL.split_once('-').expect("a range");
+    let (lo, hi): (Ipv4Addr, Ipv4Addr) = (lo.parse().expect("lo"), hi.parse().expect("hi"));
+    (lo..=hi).contains(&address)
+}
 
 /// The primary: VIPs, DHCP, and both pushed to the secondary by config sync.
 fn primary() -> NodeOptions {
@@ -188,7 +197,6 @@ fn leases_follow_the_master() -> Result<()> {
 /// pool, outside the old one, and the pair is back in hot-standby.
 #[test]
 fn a_changed_dhcp_section_reaches_the_running_kea_without_a_restart() -> Result<()> {
-    const NEW_POOL: &str = "198.18.1.200-198.18.1.220";
     let lab = Lab::up()?;
     let bin = carp_bin()?;
     let gw1 = lab.start_carp(&bin, Host::Gw1, &primary())?;
@@ -232,10 +240,8 @@ fn a_changed_dhcp_section_reaches_the_running_kea_without_a_restart() -> Result<
     );
     dhcp::add_client(&lab, "mv0")?;
     let (b, _) = dhcp::request(&lab, "mv0", Duration::from_secs(15))?;
-    let (lo, hi) = NEW_POOL.split_once('-').context("a range")?;
-    let (lo, hi): (Ipv4Addr, Ipv4Addr) = (lo.parse()?, hi.parse()?);
     ensure!(
-        (lo..=hi).contains(&b.address) && !dhcp::in_pool(b.address),
+        in_new_pool(b.address) && !dhcp::in_pool(b.address),
         "{b:?} is not from the new pool {NEW_POOL}"
     );
     assert_eq!(b.server, GW1_LAN, "the primary serves");
@@ -348,7 +354,8 @@ fn service_kea_pid(dir: &Path) -> Result<i32> {
 
 /// Where a service manager runs Kea, carp writes the configuration where the service reads
 /// it, reloads the service, and the pair serves and shows in `carp status` as with carp's
-/// own Kea; Kea is the service's, so it outlives carp.
+/// own Kea; a changed pool reaches it by the service's reload; Kea is the service's, so it
+/// outlives carp.
 #[test]
 fn a_kea_service_is_configured_and_driven_by_carp() -> Result<()> {
     let lab = Lab::up()?;
@@ -359,7 +366,7 @@ fn a_kea_service_is_configured_and_driven_by_carp() -> Result<()> {
         &bin,
         Host::Gw1,
         &NodeOptions {
-            extra: section1,
+            extra: section1.clone(),
             ..primary()
         },
     )?;
@@ -401,6 +408,33 @@ fn a_kea_service_is_configured_and_driven_by_carp() -> Result<()> {
     let (a, _) = dhcp::request(&lab, "eth0", Duration::from_secs(15))?;
     assert!(dhcp::in_pool(a.address), "{a:?}");
     assert_eq!((a.server, a.routers.as_str()), (GW1_LAN, LAN_VIP));
+    // A changed pool: written where the service reads it and the service reloaded (here,
+    // as Debian's unit does, SIGHUP: Kea reads its file again).
+    lab.write_config(
+        Host::Gw1,
+        &NodeOptions {
+            extra: section1,
+            dhcp_pool: Some(NEW_POOL),
+            ..primary()
+        },
+    )?;
+    let socket = gw1.socket.to_string_lossy().into_owned();
+    carp_cli(&["reload", "--socket", &socket])?;
+    for dir in [&dir1, &dir2] {
+        wait_for(Duration::from_secs(10), || {
+            std::fs::read_to_string(dir.join("kea-dhcp4.conf"))
+                .ok()
+                .filter(|conf| conf.contains("\"198.18.1.200 - 198.18.1.220\""))
+                .map(drop)
+        })
+        .with_context(|| format!("{} does not get the new pool", dir.display()))?;
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    wait_ha(&gw1, "hot-standby", Duration::from_secs(30))?;
+    wait_ha(&gw2, "hot-standby", Duration::from_secs(30))?;
+    dhcp::add_client(&lab, "mv0")?;
+    let (b, _) = dhcp::request(&lab, "mv0", Duration::from_secs(15))?;
+    ensure!(in_new_pool(b.address), "{b:?} is not from the new pool");
     // carp stops; the service's Kea goes on.
     end_process(gw1.pid, Duration::from_secs(10));
     ensure!(
