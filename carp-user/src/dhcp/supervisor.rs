@@ -12,6 +12,7 @@ use super::{
     served_by::{self, ServedBy, Server},
 };
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -130,6 +131,9 @@ impl Supervisor {
         let socket = self.setup.control_socket();
         let served_by = self.served_by.clone();
         async move {
+            // Who serves, looked at now: a lease taken since the last once-a-second look is
+            // attributed by this one, not shown as unknown.
+            look_at_ha(&socket, &served_by).await;
             let answer = kea::command(&socket, "lease4-get-all", None).await?;
             let served_by = lock(&served_by).clone();
             Ok((kea::parse_leases(&answer), served_by))
@@ -493,18 +497,11 @@ async fn reload_child(setup: &KeaSetup) -> Result<(), String> {
 /// Kea's HA state (and so who serves) and each scope's lease count.
 async fn poll_kea(setup: &KeaSetup, status: &Mutex<DhcpStatus>, served_by: &Mutex<ServedBy>) {
     let socket = setup.control_socket();
-    let answer = kea::command(&socket, "status-get", None).await.ok();
+    let answer = look_at_ha(&socket, served_by).await;
     let ha = answer.as_ref().and_then(kea::parse_status);
     let leases = kea::command(&socket, "lease4-get-all", None)
         .await
         .map(|a| kea::parse_leases(&a));
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    let serving = ha.as_ref().map_or(Server::Unknown, |ha| {
-        served_by::serving(&ha.local_scopes, &ha.partner_scopes)
-    });
-    lock(served_by).observe(now, serving);
     let mut status = lock(status);
     status.ha = ha;
     if setup.service.is_some() {
@@ -520,6 +517,22 @@ async fn poll_kea(setup: &KeaSetup, status: &Mutex<DhcpStatus>, served_by: &Mute
                 .count() as u64;
         }
     }
+}
+
+/// Kea's `status-get` answer, with who serves now noted in `served_by`.
+async fn look_at_ha(socket: &Path, served_by: &Mutex<ServedBy>) -> Option<Value> {
+    let answer = kea::command(socket, "status-get", None).await.ok();
+    let serving = answer
+        .as_ref()
+        .and_then(kea::parse_status)
+        .map_or(Server::Unknown, |ha| {
+            served_by::serving(&ha.local_scopes, &ha.partner_scopes)
+        });
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    lock(served_by).observe(now, serving);
+    answer
 }
 
 async fn terminate(child: &mut Child) {
