@@ -31,8 +31,13 @@ pub struct ServedBy {
 }
 
 impl ServedBy {
-    /// Notes who serves as seen at `unix_ms`.
+    /// Notes who serves as Kea was asked at `unix_ms`. An answer to an earlier question
+    /// than one already noted is older news and is dropped: looks overlap (the supervisor's
+    /// once a second, `carp leases` at any time).
     pub fn observe(&mut self, unix_ms: u64, server: Server) {
+        if unix_ms < self.last_seen_ms {
+            return;
+        }
         let previous = self.changes.back().map(|(_, last)| *last);
         if previous != Some(server) {
             if self.changes.len() == KEPT {
@@ -97,6 +102,17 @@ mod tests {
         assert_eq!(served.at(151), Some(Server::Unknown));
         assert_eq!(served.at(10_000), Some(Server::Unknown));
         assert_eq!(served.changes.len(), 3, "one entry per change");
+    }
+
+    #[test]
+    fn an_answer_to_an_earlier_look_changes_nothing() {
+        let mut served = ServedBy::default();
+        served.observe(100_000, Server::Partner);
+        served.observe(101_500, Server::Here);
+        // Asked at 101.2 s, answered after the look of 101.5 s.
+        served.observe(101_200, Server::Partner);
+        assert_eq!(served.at(101), Some(Server::Here));
+        assert_eq!(served.at(102), Some(Server::Here));
     }
 
     #[test]

@@ -131,9 +131,6 @@ impl Supervisor {
         let socket = self.setup.control_socket();
         let served_by = self.served_by.clone();
         async move {
-            // Who serves, looked at now: a lease taken since the last once-a-second look is
-            // attributed by this one, not shown as unknown.
-            look_at_ha(&socket, &served_by).await;
             let answer = kea::command(&socket, "lease4-get-all", None).await?;
             let served_by = lock(&served_by).clone();
             Ok((kea::parse_leases(&answer), served_by))
@@ -519,8 +516,11 @@ async fn poll_kea(setup: &KeaSetup, status: &Mutex<DhcpStatus>, served_by: &Mute
     }
 }
 
-/// Kea's `status-get` answer, with who serves now noted in `served_by`.
+/// Kea's `status-get` answer, with who serves noted in `served_by` as of the question.
 async fn look_at_ha(socket: &Path, served_by: &Mutex<ServedBy>) -> Option<Value> {
+    let asked = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
     let answer = kea::command(socket, "status-get", None).await.ok();
     let serving = answer
         .as_ref()
@@ -528,10 +528,7 @@ async fn look_at_ha(socket: &Path, served_by: &Mutex<ServedBy>) -> Option<Value>
         .map_or(Server::Unknown, |ha| {
             served_by::serving(&ha.local_scopes, &ha.partner_scopes)
         });
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    lock(served_by).observe(now, serving);
+    lock(served_by).observe(asked, serving);
     answer
 }
 
