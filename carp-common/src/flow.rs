@@ -167,7 +167,7 @@ impl FlowKey {
 
     /// The key as 32-bit words in memory order: an IPv4 key's addresses are words
     /// [`FlowKey::W_ADDR0`] and [`FlowKey::W_ADDR1`] (the rest of each address is zero), its
-    /// ports word [`FlowKey::W_PORTS`], protocol and family word [`FlowKey::W_PROTO`].
+    /// protocol and family word [`FlowKey::W_PROTO`].
     #[inline(always)]
     pub fn words(&self) -> &[u32; 10] {
         // SAFETY: FlowKey is 40 bytes of plain integers, 8-byte aligned.
@@ -176,7 +176,6 @@ impl FlowKey {
 
     pub const W_ADDR0: usize = 0;
     pub const W_ADDR1: usize = 4;
-    pub const W_PORTS: usize = 8;
     pub const W_PROTO: usize = 9;
 
     /// The flow cache slot of this key. It is the same for both orders of the endpoints, so

@@ -57,7 +57,6 @@ struct Packet {
     len: u64,
 }
 
-#[derive(Default)]
 struct Segment {
     flags: u8,
     /// `WSCALE_SEEN | shift` from a SYN's options, else 0.
@@ -205,7 +204,7 @@ fn sum_in_slot<const D: usize>(h: &[u16; 20], slot: &mut FlowCacheSlot) -> bool 
     // register the slot's pointer needs.
     // SAFETY: within the bounds-checked header.
     let flags = unsafe { core::ptr::read_volatile(&t[6]) }.to_ne_bytes()[1];
-    if flags & (TCP_SYN | TCP_FIN | TCP_RST | TCP_ACK) != TCP_ACK {
+    if !cacheable_segment(flags) {
         return false;
     }
     if !still_held(slot, clock::jiffies()) {
@@ -230,6 +229,15 @@ fn sum_in_slot<const D: usize>(h: &[u16; 20], slot: &mut FlowCacheSlot) -> bool 
 fn still_held(slot: &mut FlowCacheSlot, jiffies: u64) -> bool {
     slot.jiffies == jiffies
         || (slot.jiffies != 0 && slot.hold(jiffies, clock::coarse_ns_at(jiffies)))
+}
+
+/// Whether a TCP segment with `flags` may be summed in a cache slot: no SYN, FIN or RST (they
+/// can change the flow's phases) and an ACK. A segment without ACK (after the handshake, only
+/// a broken or hostile sender's) takes the map path: every segment a slot sums acks, which
+/// is what lets the slot keep no flags.
+#[inline(always)]
+const fn cacheable_segment(flags: u8) -> bool {
+    flags & (TCP_SYN | TCP_FIN | TCP_RST | TCP_ACK) == TCP_ACK
 }
 
 /// A TCP segment with ACK from endpoint `dir`, summed in the slot with its packet.
@@ -468,10 +476,7 @@ fn update(p: &mut Packet, refresh_ns: u64) {
     // SAFETY: this CPU's slot; XDP runs without preemption, so nobody else writes it now.
     let slot = unsafe { &mut *slot };
     let jiffies = clock::jiffies();
-    // A segment without ACK (after the handshake, only a broken or hostile sender's) takes
-    // the map path: every segment a slot sums acks, which is what lets it skip the flags.
-    let plain = key.proto != IPPROTO_TCP
-        || p.tcp.flags & (TCP_SYN | TCP_FIN | TCP_RST | TCP_ACK) == TCP_ACK;
+    let plain = key.proto != IPPROTO_TCP || cacheable_segment(p.tcp.flags);
     if plain && slot.holds(key) && still_held(slot, jiffies) {
         if key.proto == IPPROTO_TCP {
             sum_segment(slot, dir, len, &p.tcp);
