@@ -192,7 +192,12 @@ pub fn end_left_behind(dir: &Path) {
 
 /// The address the lab's client holds from the pool, as the gateways' lease list shows it.
 pub fn in_pool(address: Ipv4Addr) -> bool {
-    let (lo, hi) = POOL.split_once('-').expect("a range");
+    in_range(POOL, address)
+}
+
+/// Whether `address` lies in `range` (`first-last`, as `[[dhcp]] pool` has it).
+pub fn in_range(range: &str, address: Ipv4Addr) -> bool {
+    let (lo, hi) = range.split_once('-').expect("a range");
     let (lo, hi): (Ipv4Addr, Ipv4Addr) = (lo.parse().expect("lo"), hi.parse().expect("hi"));
     (lo..=hi).contains(&address)
 }

@@ -33,13 +33,6 @@ const GW2_LAN: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 3);
 /// The pool a reload changes `[[dhcp]]` to, beside the lab's own.
 const NEW_POOL: &str = "198.18.1.200-198.18.1.220";
 
-/// Whether `address` is from [`NEW_POOL`].
-fn in_new_pool(address: Ipv4Addr) -> bool {
-    let (lo, hi) = NEW_POOL.split_once('-').expect("a range");
-    let (lo, hi): (Ipv4Addr, Ipv4Addr) = (lo.parse().expect("lo"), hi.parse().expect("hi"));
-    (lo..=hi).contains(&address)
-}
-
 /// The primary: VIPs, DHCP, and both pushed to the secondary by config sync.
 fn primary() -> NodeOptions {
     NodeOptions {
@@ -66,6 +59,16 @@ fn leases(node: &Node) -> Vec<LeaseRow> {
         .ok()
         .and_then(|out| serde_json::from_str(&out).ok())
         .unwrap_or_default()
+}
+
+/// The primary and the secondary started, their Kea pair in hot-standby.
+fn kea_pair(lab: &Lab) -> Result<(Node, Node)> {
+    let bin = carp_bin()?;
+    let gw1 = lab.start_carp(&bin, Host::Gw1, &primary())?;
+    let gw2 = lab.start_carp(&bin, Host::Gw2, &secondary())?;
+    wait_ha(&gw1, "hot-standby", Duration::from_secs(30))?;
+    wait_ha(&gw2, "hot-standby", Duration::from_secs(10))?;
+    Ok((gw1, gw2))
 }
 
 #[track_caller]
@@ -101,11 +104,7 @@ fn served_by_after_a_look(node: &Node, lease: &ClientLease, expected: &str) -> S
 #[test]
 fn leases_follow_the_master() -> Result<()> {
     let lab = Lab::up()?;
-    let bin = carp_bin()?;
-    let gw1 = lab.start_carp(&bin, Host::Gw1, &primary())?;
-    let gw2 = lab.start_carp(&bin, Host::Gw2, &secondary())?;
-    wait_ha(&gw1, "hot-standby", Duration::from_secs(30))?;
-    wait_ha(&gw2, "hot-standby", Duration::from_secs(10))?;
+    let (gw1, gw2) = kea_pair(&lab)?;
     let status = gw1.status()?.dhcp.context("no DHCP in gw1's status")?;
     assert!(status.running && status.role == "primary", "{status:?}");
     assert_eq!(gw2.status()?.dhcp.context("gw2")?.role, "standby");
@@ -198,11 +197,7 @@ fn leases_follow_the_master() -> Result<()> {
 #[test]
 fn a_changed_dhcp_section_reaches_the_running_kea_without_a_restart() -> Result<()> {
     let lab = Lab::up()?;
-    let bin = carp_bin()?;
-    let gw1 = lab.start_carp(&bin, Host::Gw1, &primary())?;
-    let gw2 = lab.start_carp(&bin, Host::Gw2, &secondary())?;
-    wait_ha(&gw1, "hot-standby", Duration::from_secs(30))?;
-    wait_ha(&gw2, "hot-standby", Duration::from_secs(10))?;
+    let (gw1, gw2) = kea_pair(&lab)?;
     let kea_pid = |node: &Node| -> Result<u32> {
         node.status()?
             .dhcp
@@ -241,7 +236,7 @@ fn a_changed_dhcp_section_reaches_the_running_kea_without_a_restart() -> Result<
     dhcp::add_client(&lab, "mv0")?;
     let (b, _) = dhcp::request(&lab, "mv0", Duration::from_secs(15))?;
     ensure!(
-        in_new_pool(b.address) && !dhcp::in_pool(b.address),
+        dhcp::in_range(NEW_POOL, b.address) && !dhcp::in_pool(b.address),
         "{b:?} is not from the new pool {NEW_POOL}"
     );
     assert_eq!(b.server, GW1_LAN, "the primary serves");
@@ -424,7 +419,7 @@ fn a_kea_service_is_configured_and_driven_by_carp() -> Result<()> {
         wait_for(Duration::from_secs(10), || {
             std::fs::read_to_string(dir.join("kea-dhcp4.conf"))
                 .ok()
-                .filter(|conf| conf.contains("\"198.18.1.200 - 198.18.1.220\""))
+                .filter(|conf| conf.contains(&NEW_POOL.replace('-', " - ")))
                 .map(drop)
         })
         .with_context(|| format!("{} does not get the new pool", dir.display()))?;
@@ -434,7 +429,10 @@ fn a_kea_service_is_configured_and_driven_by_carp() -> Result<()> {
     wait_ha(&gw2, "hot-standby", Duration::from_secs(30))?;
     dhcp::add_client(&lab, "mv0")?;
     let (b, _) = dhcp::request(&lab, "mv0", Duration::from_secs(15))?;
-    ensure!(in_new_pool(b.address), "{b:?} is not from the new pool");
+    ensure!(
+        dhcp::in_range(NEW_POOL, b.address),
+        "{b:?} is not from the new pool"
+    );
     // carp stops; the service's Kea goes on.
     end_process(gw1.pid, Duration::from_secs(10));
     ensure!(
