@@ -16,6 +16,9 @@ use tracing::info;
 pub const BOW_OUT_ADVBASE: u8 = 255;
 /// advskew of the bow-out advert.
 pub const BOW_OUT_ADVSKEW: u8 = 255;
+/// How often a master handing over before it stops repeats its bow-out, so that one lost
+/// advert does not leave the peer waiting out its master-down time.
+pub const BOW_OUT_REPEAT: Duration = Duration::from_millis(100);
 /// Demotion added for a downed interface, send errors, maintenance (FreeBSD's factors).
 pub const DEMOTION_STEP: u32 = 240;
 
@@ -94,6 +97,9 @@ pub struct Vhid {
     last_reassert: Option<Instant>,
     /// A tied master with a lower address was heard while we were master.
     tie: Option<Tie>,
+    /// Handing over before a planned stop ([`Vhid::handle_bow_out`]): adverts are bow-outs
+    /// and the VIPs are never taken again.
+    bowing_out: bool,
     actions: VecDeque<Action>,
     transitions: VecDeque<Transition>,
 }
@@ -127,6 +133,7 @@ impl Vhid {
             timer: None,
             last_reassert: None,
             tie: None,
+            bowing_out: false,
             actions: VecDeque::new(),
             transitions: VecDeque::new(),
         }
@@ -186,9 +193,29 @@ impl Vhid {
         skew.min(u32::from(CARP_MAXSKEW)) as u8
     }
 
-    /// The interval this node advertises at.
+    /// The interval this node advertises at: while bowing out, the slowest there is, so that
+    /// every other master's advert beats it.
     pub fn own_interval(&self) -> Duration {
-        advert_interval(self.params.advbase, self.effective_advskew())
+        let (advbase, advskew) = self.advertised();
+        advert_interval(advbase, advskew)
+    }
+
+    /// The advbase and advskew put on the wire.
+    fn advertised(&self) -> (u8, u8) {
+        if self.bowing_out {
+            (BOW_OUT_ADVBASE, BOW_OUT_ADVSKEW)
+        } else {
+            (self.params.advbase, self.effective_advskew())
+        }
+    }
+
+    /// When a master sends its next advert: a bow-out is repeated, not left for 255 s.
+    fn next_advert(&self, now: Instant) -> Instant {
+        now + if self.bowing_out {
+            BOW_OUT_REPEAT
+        } else {
+            self.own_interval()
+        }
     }
 
     /// How long a backup waits without adverts: 3 x advbase + skew/256.
@@ -229,7 +256,7 @@ impl Vhid {
             State::Backup => self.transition(State::Master, "master down timer expired", now),
             State::Master => {
                 self.push_advert();
-                self.timer = Some(now + self.own_interval());
+                self.timer = Some(self.next_advert(now));
             }
         }
     }
@@ -240,6 +267,13 @@ impl Vhid {
         let theirs = advert_interval(peer.advbase, peer.advskew);
         match self.state {
             State::Init => {}
+            State::Master if self.bowing_out => {
+                if theirs < ours {
+                    self.transition(State::Backup, "a peer took over from our bow-out", now);
+                }
+            }
+            // Leaving: nothing brings the VIPs back.
+            State::Backup if self.bowing_out => {}
             State::Master => {
                 let reason = if theirs < ours {
                     Some("more frequent advertisement received")
@@ -335,12 +369,34 @@ impl Vhid {
         match self.state {
             State::Master => {
                 self.push_advert();
-                self.timer = Some(now + self.own_interval());
+                self.timer = Some(self.next_advert(now));
             }
             State::Backup => {
                 let heard = self.timer.map(|deadline| deadline - old_master_down);
                 self.timer = heard.map(|heard| heard + self.master_down_interval());
             }
+            State::Init => {}
+        }
+    }
+
+    /// A planned stop, make before break: a master bows out (advbase 255, advskew 255) and
+    /// keeps its VIPs until an advert shows the peer took over; as every advert beats a bow-out,
+    /// the first one sends it to BACKUP, which releases them. Until then the bow-out is repeated
+    /// every [`BOW_OUT_REPEAT`]. A backup stops counting its master-down time. The stop itself
+    /// is [`Vhid::handle_shutdown`], which the daemon calls once every master has handed over or
+    /// a grace has passed.
+    pub fn handle_bow_out(&mut self, now: Instant) {
+        if self.bowing_out {
+            return;
+        }
+        self.bowing_out = true;
+        self.tie = None;
+        match self.state {
+            State::Master => {
+                self.push_advert();
+                self.timer = Some(self.next_advert(now));
+            }
+            State::Backup => self.timer = None,
             State::Init => {}
         }
     }
@@ -371,12 +427,15 @@ impl Vhid {
         }
         self.timer = match new {
             State::Init => None,
+            State::Backup if self.bowing_out => None,
             State::Backup => Some(now + self.master_down_interval()),
             State::Master => {
-                // carp_master_down: advertise at once, claim the VIPs, announce them.
-                self.push_advert();
+                // carp_master_down: claim the VIPs, announce them, advertise at once. The
+                // advert comes last because it is what sends a live old master (preempted,
+                // or bowing out) to BACKUP: it lets go only once the VIPs are held here.
                 self.actions.push_back(Action::TakeVips);
                 self.actions.push_back(Action::Announce);
+                self.push_advert();
                 Some(now + self.own_interval())
             }
         };
@@ -386,10 +445,8 @@ impl Vhid {
         if let Some(tie) = &mut self.tie {
             tie.answered = true;
         }
-        self.actions.push_back(Action::SendAdvert {
-            advbase: self.params.advbase,
-            advskew: self.effective_advskew(),
-        });
+        let (advbase, advskew) = self.advertised();
+        self.actions.push_back(Action::SendAdvert { advbase, advskew });
     }
 
     fn announce_at_most_once_per_interval(&mut self, now: Instant) {
@@ -557,12 +614,12 @@ mod tests {
         assert_eq!(
             drain(&mut v),
             vec![
+                Action::TakeVips,
+                Action::Announce,
                 Action::SendAdvert {
                     advbase: 1,
                     advskew: 100
-                },
-                Action::TakeVips,
-                Action::Announce
+                }
             ]
         );
     }
@@ -880,6 +937,89 @@ mod tests {
             ]
         );
         assert_eq!(v.poll_timeout(), None);
+    }
+
+    const BOW_OUT: Action = Action::SendAdvert {
+        advbase: BOW_OUT_ADVBASE,
+        advskew: BOW_OUT_ADVSKEW,
+    };
+
+    #[test]
+    fn bowing_out_master_keeps_its_vips_until_the_peer_takes_over() {
+        let t0 = Instant::now();
+        let (mut v, at) = master(0, false, t0);
+        drain(&mut v);
+        while v.poll_transition().is_some() {}
+        v.handle_bow_out(at);
+        assert_eq!(v.state(), State::Master);
+        assert_eq!(drain(&mut v), vec![BOW_OUT]);
+        // A lost bow-out is repeated, not left to the peer's master-down time.
+        assert_eq!(v.poll_timeout(), Some(at + BOW_OUT_REPEAT));
+        v.handle_timeout(at + BOW_OUT_REPEAT);
+        assert_eq!(drain(&mut v), vec![BOW_OUT]);
+        assert_eq!(v.state(), State::Master);
+        // The peer took over: its advert (skew 240 here) beats a bow-out.
+        v.handle_advert(advert(240, HIGHER), at + ms(150));
+        assert_eq!(v.state(), State::Backup);
+        assert_eq!(drain(&mut v), vec![Action::ReleaseVips]);
+        assert_eq!(
+            v.poll_transition().map(|t| t.reason),
+            Some("a peer took over from our bow-out")
+        );
+        // Leaving: no master-down timer, and no advert brings the VIPs back.
+        assert_eq!(v.poll_timeout(), None);
+        v.handle_advert(
+            PeerAdvert {
+                advbase: BOW_OUT_ADVBASE,
+                advskew: BOW_OUT_ADVSKEW,
+                source: HIGHER,
+            },
+            at + ms(200),
+        );
+        assert_eq!(v.state(), State::Backup);
+        v.handle_shutdown(at + ms(300));
+        assert_eq!(v.state(), State::Init);
+        assert!(drain(&mut v).is_empty());
+        assert_eq!(
+            v.poll_transition().map(|t| t.reason),
+            Some(SHUTDOWN_REASON)
+        );
+    }
+
+    #[test]
+    fn bowing_out_master_stays_a_bow_out_through_demotion_and_reload() {
+        let t0 = Instant::now();
+        let (mut v, at) = master(0, false, t0);
+        drain(&mut v);
+        v.handle_bow_out(at);
+        v.handle_demotion(DEMOTION_STEP, at + ms(10));
+        v.handle_params(params(50, true), at + ms(20));
+        assert_eq!(drain(&mut v), vec![BOW_OUT, BOW_OUT, BOW_OUT]);
+        assert_eq!(v.poll_timeout(), Some(at + ms(20) + BOW_OUT_REPEAT));
+        // Nobody answered within the daemon's grace: the stop releases the VIPs anyway.
+        v.handle_shutdown(at + ms(500));
+        assert_eq!(drain(&mut v), vec![BOW_OUT, Action::ReleaseVips]);
+    }
+
+    #[test]
+    fn bowing_out_backup_never_takes_over() {
+        let t0 = Instant::now();
+        let mut v = backup(0, true, t0);
+        v.handle_bow_out(t0 + ms(10));
+        assert_eq!(v.poll_timeout(), None);
+        // Neither a slower master nor a peer's own bow-out brings it in.
+        v.handle_advert(advert(200, HIGHER), t0 + ms(20));
+        v.handle_advert(
+            PeerAdvert {
+                advbase: BOW_OUT_ADVBASE,
+                advskew: BOW_OUT_ADVSKEW,
+                source: HIGHER,
+            },
+            t0 + ms(30),
+        );
+        v.handle_timeout(t0 + Duration::from_secs(10));
+        assert_eq!(v.state(), State::Backup);
+        assert!(drain(&mut v).is_empty());
     }
 
     #[test]

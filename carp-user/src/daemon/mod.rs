@@ -73,6 +73,10 @@ const INSTALL_BARRIER: Duration = Duration::from_secs(1);
 const PUSH_ANSWER: Duration = Duration::from_secs(8);
 /// The environment variable that lets the control socket inject faults (tests only).
 const TEST_HOOKS_ENV: &str = "CARP_TEST_HOOKS";
+/// Longest a stopping master keeps its VIPs waiting for the peer to take over from its
+/// bow-out; on a LAN the peer's advert comes back within milliseconds. Alone, a node stops
+/// this much later.
+const HANDOVER_GRACE: Duration = Duration::from_millis(500);
 /// File in state_dir whose presence means maintenance mode (kept across restarts).
 const MAINTENANCE_FILE: &str = "maintenance";
 
@@ -181,6 +185,9 @@ struct Daemon {
     sync_connected: bool,
     /// Stop hooks still running: a stopping daemon waits for them (each has its timeout).
     stop_hooks: Vec<JoinHandle<()>>,
+    /// SIGTERM or SIGINT came: the masters are bowing out, and the daemon stops once none is
+    /// left or at this instant ([`Daemon::hand_over`]).
+    stopping: Option<Instant>,
 }
 
 /// Why the main loop ended.
@@ -235,10 +242,14 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
     systemd::notify("READY=1");
     let exit = loop {
         daemon.settle().await;
+        if daemon.handed_over(Instant::now()) {
+            break Exit::Stop;
+        }
         let deadline = daemon
             .vhids
             .iter()
             .filter_map(|v| v.fsm.poll_timeout())
+            .chain(daemon.stopping)
             .min();
         let timer = async move {
             match deadline {
@@ -327,8 +338,14 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
                 }
                 if let Some(exit) = exit { break exit; }
             }
-            _ = terminate.recv() => { info!("SIGTERM: shutting down"); break Exit::Stop; }
-            _ = interrupt.recv() => { info!("SIGINT: shutting down"); break Exit::Stop; }
+            _ = terminate.recv() => {
+                info!("SIGTERM: handing over, then shutting down");
+                if daemon.hand_over(Instant::now()) { break Exit::Stop; }
+            }
+            _ = interrupt.recv() => {
+                info!("SIGINT: handing over, then shutting down");
+                if daemon.hand_over(Instant::now()) { break Exit::Stop; }
+            }
         }
     };
     receiver.abort();
@@ -564,6 +581,7 @@ impl Daemon {
             notify_failures: Arc::default(),
             sync_connected: false,
             stop_hooks: Vec::new(),
+            stopping: None,
         };
         daemon.poll_links(now);
         Ok(daemon)
@@ -672,6 +690,9 @@ impl Daemon {
         if let Err(e) = self.addresses.add(v.ifindex, v.address).await {
             error!(error = %Chain(&e), "cannot add VIP");
         }
+        // XDP takes the virtual MAC's frames only from a live daemon, and the heartbeat of a
+        // backup, which sends no adverts, is stale; the advert that refreshes it comes after.
+        self.refresh_heartbeat();
         self.set_role(i, Role::Master);
         let v = &self.vhids[i];
         info!(vhid = v.fsm.vhid(), interface = %v.interface, vip = %v.address, "VIP taken");
@@ -1148,6 +1169,28 @@ impl Daemon {
         DaemonError::Upgrade {
             source: inherit::exec_self(&sockets),
         }
+    }
+
+    /// The first step of a planned stop, make before break: every master bows out and keeps
+    /// its VIPs until the peer's advert shows it took over, so no packet meets a gateway that
+    /// has let go of the VIP while the peer has not yet claimed it. True when there is
+    /// nothing to wait for: no master, or a second signal.
+    fn hand_over(&mut self, now: Instant) -> bool {
+        if self.stopping.is_some() {
+            return true;
+        }
+        self.stopping = Some(now + HANDOVER_GRACE);
+        for v in &mut self.vhids {
+            v.fsm.handle_bow_out(now);
+        }
+        self.handed_over(now)
+    }
+
+    /// A planned stop may go on: no master is left, or the grace is over.
+    fn handed_over(&self, now: Instant) -> bool {
+        self.stopping.is_some_and(|until| {
+            now >= until || self.vhids.iter().all(|v| v.fsm.state() != State::Master)
+        })
     }
 
     async fn shutdown(mut self) {

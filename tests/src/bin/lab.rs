@@ -50,6 +50,7 @@ fn main() -> Result<()> {
         }
         ["bench", "xdp"] => carp_lab::bench::run_xdp()?,
         ["bench", "sync"] => carp_lab::bench::run_sync()?,
+        ["bench", "planned"] => carp_lab::bench::run_planned()?,
         ["bench", "restart"] => carp_lab::bench::run_restart()?,
         ["bench", "loss"] => carp_lab::bench::run_loss()?,
         ["bench", "config"] => carp_lab::bench::run_config()?,
@@ -62,7 +63,7 @@ fn main() -> Result<()> {
             carp_lab::soak::run(minutes.parse()?, Some(seed.parse()?))?
         }
         _ => bail!(
-            "usage: carp-lab up | down [ID] | demo | bench [--check|xdp|sync|restart|loss|config|dhcp|forwarding|samework] | load --iface IF \
+            "usage: carp-lab up | down [ID] | demo | bench [--check|xdp|sync|planned|restart|loss|config|dhcp|forwarding|samework] | load --iface IF \
              | soak --minutes N [--seed S]"
         ),
     }
