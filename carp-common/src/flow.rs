@@ -7,8 +7,14 @@ use core::mem::size_of;
 pub const FLOW_MAP: &str = "CARP_FLOWS";
 /// Name of the ring buffer of [`FlowDelta`] events.
 pub const DELTA_RING: &str = "CARP_DELTAS";
-/// Name of the one-slot array holding the [`CaptureConfig`].
-pub const CAPTURE_MAP: &str = "CARP_CAPTURE";
+/// Name of XDP's read-only global (`.rodata`, a u32) that turns flow capture on: 1 to track
+/// flows, 0 (no `[sync]`) to leave XDP at its CARP duties. Set when the program is loaded, so
+/// the verifier knows it and drops the branch not taken, and the fast path pays no map
+/// lookup; a change of `[sync]` re-executes the daemon, which loads the program anew.
+pub const CAPTURE_ON_GLOBAL: &str = "CARP_CAPTURE_ON";
+/// Name of XDP's read-only global (a u64) saying how long a flow may go without a delta
+/// before a refresh is sent, in ns; set at load like [`CAPTURE_ON_GLOBAL`].
+pub const CAPTURE_REFRESH_GLOBAL: &str = "CARP_CAPTURE_REFRESH_NS";
 /// Default size of the flow map (overridden at load time by `flows_max`).
 pub const DEFAULT_FLOWS_MAX: u32 = 262_144;
 /// Bytes of the delta ring buffer (a power of two pages).
@@ -367,18 +373,6 @@ pub struct FlowDelta {
     pub _pad: [u8; 7],
 }
 const _: () = assert!(size_of::<FlowDelta>() == 136);
-
-/// Capture settings, written by the daemon.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct CaptureConfig {
-    /// 1 to track flows; 0 (no `[sync]` configured) leaves XDP at its CARP duties only.
-    pub enabled: u32,
-    pub _pad: u32,
-    /// How long a flow may go without a delta before a refresh is sent.
-    pub refresh_ns: u64,
-}
-const _: () = assert!(size_of::<CaptureConfig>() == 16);
 
 #[cfg(test)]
 mod tests {

@@ -16,14 +16,13 @@ pub const XDP_PROGRAM: &str = "carp_xdp";
 /// Name of the pass-everything XDP program (benchmark baseline, lab veth peers).
 pub const XDP_PASS_PROGRAM: &str = "xdp_pass";
 /// Every map of the object, each pinned under its own name in the node's pin directory.
-pub const ALL_MAPS: [&str; 8] = [
+pub const ALL_MAPS: [&str; 7] = [
     VIP_MAP,
     VMAC_MAP,
     HEARTBEAT_MAP,
     STATS_MAP,
     crate::flow::FLOW_MAP,
     crate::flow::DELTA_RING,
-    crate::flow::CAPTURE_MAP,
     crate::flow::FLOW_CACHE_MAP,
 ];
 

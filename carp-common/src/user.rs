@@ -1,7 +1,7 @@
 //! User-space only: lets aya read and write the shared types as map keys and values.
 
 use crate::{
-    flow::{CaptureConfig, FlowCacheSlot, FlowDelta, FlowEntry, FlowKey},
+    flow::{FlowCacheSlot, FlowDelta, FlowEntry, FlowKey},
     maps::{Heartbeat, VipSlot, VmacEntry, VmacKey},
 };
 
@@ -15,4 +15,3 @@ unsafe impl aya::Pod for FlowKey {}
 unsafe impl aya::Pod for FlowEntry {}
 unsafe impl aya::Pod for FlowDelta {}
 unsafe impl aya::Pod for FlowCacheSlot {}
-unsafe impl aya::Pod for CaptureConfig {}

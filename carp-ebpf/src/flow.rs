@@ -8,16 +8,16 @@
 
 use crate::{clock, count, count_n, ptr_at};
 use aya_ebpf::{
-    btf_maps::{Array, LruHashMap, PerCpuArray, RingBuf},
+    btf_maps::{LruHashMap, PerCpuArray, RingBuf},
     macros::btf_map,
     programs::XdpContext,
 };
 use carp_common::{
     flow::{
-        CaptureConfig, DEFAULT_FLOWS_MAX, DELTA_BORN, DELTA_CHANGED, DELTA_ENDED, DELTA_REFRESH,
-        DELTA_RING_BYTES, FLOW_CACHE_SLOTS, FlowCacheSlot, FlowDelta, FlowEntry, FlowKey,
-        IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, TcpTrack, WSCALE_MAX, WSCALE_SEEN,
-        cache_slot_of, tcp_phase,
+        DEFAULT_FLOWS_MAX, DELTA_BORN, DELTA_CHANGED, DELTA_ENDED, DELTA_REFRESH, DELTA_RING_BYTES,
+        FLOW_CACHE_SLOTS, FlowCacheSlot, FlowDelta, FlowEntry, FlowKey, IPPROTO_ICMP,
+        IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, TcpTrack, WSCALE_MAX, WSCALE_SEEN, cache_slot_of,
+        tcp_phase,
     },
     maps::{STAT_DELTA_LOST, STAT_FLOW_INSERT_FAILED, STAT_FLOW_PACKETS, STAT_FLOW_UNTRACKED},
 };
@@ -34,8 +34,26 @@ static CARP_DELTAS: RingBuf<FlowDelta, { DELTA_RING_BYTES as usize }> = RingBuf:
 static CARP_FLOW_CACHE: PerCpuArray<FlowCacheSlot, { FLOW_CACHE_SLOTS as usize }> =
     PerCpuArray::new();
 
-#[btf_map]
-static CARP_CAPTURE: Array<CaptureConfig, 1> = Array::new();
+/// [`carp_common::flow::CAPTURE_ON_GLOBAL`]: off unless the loader sets it.
+#[unsafe(no_mangle)]
+static CARP_CAPTURE_ON: u32 = 0;
+/// [`carp_common::flow::CAPTURE_REFRESH_GLOBAL`].
+#[unsafe(no_mangle)]
+static CARP_CAPTURE_REFRESH_NS: u64 = u64::MAX;
+
+// Volatile reads, so LLVM does not fold the values the object was compiled with: the loader
+// sets the real ones.
+#[inline(always)]
+fn capture_on() -> bool {
+    // SAFETY: a plain integer in .rodata, written only by the loader before the program runs.
+    unsafe { core::ptr::read_volatile(&CARP_CAPTURE_ON) != 0 }
+}
+
+#[inline(always)]
+fn capture_refresh_ns() -> u64 {
+    // SAFETY: as for `capture_on`.
+    unsafe { core::ptr::read_volatile(&CARP_CAPTURE_REFRESH_NS) }
+}
 
 const ETH_LEN: usize = 14;
 const ETHERTYPE_IPV4: u16 = 0x0800u16.to_be();
@@ -70,7 +88,7 @@ struct Segment {
 /// Tracks the packet in `ctx` if capture is on. `Err` for headers cut short.
 #[inline(always)]
 pub fn track(ctx: &XdpContext) -> Result<(), ()> {
-    if CARP_CAPTURE.get(0).is_none_or(|config| config.enabled == 0) {
+    if !capture_on() {
         return Ok(());
     }
     if summed_in_cache_v4(ctx) {
@@ -92,12 +110,9 @@ pub fn track(ctx: &XdpContext) -> Result<(), ()> {
         return Ok(());
     };
     if tracked {
-        // Looked up again rather than kept from above: a value live across the fast path
-        // costs it a spill to the stack and back.
-        let refresh_ns = CARP_CAPTURE
-            .get(0)
-            .map_or(u64::MAX, |config| config.refresh_ns);
-        update(packet, refresh_ns);
+        // Read again rather than kept from above: a value live across the fast path costs it
+        // a spill to the stack and back.
+        update(packet, capture_refresh_ns());
     } else {
         count(STAT_FLOW_UNTRACKED);
     }

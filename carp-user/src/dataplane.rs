@@ -13,8 +13,8 @@ use aya::{
     },
 };
 use carp_common::flow::{
-    CAPTURE_MAP, CaptureConfig, DELTA_RING, FLOW_CACHE_MAP, FLOW_MAP, FlowCacheSlot, FlowDelta,
-    FlowEntry, FlowKey,
+    CAPTURE_ON_GLOBAL, CAPTURE_REFRESH_GLOBAL, DELTA_RING, FLOW_CACHE_MAP, FLOW_MAP, FlowCacheSlot,
+    FlowDelta, FlowEntry, FlowKey,
 };
 use carp_common::maps::{
     ALL_MAPS, HEARTBEAT_MAP, Heartbeat, ROLE_BACKUP, ROLE_MASTER, STAT_SLOTS, STATS_MAP, VIP_MAP,
@@ -103,15 +103,20 @@ pub struct Dataplane {
     stats: PerCpuArray<MapData, u64>,
     flows: HashMap<MapData, FlowKey, FlowEntry>,
     flow_cache: PerCpuArray<MapData, FlowCacheSlot>,
-    capture: Array<MapData, CaptureConfig>,
     /// Handed to the sync service when sync is configured.
     deltas: Option<RingBuf<MapData>>,
 }
 
 impl Dataplane {
     /// Loads the embedded XDP object with its maps pinned in `pin_dir`. Maps already pinned
-    /// there (a daemon restarting after a crash) are reused, so XDP keeps its state.
-    pub fn load(pin_dir: &Path, flows_max: u32) -> Result<Self, DataplaneError> {
+    /// there (a daemon restarting after a crash) are reused, so XDP keeps its state. With
+    /// `capture`, XDP tracks flows and sends a delta for each at least that often; it is fixed
+    /// for the program's life ([`CAPTURE_ON_GLOBAL`]).
+    pub fn load(
+        pin_dir: &Path,
+        flows_max: u32,
+        capture: Option<Duration>,
+    ) -> Result<Self, DataplaneError> {
         ensure_bpffs()?;
         std::fs::create_dir_all(pin_dir).map_err(|source| DataplaneError::PinDir {
             path: pin_dir.to_owned(),
@@ -121,8 +126,12 @@ impl Dataplane {
             .iter()
             .map(|name| (*name, pin_dir.join(name)))
             .collect();
+        let capture_on = u32::from(capture.is_some());
+        let refresh_ns = capture.map_or(u64::MAX, |r| r.as_nanos() as u64);
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(FLOW_MAP, flows_max);
+        loader.override_global(CAPTURE_ON_GLOBAL, &capture_on, true);
+        loader.override_global(CAPTURE_REFRESH_GLOBAL, &refresh_ns, true);
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -135,12 +144,10 @@ impl Dataplane {
         let stats = take_map(&mut ebpf, STATS_MAP, PerCpuArray::try_from)?;
         let flows = take_map(&mut ebpf, FLOW_MAP, HashMap::try_from)?;
         let flow_cache = take_map(&mut ebpf, FLOW_CACHE_MAP, PerCpuArray::try_from)?;
-        let capture = take_map(&mut ebpf, CAPTURE_MAP, Array::try_from)?;
         let deltas = take_map(&mut ebpf, DELTA_RING, RingBuf::try_from)?;
         Ok(Self {
             flows,
             flow_cache,
-            capture,
             deltas: Some(deltas),
             ebpf,
             pin_dir: pin_dir.to_owned(),
@@ -351,18 +358,6 @@ impl Dataplane {
         self.heartbeat
             .set(0, Heartbeat::default(), 0)
             .map_err(map_error(HEARTBEAT_MAP))
-    }
-
-    /// Turns flow capture on (deltas at least every `refresh`) or off.
-    pub fn set_capture(&mut self, refresh: Option<Duration>) -> Result<(), DataplaneError> {
-        let config = CaptureConfig {
-            enabled: u32::from(refresh.is_some()),
-            _pad: 0,
-            refresh_ns: refresh.map_or(0, |r| r.as_nanos() as u64),
-        };
-        self.capture
-            .set(0, config, 0)
-            .map_err(map_error(CAPTURE_MAP))
     }
 
     /// The flow map's entry for `key`, with what XDP's per-CPU caches still hold for it (a

@@ -20,7 +20,7 @@ use nix::{
     unistd::Pid,
 };
 use std::time::Duration;
-use support::{Loaded, XDP_PASS, load, run};
+use support::{Loaded, XDP_PASS, load, load_with, run};
 
 const CLIENT: [u8; 4] = [198, 18, 1, 100];
 const SERVER: [u8; 4] = [198, 18, 2, 100];
@@ -115,9 +115,7 @@ fn key(proto: u8, ports: [u16; 2]) -> FlowKey {
 }
 
 fn capturing(refresh: Duration) -> Loaded {
-    let mut l = load();
-    l.dataplane.set_capture(Some(refresh)).unwrap();
-    l
+    load_with(Some(refresh))
 }
 
 fn pass(l: &mut Loaded, frame: &[u8]) {

@@ -352,20 +352,33 @@ fn zipf_sequence() -> Vec<usize> {
 }
 
 fn xdp_cost() -> Result<XdpCost> {
-    let dir = pins::node_dir(&format!("bench-{}", std::process::id()));
-    let result = measure_xdp(&dir);
-    remove_pin_dir(&dir);
+    // One data plane without capture and one with: capture is fixed when XDP is loaded.
+    let dirs = ["bench", "bench-capture"]
+        .map(|name| pins::node_dir(&format!("{name}-{}", std::process::id())));
+    let result = measure_xdp(&dirs);
+    for dir in &dirs {
+        remove_pin_dir(dir);
+    }
     result
 }
 
-fn measure_xdp(dir: &std::path::Path) -> Result<XdpCost> {
-    const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
-    const IF_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
-    // BPF_PROG_TEST_RUN runs as if received on loopback (ifindex 1).
-    let mut dataplane = Dataplane::load(dir, DEFAULT_FLOWS_MAX)?;
-    dataplane.set_vip(1, VIP, 1, virtual_mac(1), Role::Master)?;
-    dataplane.set_vmac(1, 1, IF_MAC, Role::Master)?;
+const BENCH_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+const BENCH_IF_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
+
+/// XDP loaded into `dir`, master for [`BENCH_VIP`] and alive. BPF_PROG_TEST_RUN runs as if
+/// received on loopback (ifindex 1).
+fn bench_dataplane(dir: &std::path::Path, capture: Option<Duration>) -> Result<Dataplane> {
+    let mut dataplane = Dataplane::load(dir, DEFAULT_FLOWS_MAX, capture)?;
+    dataplane.set_vip(1, BENCH_VIP, 1, virtual_mac(1), Role::Master)?;
+    dataplane.set_vmac(1, 1, BENCH_IF_MAC, Role::Master)?;
     dataplane.refresh_heartbeat(Duration::from_secs(600))?;
+    Ok(dataplane)
+}
+
+fn measure_xdp(dirs: &[std::path::PathBuf; 2]) -> Result<XdpCost> {
+    const VIP: Ipv4Addr = BENCH_VIP;
+    const IF_MAC: [u8; 6] = BENCH_IF_MAC;
+    let mut dataplane = bench_dataplane(&dirs[0], None)?;
     let mut bare_object = aya::Ebpf::load(carp::EBPF_OBJECT)?;
     let bare = loaded_bare(&mut bare_object)?;
 
@@ -401,8 +414,9 @@ fn measure_xdp(dir: &std::path::Path) -> Result<XdpCost> {
     // Flow capture on: the same established segment again and again (no delta within the
     // refresh time), interleaved with the bare program; a reset on a closed flow, which takes
     // the flow-map path every time without a delta; and a new flow each call (a fresh source
-    // port).
-    dataplane.set_capture(Some(Duration::from_secs(3600)))?;
+    // port). The VIP in backup, as for the drop path above.
+    let mut dataplane = bench_dataplane(&dirs[1], Some(Duration::from_secs(3600)))?;
+    dataplane.set_vip(1, VIP, 1, virtual_mac(1), Role::Backup)?;
     let mut established = tcp.clone();
     established[47] = 0x10; // ACK
     test_run(dataplane.program()?, &established, 1)?;

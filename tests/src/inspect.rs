@@ -9,7 +9,7 @@ use carp_common::maps::ALL_MAPS;
 
 pub fn load(iface: &str) -> Result<()> {
     let dir = pins::node_dir(&format!("inspect-{iface}"));
-    let mut dataplane = Dataplane::load(&dir, DEFAULT_FLOWS_MAX)?;
+    let mut dataplane = Dataplane::load(&dir, DEFAULT_FLOWS_MAX, None)?;
     dataplane.attach(iface, XdpMode::default())?;
     println!(
         "carp's XDP program is attached to {iface}; pinned under {}:",

@@ -162,11 +162,18 @@ fn sigterm_hands_over_before_letting_go_and_cleans_up() -> Result<()> {
         "ping did not finish"
     );
     let report = carp_lab::ping::parse(&std::fs::read_to_string(&log)?);
-    println!("SIGTERM: {} of {} pings lost, the stop took {took:?}", report.lost(), report.sent);
+    println!(
+        "SIGTERM: {} of {} pings lost, the stop took {took:?}",
+        report.lost(),
+        report.sent
+    );
     assert!(report.sent >= 2900, "{report:?}");
     assert_eq!(report.lost(), 0, "{report:?}; gw1:\n{}", gw1.log());
     // Each VIP went to the peer first, then gw1 let go of it.
-    let handed_over = gw1.log().matches("a peer took over from our bow-out").count();
+    let handed_over = gw1
+        .log()
+        .matches("a peer took over from our bow-out")
+        .count();
     assert_eq!(handed_over, 2, "gw1:\n{}", gw1.log());
     assert!(
         !lab.sh(Host::Gw1, "ip -4 addr show")?.contains(LAN_VIP),

@@ -446,7 +446,8 @@ impl Vhid {
             tie.answered = true;
         }
         let (advbase, advskew) = self.advertised();
-        self.actions.push_back(Action::SendAdvert { advbase, advskew });
+        self.actions
+            .push_back(Action::SendAdvert { advbase, advskew });
     }
 
     fn announce_at_most_once_per_interval(&mut self, now: Instant) {
@@ -980,10 +981,7 @@ mod tests {
         v.handle_shutdown(at + ms(300));
         assert_eq!(v.state(), State::Init);
         assert!(drain(&mut v).is_empty());
-        assert_eq!(
-            v.poll_transition().map(|t| t.reason),
-            Some(SHUTDOWN_REASON)
-        );
+        assert_eq!(v.poll_transition().map(|t| t.reason), Some(SHUTDOWN_REASON));
     }
 
     #[test]

@@ -495,7 +495,8 @@ impl Daemon {
             .sync
             .as_ref()
             .map_or(DEFAULT_FLOWS_MAX, |s| s.flows_max);
-        let mut dataplane = Dataplane::load(&pin_dir, flows_max)?;
+        let capture = config.sync.as_ref().map(|_| FLOW_REFRESH);
+        let mut dataplane = Dataplane::load(&pin_dir, flows_max, capture)?;
         // A previous run that died (or was restarted, or re-executed itself) moments ago:
         // XDP still answers for its VIPs, and the peer has not taken over yet.
         let predecessor_alive = dataplane.heartbeat_fresh();
@@ -546,14 +547,10 @@ impl Daemon {
                     config_role(&config),
                 )
                 .map_err(|source| DaemonError::Sync { source })?;
-                dataplane.set_capture(Some(FLOW_REFRESH))?;
                 info!(peer = %sync.peer, listen = %sync.listen, "state sync on; demoted until the first bulk update");
                 Some(handle)
             }
-            None => {
-                dataplane.set_capture(None)?;
-                None
-            }
+            None => None,
         };
         let dhcp = dhcp::kea_setup(&config).map(Supervisor::start);
         let events = Events::new(&config.node.name);

@@ -23,7 +23,13 @@ impl Drop for Loaded {
     }
 }
 
+/// XDP without flow capture.
 pub fn load() -> Loaded {
+    load_with(None)
+}
+
+/// XDP with flow capture on when `capture` says how often each flow's delta must be sent.
+pub fn load_with(capture: Option<std::time::Duration>) -> Loaded {
     assert!(
         nix::unistd::geteuid().is_root(),
         "BPF_PROG_TEST_RUN tests need root: run them through `cargo xtask test` (CI runs as root)"
@@ -32,7 +38,7 @@ pub fn load() -> Loaded {
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = pins::node_dir(&format!("xdptest-{}-{n}", std::process::id()));
     // A load the verifier refuses may already have pinned maps: remove them before failing.
-    match Dataplane::load(&dir, DEFAULT_FLOWS_MAX) {
+    match Dataplane::load(&dir, DEFAULT_FLOWS_MAX, capture) {
         Ok(dataplane) => Loaded { dataplane, dir },
         Err(e) => {
             remove_pin_dir(&dir);
