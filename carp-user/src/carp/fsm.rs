@@ -984,6 +984,62 @@ mod tests {
         assert_eq!(v.poll_transition().map(|t| t.reason), Some(SHUTDOWN_REASON));
     }
 
+    /// Two machines wired together, each carrying out its actions in order, where a peer
+    /// reacts to an advert before its sender goes on (the worst case). Asserts after every
+    /// action that some machine holds the VIPs; returns who holds them at the end.
+    fn run_pair(
+        nodes: &mut [Vhid; 2],
+        sources: [Ipv4Addr; 2],
+        from: usize,
+        at: Instant,
+    ) -> [bool; 2] {
+        fn carry_out(
+            nodes: &mut [Vhid; 2],
+            sources: [Ipv4Addr; 2],
+            holds: &mut [bool; 2],
+            i: usize,
+            at: Instant,
+        ) {
+            while let Some(action) = nodes[i].poll_action() {
+                match action {
+                    Action::TakeVips => holds[i] = true,
+                    Action::ReleaseVips => holds[i] = false,
+                    Action::Announce => {}
+                    Action::SendAdvert { advbase, advskew } => {
+                        let advert = PeerAdvert {
+                            advbase,
+                            advskew,
+                            source: sources[i],
+                        };
+                        nodes[1 - i].handle_advert(advert, at);
+                        carry_out(nodes, sources, holds, 1 - i, at);
+                    }
+                }
+                assert!(
+                    holds.iter().any(|h| *h),
+                    "nobody holds the VIPs after {action:?}"
+                );
+            }
+        }
+        let mut holds = nodes.each_ref().map(|n| n.state() == State::Master);
+        carry_out(nodes, sources, &mut holds, from, at);
+        holds
+    }
+
+    #[test]
+    fn a_bow_out_hands_over_without_a_moment_when_nobody_holds_the_vips() {
+        let t0 = Instant::now();
+        let (old, at) = master(0, false, t0);
+        let mut nodes = [old, backup(100, false, t0)];
+        nodes[0].handle_bow_out(at);
+        let holds = run_pair(&mut nodes, [ME, HIGHER], 0, at);
+        assert_eq!(holds, [false, true]);
+        assert_eq!(
+            nodes.each_ref().map(Vhid::state),
+            [State::Backup, State::Master]
+        );
+    }
+
     #[test]
     fn bowing_out_master_stays_a_bow_out_through_demotion_and_reload() {
         let t0 = Instant::now();
