@@ -4,17 +4,20 @@
 
 mod config_apply;
 mod operate;
+mod stop;
+mod vip_io;
+mod vip_setup;
 
 use crate::{
     carp::{
         demotion::{self, SendHealth, Sources},
-        frame::{self, AdvertAddrs},
-        fsm::{Action, DEMOTION_STEP, PeerAdvert, State, Vhid},
-        packet::{Advert, CARP_GROUP_V4, CARP_TTL, IPPROTO_CARP},
+        frame,
+        fsm::{DEMOTION_STEP, PeerAdvert, State, Vhid},
+        packet::{Advert, CARP_TTL, IPPROTO_CARP},
     },
-    config::{Config, ConfigError, MacMode, Vip, XdpModeChoice},
+    config::{Config, ConfigError},
     control::{self, Counters, Pending, Request, Response, Status, TestHook, VipStatus},
-    dataplane::{Dataplane, DataplaneError, Role},
+    dataplane::{Dataplane, DataplaneError},
     dhcp::{self, supervisor::Supervisor},
     error::Chain,
     events::Events,
@@ -28,19 +31,18 @@ use crate::{
     sync::service::{self, ConfigRole, SyncHandle},
     systemd,
 };
-use aya::programs::XdpMode;
 use carp_common::{
     flow::DEFAULT_FLOWS_MAX,
     maps::{
         STAT_ARP_DROPPED_BACKUP, STAT_ARP_DROPPED_STALE, STAT_ARP_REPLIED, STAT_DELTA_LOST,
-        STAT_VMAC_ACCEPTED, virtual_mac,
+        STAT_VMAC_ACCEPTED,
     },
 };
 use config_apply::recv_push;
 use operate::DhcpHandover;
 use std::{
     net::Ipv4Addr,
-    os::fd::{BorrowedFd, OwnedFd, RawFd},
+    os::fd::OwnedFd,
     path::PathBuf,
     sync::{
         Arc,
@@ -54,29 +56,18 @@ use tokio::{
     task::JoinHandle,
 };
 use tracing::{debug, error, info, warn};
+use vip_setup::VipSetup;
 
 /// How often link state is polled.
 const TICK: Duration = Duration::from_millis(100);
-/// When the gratuitous ARPs after a takeover go out, from the takeover.
-const GARP_SCHEDULE: [Duration; 3] = [
-    Duration::ZERO,
-    Duration::from_millis(500),
-    Duration::from_millis(2000),
-];
 /// Received adverts waiting for the state task; more are dropped and counted.
 const BACKLOG: usize = 1024;
 /// How often XDP re-sends an unchanged flow to the peer (refreshing its timeouts there).
 const FLOW_REFRESH: Duration = Duration::from_secs(10);
-/// Longest wait for the peer's flows to reach the kernel before a VIP is claimed anyway.
-const INSTALL_BARRIER: Duration = Duration::from_secs(1);
 /// How long `carp config push` waits for the secondary's answer.
 const PUSH_ANSWER: Duration = Duration::from_secs(8);
 /// The environment variable that lets the control socket inject faults (tests only).
 const TEST_HOOKS_ENV: &str = "CARP_TEST_HOOKS";
-/// Longest a stopping master keeps its VIPs waiting for the peer to take over from its
-/// bow-out; on a LAN the peer's advert comes back within milliseconds. Alone, a node stops
-/// this much later.
-const HANDOVER_GRACE: Duration = Duration::from_millis(500);
 /// File in state_dir whose presence means maintenance mode (kept across restarts).
 const MAINTENANCE_FILE: &str = "maintenance";
 
@@ -384,88 +375,6 @@ async fn receive_adverts(
     }
 }
 
-/// What setting up a VIP needs to know.
-struct VipSetup<'a> {
-    host: &'a [interfaces::Interface],
-    /// Every configured VIP, so none is taken for the interface's own address.
-    vip_addrs: &'a [Ipv4Addr],
-    config: &'a Config,
-}
-
-impl VipSetup<'_> {
-    /// XDP on the VIP's interface, its entries in XDP's maps and its state machine. With
-    /// `predecessor_alive`, a VIP the previous run held as master (XDP says so, the address
-    /// is on the interface) is adopted; otherwise it starts from a clean slate: nothing
-    /// answered, no address held (a crash may have left them).
-    async fn run(
-        &self,
-        vip: &Vip,
-        dataplane: &mut Dataplane,
-        addresses: &Addresses,
-        predecessor_alive: bool,
-        now: Instant,
-    ) -> Result<VhidRuntime, DaemonError> {
-        let iface = self
-            .host
-            .iter()
-            .find(|i| i.name == vip.interface)
-            .ok_or_else(|| DaemonError::NoInterface {
-                name: vip.interface.clone(),
-            })?;
-        let source = iface
-            .addrs
-            .iter()
-            .find(|a| !self.vip_addrs.contains(&a.addr) && a.contains(vip.address.addr))
-            .ok_or_else(|| DaemonError::NoSource {
-                name: iface.name.clone(),
-                vip: vip.address,
-            })?
-            .addr;
-        if !dataplane.is_attached(&vip.interface) {
-            let mode = match self.config.node.xdp_mode {
-                XdpModeChoice::Native => XdpMode::Driver,
-                XdpModeChoice::Generic => XdpMode::Skb,
-                XdpModeChoice::Auto if addresses.is_veth(iface.index).await? => XdpMode::Skb,
-                XdpModeChoice::Auto => XdpMode::Driver,
-            };
-            info!(interface = %vip.interface, ?mode, "attaching XDP");
-            dataplane.attach(&vip.interface, mode)?;
-        }
-        let mac = match self.config.carp.mac {
-            MacMode::Virtual => virtual_mac(vip.vhid),
-            MacMode::Interface => iface.mac,
-        };
-        let params = reload::params(self.config, vip);
-        let held = predecessor_alive
-            && iface.addrs.iter().any(|a| a.addr == vip.address.addr)
-            && dataplane.vip_role(iface.index, vip.address.addr) == Some(Role::Master);
-        let role = if held { Role::Master } else { Role::Backup };
-        dataplane.set_vip(iface.index, vip.address.addr, vip.vhid, mac, role)?;
-        dataplane.set_vmac(iface.index, vip.vhid, iface.mac, role)?;
-        let fsm = if held {
-            Vhid::adopted_master(vip.vhid, params, source, now)
-        } else {
-            addresses.remove(iface.index, vip.address).await?;
-            Vhid::new(vip.vhid, params, source, now)
-        };
-        Ok(VhidRuntime {
-            fsm,
-            interface: vip.interface.clone(),
-            ifindex: iface.index,
-            if_mac: iface.mac,
-            address: vip.address,
-            mac,
-            counter: rand::random(),
-            link_up: false,
-            reported_state: State::Init,
-            since: SystemTime::now(),
-            transitions: 0,
-            garp: None,
-            send: SendHealth::default(),
-        })
-    }
-}
-
 /// This node's own addresses on the CARP interfaces (adverts from them are our own).
 fn own_addresses(host: &[interfaces::Interface], config: &Config) -> Vec<Ipv4Addr> {
     let vip_addrs: Vec<Ipv4Addr> = config.vips.iter().map(|v| v.address.addr).collect();
@@ -612,141 +521,6 @@ impl Daemon {
         }
     }
 
-    async fn perform(&mut self, i: usize, action: Action) {
-        match action {
-            Action::SendAdvert { advbase, advskew } => self.send_advert(i, advbase, advskew),
-            Action::TakeVips => self.take_vip(i).await,
-            Action::ReleaseVips => self.release_vip(i).await,
-            Action::Announce => self.announce(i),
-        }
-    }
-
-    fn send_advert(&mut self, i: usize, advbase: u8, advskew: u8) {
-        let v = &mut self.vhids[i];
-        v.counter = v.counter.wrapping_add(1);
-        let advert = Advert::signed(
-            &self.config.carp.key,
-            v.fsm.vhid(),
-            &[v.address.addr],
-            advbase,
-            advskew,
-            v.counter,
-        )
-        .emit();
-        let sent = match self.config.carp.peer {
-            Some(peer) => self.adverts.send_unicast(peer, &advert),
-            None => {
-                let addrs = AdvertAddrs {
-                    src_mac: v.mac,
-                    dst_mac: frame::ipv4_multicast_mac(CARP_GROUP_V4),
-                    src_ip: v.fsm.source(),
-                    dst_ip: CARP_GROUP_V4,
-                };
-                let frame = frame::advert_frame(&addrs, rand::random(), &advert);
-                self.frames.send(v.ifindex, &frame)
-            }
-        };
-        let vhid = v.fsm.vhid();
-        v.send.record(vhid, sent.is_ok());
-        match sent {
-            Ok(()) => {
-                self.counters.adverts_sent += 1;
-                self.refresh_heartbeat();
-            }
-            Err(e) => {
-                warn!(vhid, interface = %v.interface, error = %e, "advert send failed");
-                self.counters.send_errors += 1;
-            }
-        }
-    }
-
-    /// Tests the send path of vhids demoted for send errors that send no adverts.
-    fn probe_send_paths(&mut self, now: Instant) {
-        for v in &mut self.vhids {
-            let advertising = v.fsm.state() == State::Master;
-            if v.send.probe_due(advertising, v.fsm.own_interval(), now) {
-                let sent = self.frames.send(v.ifindex, &frame::send_probe(v.if_mac));
-                if let Err(e) = &sent {
-                    debug!(vhid = v.fsm.vhid(), error = %e, "send-path probe failed");
-                }
-                v.send.record(v.fsm.vhid(), sent.is_ok());
-            }
-        }
-    }
-
-    async fn take_vip(&mut self, i: usize) {
-        // The peer's flows must be in the kernel before traffic arrives for the VIP.
-        if let Some(sync) = &self.sync
-            && !sync.prepare_takeover(INSTALL_BARRIER).await
-        {
-            warn!(
-                "synced flows not all installed within {INSTALL_BARRIER:?}: taking the VIP anyway"
-            );
-        }
-        let v = &self.vhids[i];
-        if let Err(e) = self.addresses.add(v.ifindex, v.address).await {
-            error!(error = %Chain(&e), "cannot add VIP");
-        }
-        // XDP takes the virtual MAC's frames only from a live daemon, and the heartbeat of a
-        // backup, which sends no adverts, is stale; the advert that refreshes it comes after.
-        self.refresh_heartbeat();
-        self.set_role(i, Role::Master);
-        let v = &self.vhids[i];
-        info!(vhid = v.fsm.vhid(), interface = %v.interface, vip = %v.address, "VIP taken");
-    }
-
-    async fn release_vip(&mut self, i: usize) {
-        if let Some(garp) = self.vhids[i].garp.take() {
-            garp.abort();
-        }
-        // Stop answering first, then drop the address.
-        self.set_role(i, Role::Backup);
-        let v = &self.vhids[i];
-        if let Err(e) = self.addresses.remove(v.ifindex, v.address).await {
-            error!(error = %Chain(&e), "cannot remove VIP");
-        }
-        info!(vhid = v.fsm.vhid(), interface = %v.interface, vip = %v.address, "VIP released");
-    }
-
-    /// Tells XDP whether this node answers for vhid `i`'s VIP and virtual MAC.
-    fn set_role(&mut self, i: usize, role: Role) {
-        let v = &self.vhids[i];
-        let result = self
-            .dataplane
-            .set_vip(v.ifindex, v.address.addr, v.fsm.vhid(), v.mac, role)
-            .and_then(|()| {
-                self.dataplane
-                    .set_vmac(v.ifindex, v.fsm.vhid(), v.if_mac, role)
-            });
-        if let Err(e) = result {
-            error!(vhid = v.fsm.vhid(), ?role, error = %Chain(&e), "cannot update the XDP maps");
-        }
-    }
-
-    /// Gratuitous ARPs on the takeover schedule; a later release cancels the rest.
-    fn announce(&mut self, i: usize) {
-        let v = &mut self.vhids[i];
-        if let Some(old) = v.garp.take() {
-            old.abort();
-        }
-        let frames = self.frames.clone();
-        let sent = self.garps_sent.clone();
-        let (ifindex, frame) = (v.ifindex, frame::gratuitous_arp(v.mac, v.address.addr));
-        let vhid = v.fsm.vhid();
-        v.garp = Some(tokio::spawn(async move {
-            let start = tokio::time::Instant::now();
-            for at in GARP_SCHEDULE {
-                tokio::time::sleep_until(start + at).await;
-                match frames.send(ifindex, &frame) {
-                    Ok(()) => {
-                        sent.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => warn!(vhid, error = %e, "gratuitous ARP send failed"),
-                }
-            }
-        }));
-    }
-
     fn on_packet(&mut self, ifindex: u32, packet: &[u8], now: Instant) {
         let Ok((ip, payload)) = frame::parse_ipv4(packet) else {
             self.counters.malformed += 1;
@@ -846,12 +620,6 @@ impl Daemon {
         let demotion = self.demotion();
         for v in &mut self.vhids {
             v.fsm.handle_demotion(demotion, now);
-        }
-    }
-
-    fn refresh_heartbeat(&mut self) {
-        if let Err(e) = self.dataplane.refresh_heartbeat(self.heartbeat_lifetime) {
-            error!(error = %Chain(&e), "cannot refresh the XDP heartbeat");
         }
     }
 
@@ -1131,100 +899,6 @@ impl Daemon {
                 .map(|(source, d)| ((*source).to_owned(), *d))
                 .collect(),
         }
-    }
-
-    /// `carp upgrade`: hands the listening sockets over (the sync one only if
-    /// `keep_sync_listener`) and re-executes the binary, leaving VIPs, XDP and maps as they
-    /// are; the new run adopts them (its heartbeat is fresh). Returns only if the exec failed.
-    async fn reexec(mut self, control_fd: RawFd, keep_sync_listener: bool) -> DaemonError {
-        // The connection task writes the answer to `carp upgrade` meanwhile.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        // SAFETY: the control task owns this listener and runs until the exec.
-        let control = unsafe { BorrowedFd::borrow_raw(control_fd) };
-        let handed = inherit::hand_over(control).and_then(|control| {
-            let sync = self
-                .sync
-                .as_ref()
-                .filter(|_| keep_sync_listener)
-                .map(|s| inherit::hand_over(s.listener()))
-                .transpose()?;
-            Ok((control, sync))
-        });
-        let (control, sync) = match handed {
-            Ok(sockets) => sockets,
-            Err(source) => return DaemonError::Upgrade { source },
-        };
-        if let Some(sync) = self.sync.take() {
-            sync.stop();
-        }
-        self.refresh_heartbeat();
-        info!("re-executing in place: the new run adopts the VIPs");
-        let mut sockets = vec![(inherit::CONTROL, &control)];
-        if let Some(sync) = &sync {
-            sockets.push((inherit::SYNC, sync));
-        }
-        DaemonError::Upgrade {
-            source: inherit::exec_self(&sockets),
-        }
-    }
-
-    /// The first step of a planned stop, make before break: every master bows out and keeps
-    /// its VIPs until the peer's advert shows it took over, so no packet meets a gateway that
-    /// has let go of the VIP while the peer has not yet claimed it. True when there is
-    /// nothing to wait for: no master, or a second signal.
-    fn hand_over(&mut self, now: Instant) -> bool {
-        if self.stopping.is_some() {
-            return true;
-        }
-        self.stopping = Some(now + HANDOVER_GRACE);
-        for v in &mut self.vhids {
-            v.fsm.handle_bow_out(now);
-        }
-        self.handed_over(now)
-    }
-
-    /// A planned stop may go on: no master is left, or the grace is over.
-    fn handed_over(&self, now: Instant) -> bool {
-        self.stopping.is_some_and(|until| {
-            now >= until || self.vhids.iter().all(|v| v.fsm.state() != State::Master)
-        })
-    }
-
-    async fn shutdown(mut self) {
-        // Planned failover for DHCP too: the partner's Kea takes ours into maintenance
-        // before it stops, so no lease is lost or handed out twice.
-        if let Some(dhcp) = self.dhcp.take() {
-            if let Err(e) = dhcp.partner_maintenance(true).await {
-                warn!(error = %e, "the partner's Kea did not take over DHCP");
-            }
-            dhcp.stop().await;
-        }
-        if self.dhcp_fenced
-            && let Err(e) = dhcp::fence::lift()
-        {
-            warn!(error = %Chain(&e), "cannot lift the DHCP fence");
-        }
-        if let Some(sync) = self.sync.take() {
-            sync.stop();
-        }
-        let now = Instant::now();
-        for v in &mut self.vhids {
-            v.fsm.handle_shutdown(now);
-        }
-        self.settle().await;
-        for hook in std::mem::take(&mut self.stop_hooks) {
-            let _ = hook.await;
-        }
-        if let Err(e) = self.dataplane.clear_heartbeat() {
-            warn!(error = %Chain(&e), "cannot clear the XDP heartbeat");
-        }
-        self.dataplane.detach_and_unpin();
-        // The VIPs are released: nothing left for the kernel to answer.
-        if let Err(e) = nft::remove_arp_guard() {
-            warn!(error = %Chain(&e), "cannot remove the ARP guard table");
-        }
-        let _ = std::fs::remove_file(&self.config.node.control_socket);
-        info!("stopped: VIPs released, XDP detached");
     }
 }
 
