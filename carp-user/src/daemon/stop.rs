@@ -1,7 +1,7 @@
 //! How a run ends: a planned stop hands the VIPs over before it lets go and cleans up after
 //! itself; `carp upgrade` re-executes the binary, which adopts what this run held.
 
-use super::{Daemon, DaemonError};
+use super::{Daemon, DaemonError, vip_io::INSTALL_BARRIER};
 use crate::{carp::fsm::State, dhcp, error::Chain, inherit, nft};
 use std::{
     os::fd::{BorrowedFd, RawFd},
@@ -11,7 +11,8 @@ use tracing::{info, warn};
 
 /// Longest a stopping master keeps its VIPs waiting for the peer to take over from its
 /// bow-out; on a LAN the peer's advert comes back within milliseconds. Alone, a node stops
-/// this much later.
+/// this much later (with state sync, plus [`INSTALL_BARRIER`]: the peer advertises once it
+/// holds the VIPs, which it claims once our flows are in its kernel).
 const HANDOVER_GRACE: Duration = Duration::from_millis(500);
 
 impl Daemon {
@@ -62,7 +63,11 @@ impl Daemon {
         if self.stopping.is_some() {
             return true;
         }
-        self.stopping = Some(now + HANDOVER_GRACE);
+        let grace = match self.sync {
+            Some(_) => HANDOVER_GRACE + INSTALL_BARRIER,
+            None => HANDOVER_GRACE,
+        };
+        self.stopping = Some(now + grace);
         for v in &mut self.vhids {
             v.fsm.handle_bow_out(now);
         }

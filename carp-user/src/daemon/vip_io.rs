@@ -24,7 +24,7 @@ const GARP_SCHEDULE: [Duration; 3] = [
     Duration::from_millis(2000),
 ];
 /// Longest wait for the peer's flows to reach the kernel before a VIP is claimed anyway.
-const INSTALL_BARRIER: Duration = Duration::from_secs(1);
+pub(super) const INSTALL_BARRIER: Duration = Duration::from_secs(1);
 
 impl Daemon {
     /// Carries out one of vhid `i`'s actions.
