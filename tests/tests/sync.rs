@@ -11,7 +11,7 @@ use carp::{carp::fsm::State, sync::service::SyncStatus};
 use carp_lab::{
     Host, Lab, Node, NodeOptions, SYNC_SECRET, carp_bin,
     cluster::{backup_opts, pair_with, wait_all},
-    kill_hard, streams, unix_us, wait_for,
+    end_process, kill_hard, streams, unix_us, wait_for,
 };
 use std::time::Duration;
 
@@ -242,6 +242,32 @@ fn connections_and_nat_survive_the_masters_death() -> Result<()> {
         status.install.conntrack_created >= CONNECTIONS as u64,
         "{status:?}"
     );
+    Ok(())
+}
+
+/// A planned stop of the master (SIGTERM) with state sync: it hands over before it lets go,
+/// waiting while the peer installs the flows it got, and no connection notices.
+#[test]
+fn connections_survive_a_planned_stop_of_the_master() -> Result<()> {
+    let lab = Lab::up()?;
+    let (gw1, gw2) = cluster(&lab, true)?;
+    let client = streams::start_client(&lab, CONNECTIONS, 10)?;
+    std::thread::sleep(Duration::from_secs(4));
+    wait_conntrack(&lab, Host::Gw2, CONNECTIONS).with_context(|| diagnose(&lab, &[&gw1, &gw2]))?;
+    let stopped = unix_us();
+    end_process(gw1.pid, Duration::from_secs(5));
+    wait_all(&gw2, State::Master, Duration::from_secs(1))?;
+    let report = client.finish()?;
+    assert_all_survived(&report, stopped);
+    println!(
+        "UDP across the stop: {} of {} datagrams received",
+        report.udp_received, report.udp_sent
+    );
+    let handed_over = gw1
+        .log()
+        .matches("a peer took over from our bow-out")
+        .count();
+    assert_eq!(handed_over, 2, "gw1:\n{}", gw1.log());
     Ok(())
 }
 
