@@ -44,7 +44,10 @@ pub enum DataplaneError {
     )]
     NoBpffs,
     #[error("loading the XDP object failed")]
-    Load(#[from] aya::EbpfError),
+    Load {
+        #[from]
+        source: aya::EbpfError,
+    },
     #[error("XDP program {XDP_PROGRAM}")]
     Program {
         #[from]
