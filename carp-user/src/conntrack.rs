@@ -272,45 +272,66 @@ fn family(tuple: &FlowKey) -> u8 {
     }
 }
 
-/// The kernel's TCP state (`enum tcp_conntrack`) for a record's two directions.
-pub fn tcp_state(record: &FlowRecord) -> u8 {
-    const SYN_SENT: u8 = 1;
-    const SYN_RECV: u8 = 2;
-    const ESTABLISHED: u8 = 3;
-    const FIN_WAIT: u8 = 4;
-    const CLOSE_WAIT: u8 = 5;
-    const TIME_WAIT: u8 = 7;
-    const CLOSE: u8 = 8;
-    let [orig, reply] = [record.tcp[0].phase, record.tcp[1].phase];
-    let (low, high) = (orig.min(reply), orig.max(reply));
-    if high == tcp_phase::CLOSED {
-        CLOSE
-    } else if low >= tcp_phase::FIN_WAIT {
-        TIME_WAIT
-    } else if orig >= tcp_phase::FIN_WAIT {
-        FIN_WAIT
-    } else if reply >= tcp_phase::FIN_WAIT {
-        CLOSE_WAIT
-    } else if low >= tcp_phase::ESTABLISHED || (orig >= tcp_phase::ESTABLISHED && reply > 0) {
-        ESTABLISHED
-    } else if reply >= tcp_phase::SYN_RECEIVED {
-        SYN_RECV
-    } else {
-        SYN_SENT
-    }
+/// The kernel's TCP conntrack states a synced connection can be in (`enum tcp_conntrack`,
+/// <https://github.com/torvalds/linux/blob/master/include/uapi/linux/netfilter/nf_conntrack_tcp.h>),
+/// with the kernel's default timeouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum KernelTcpState {
+    SynSent = 1,
+    SynRecv = 2,
+    Established = 3,
+    FinWait = 4,
+    CloseWait = 5,
+    TimeWait = 7,
+    Close = 8,
 }
 
-/// conntrack's name for a TCP state from [`tcp_state`].
-pub fn tcp_state_name(state: u8) -> &'static str {
-    match state {
-        1 => "SYN_SENT",
-        2 => "SYN_RECV",
-        3 => "ESTABLISHED",
-        4 => "FIN_WAIT",
-        5 => "CLOSE_WAIT",
-        7 => "TIME_WAIT",
-        8 => "CLOSE",
-        _ => "NONE",
+impl KernelTcpState {
+    /// The state a record's two directions make.
+    pub fn of(record: &FlowRecord) -> Self {
+        let [orig, reply] = [record.tcp[0].phase, record.tcp[1].phase];
+        let (low, high) = (orig.min(reply), orig.max(reply));
+        if high == tcp_phase::CLOSED {
+            Self::Close
+        } else if low >= tcp_phase::FIN_WAIT {
+            Self::TimeWait
+        } else if orig >= tcp_phase::FIN_WAIT {
+            Self::FinWait
+        } else if reply >= tcp_phase::FIN_WAIT {
+            Self::CloseWait
+        } else if low >= tcp_phase::ESTABLISHED || (orig >= tcp_phase::ESTABLISHED && reply > 0) {
+            Self::Established
+        } else if reply >= tcp_phase::SYN_RECEIVED {
+            Self::SynRecv
+        } else {
+            Self::SynSent
+        }
+    }
+
+    /// conntrack's name for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::SynSent => "SYN_SENT",
+            Self::SynRecv => "SYN_RECV",
+            Self::Established => "ESTABLISHED",
+            Self::FinWait => "FIN_WAIT",
+            Self::CloseWait => "CLOSE_WAIT",
+            Self::TimeWait => "TIME_WAIT",
+            Self::Close => "CLOSE",
+        }
+    }
+
+    /// How long the kernel keeps a connection in this state without traffic, in seconds
+    /// (the `nf_conntrack_tcp_timeout_*` defaults), so the peer's copy expires when the
+    /// original would.
+    pub fn timeout_s(self) -> u32 {
+        match self {
+            Self::SynSent | Self::FinWait | Self::TimeWait => 120,
+            Self::SynRecv | Self::CloseWait => 60,
+            Self::Established => 432_000,
+            Self::Close => 10,
+        }
     }
 }
 
@@ -394,7 +415,11 @@ fn put_state(out: &mut Vec<u8>, record: &FlowRecord) {
     if record.key.proto == IPPROTO_TCP {
         let info = begin_nest(out, CTA_PROTOINFO);
         let tcp = begin_nest(out, CTA_PROTOINFO_TCP);
-        put(out, CTA_PROTOINFO_TCP_STATE, &[tcp_state(record)]);
+        put(
+            out,
+            CTA_PROTOINFO_TCP_STATE,
+            &[KernelTcpState::of(record) as u8],
+        );
         let [orig, reply] = &record.tcp;
         put(
             out,
@@ -784,21 +809,13 @@ mod tests {
     fn tcp_states_map_to_the_kernel_enum() {
         let reply = key("198.18.2.100", 80, "198.18.1.100", 40000);
         let est = tcp_phase::ESTABLISHED;
-        assert_eq!(tcp_state(&record(reply, [tcp_phase::SYN_SENT, 0])), 1);
-        assert_eq!(
-            tcp_state(&record(
-                reply,
-                [tcp_phase::SYN_SENT, tcp_phase::SYN_RECEIVED]
-            )),
-            2
-        );
-        assert_eq!(tcp_state(&record(reply, [est, est])), 3);
-        assert_eq!(tcp_state(&record(reply, [tcp_phase::FIN_WAIT, est])), 4);
-        assert_eq!(tcp_state(&record(reply, [est, tcp_phase::FIN_WAIT])), 5);
-        assert_eq!(
-            tcp_state(&record(reply, [tcp_phase::FIN_WAIT, tcp_phase::FIN_WAIT])),
-            7
-        );
-        assert_eq!(tcp_state(&record(reply, [tcp_phase::CLOSED, est])), 8);
+        let of = |phases| KernelTcpState::of(&record(reply, phases));
+        assert_eq!(of([tcp_phase::SYN_SENT, 0]) as u8, 1);
+        assert_eq!(of([tcp_phase::SYN_SENT, tcp_phase::SYN_RECEIVED]) as u8, 2);
+        assert_eq!(of([est, est]) as u8, 3);
+        assert_eq!(of([tcp_phase::FIN_WAIT, est]) as u8, 4);
+        assert_eq!(of([est, tcp_phase::FIN_WAIT]) as u8, 5);
+        assert_eq!(of([tcp_phase::FIN_WAIT, tcp_phase::FIN_WAIT]) as u8, 7);
+        assert_eq!(of([tcp_phase::CLOSED, est]) as u8, 8);
     }
 }

@@ -5,7 +5,7 @@
 #![no_main]
 
 use carp::{
-    conntrack::tcp_state,
+    conntrack::KernelTcpState,
     sync::{bulk::BulkSync, merge::FlowTable, proto::Frame, view},
 };
 use libfuzzer_sys::fuzz_target;
@@ -30,7 +30,7 @@ fuzz_target!(|data: &[u8]| {
                 table.merge(*r, now);
                 let entries = view::entries_of(r, u64::MAX);
                 assert!((1..=2).contains(&entries.len()));
-                let _ = (view::ended(r), view::kernel_timeout(r), tcp_state(r));
+                let _ = (view::ended(r), view::kernel_timeout(r), KernelTcpState::of(r));
             }
         }
         bulk.handle_frame(&frame, now);

@@ -17,7 +17,7 @@ use super::{
     worker::{Worker, WorkerStatus, lock},
 };
 use crate::{
-    conntrack::{Conntrack, tcp_state, tcp_state_name},
+    conntrack::{Conntrack, KernelTcpState},
     dataplane::read_delta,
     error::Chain,
 };
@@ -465,7 +465,7 @@ impl SyncHandle {
 
 fn flow_row(r: &FlowRecord, origin: Origin) -> FlowRow {
     let state = match r.key.proto {
-        carp_common::flow::IPPROTO_TCP => tcp_state_name(tcp_state(r)).to_string(),
+        carp_common::flow::IPPROTO_TCP => KernelTcpState::of(r).name().to_string(),
         _ if r.packets[1] > 0 => "REPLIED".into(),
         _ => "UNREPLIED".into(),
     };

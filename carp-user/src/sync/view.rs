@@ -4,7 +4,7 @@
 //! folded together from up to two such views.
 
 use super::proto::{FlowKey, FlowRecord, TcpPeer};
-use crate::conntrack::tcp_state;
+use crate::conntrack::KernelTcpState;
 use carp_common::flow::{
     self as xdp, FlowEntry, IPPROTO_TCP, IPPROTO_UDP, TcpTrack, is_icmp, tcp_phase,
 };
@@ -192,15 +192,7 @@ pub fn ended(record: &FlowRecord) -> bool {
 /// seconds), so the peer's copy expires when the original would.
 pub fn kernel_timeout(record: &FlowRecord) -> u32 {
     match record.key.proto {
-        IPPROTO_TCP => match tcp_state(record) {
-            1 => 120,    // SYN_SENT
-            2 => 60,     // SYN_RECV
-            3 => 432000, // ESTABLISHED
-            4 => 120,    // FIN_WAIT
-            5 => 60,     // CLOSE_WAIT
-            7 => 120,    // TIME_WAIT
-            _ => 10,     // CLOSE
-        },
+        IPPROTO_TCP => KernelTcpState::of(record).timeout_s(),
         IPPROTO_UDP if record.packets[1] > 0 => 120,
         IPPROTO_UDP => 30,
         _ => 30,
