@@ -190,8 +190,8 @@ enum Exit {
     Reexec { keep_sync_listener: bool },
 }
 
-/// Runs the daemon until SIGTERM or SIGINT; then bows out, releases the VIPs, detaches XDP.
-/// `carp upgrade` instead re-executes the binary, which adopts what this run held.
+/// Runs the daemon until SIGTERM or SIGINT; then hands the VIPs over, releases them and
+/// detaches XDP. `carp upgrade` instead re-executes the binary, which adopts what this run held.
 pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError> {
     // Sockets a previous run handed over: taken first, so no child process inherits them.
     let inherited_control = inherit::take(inherit::CONTROL);
