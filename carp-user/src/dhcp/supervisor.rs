@@ -257,14 +257,13 @@ async fn drive_service(
     served_by: &Mutex<ServedBy>,
     stopped: &mut watch::Receiver<bool>,
 ) {
-    let mut setup = setups.borrow_and_update().clone();
-    let Some(service) = setup.service.clone() else {
+    let Some(service) = setups.borrow().service.clone() else {
         return;
     };
-    loop {
-        setup = setups.borrow_and_update().clone();
+    let mut setup = loop {
+        let setup = setups.borrow_and_update().clone();
         match install_in_service(&setup).await {
-            Ok(()) => break,
+            Ok(()) => break setup,
             Err(failure) => {
                 warn!(%failure, "DHCP not served");
                 set_failed(status, failure);
@@ -274,7 +273,7 @@ async fn drive_service(
             _ = tokio::time::sleep(RECHECK) => {}
             _ = stopped.changed() => return,
         }
-    }
+    };
     info!(config = %service.config.display(), "the Kea service runs carp's configuration");
     let mut poll = tokio::time::interval(POLL);
     let mut refused = None;
@@ -292,10 +291,8 @@ async fn drive_service(
             }
             Ok(()) = setups.changed() => {
                 let new = setups.borrow_and_update().clone();
-                refused = taken(&new, install_in_service(&new).await);
-                if refused.is_none() {
-                    setup = new;
-                }
+                let outcome = install_in_service(&new).await;
+                refused = adopt(&mut setup, new, outcome);
             }
             _ = stopped.changed() => return,
         }
@@ -311,15 +308,17 @@ async fn install_in_service(setup: &KeaSetup) -> Result<(), String> {
     reload_service(&service.reload).await
 }
 
-/// How handing a new configuration to the running Kea went: logged, and `Some` reason to
-/// show in `carp status` while Kea runs on the last good one.
-fn taken(new: &KeaSetup, outcome: Result<(), String>) -> Option<String> {
+/// How handing `new` to the running Kea went: taken, it becomes `setup` (what Kea runs);
+/// logged either way, and `Some` reason to show in `carp status` while Kea runs on the last
+/// good one.
+fn adopt(setup: &mut KeaSetup, new: KeaSetup, outcome: Result<(), String>) -> Option<String> {
     match outcome {
         Ok(()) => {
             info!(
                 scopes = new.scopes.len(),
                 "Kea runs the new configuration (no restart)"
             );
+            *setup = new;
             None
         }
         Err(failure) => {
@@ -473,11 +472,8 @@ async fn watch_child(
             _ = poll.tick() => poll_kea(setup, status, served_by).await,
             Ok(()) = setups.changed() => {
                 let new = setups.borrow_and_update().clone();
-                let refused = taken(&new, reload_child(&new).await);
-                if refused.is_none() {
-                    *setup = new;
-                }
-                lock(status).failure = refused;
+                let outcome = reload_child(&new).await;
+                lock(status).failure = adopt(setup, new, outcome);
             }
         }
     }
