@@ -376,8 +376,6 @@ fn bench_dataplane(dir: &std::path::Path, capture: Option<Duration>) -> Result<D
 }
 
 fn measure_xdp(dirs: &[std::path::PathBuf; 2]) -> Result<XdpCost> {
-    const VIP: Ipv4Addr = BENCH_VIP;
-    const IF_MAC: [u8; 6] = BENCH_IF_MAC;
     let mut dataplane = bench_dataplane(&dirs[0], None)?;
     let mut bare_object = aya::Ebpf::load(carp::EBPF_OBJECT)?;
     let bare = loaded_bare(&mut bare_object)?;
@@ -385,8 +383,8 @@ fn measure_xdp(dirs: &[std::path::PathBuf; 2]) -> Result<XdpCost> {
     let mut arp = vec![0xff; 6];
     arp.extend_from_slice(&[2, 0, 0, 0, 0, 0x50, 0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
     arp.extend_from_slice(&[2, 0, 0, 0, 0, 0x50, 198, 18, 1, 100, 0, 0, 0, 0, 0, 0]);
-    arp.extend_from_slice(&VIP.octets());
-    let mut tcp = IF_MAC.to_vec();
+    arp.extend_from_slice(&BENCH_VIP.octets());
+    let mut tcp = BENCH_IF_MAC.to_vec();
     tcp.extend_from_slice(&[2, 0, 0, 0, 0, 0x50, 0x08, 0x00]);
     tcp.extend_from_slice(&[0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0, 198, 18, 1, 100]);
     tcp.extend_from_slice(&[198, 18, 2, 100, 0x9c, 0x40, 0, 80]);
@@ -408,7 +406,7 @@ fn measure_xdp(dirs: &[std::path::PathBuf; 2]) -> Result<XdpCost> {
         median_repeat([(&*bare, &tcp[..]), (&*carp_program, &tcp[..])], REPEATS)?;
     // The drop path reads the VIP entry but leaves the frame alone, so the kernel loop can
     // time it precisely.
-    dataplane.set_vip(1, VIP, 1, virtual_mac(1), Role::Backup)?;
+    dataplane.set_vip(1, BENCH_VIP, 1, virtual_mac(1), Role::Backup)?;
     let [arp_backup_repeat] = median_repeat([(&*dataplane.program()?, &arp[..])], REPEATS)?;
     let [arp_backup_single] = median_single([(&*dataplane.program()?, &arp[..])], CALLS)?;
     // Flow capture on: the same established segment again and again (no delta within the
@@ -416,7 +414,7 @@ fn measure_xdp(dirs: &[std::path::PathBuf; 2]) -> Result<XdpCost> {
     // the flow-map path every time without a delta; and a new flow each call (a fresh source
     // port). The VIP in backup, as for the drop path above.
     let mut dataplane = bench_dataplane(&dirs[1], Some(Duration::from_secs(3600)))?;
-    dataplane.set_vip(1, VIP, 1, virtual_mac(1), Role::Backup)?;
+    dataplane.set_vip(1, BENCH_VIP, 1, virtual_mac(1), Role::Backup)?;
     let mut established = tcp.clone();
     established[47] = 0x10; // ACK
     test_run(dataplane.program()?, &established, 1)?;
