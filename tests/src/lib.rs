@@ -137,17 +137,25 @@ pub fn end_process(pid: u32, grace: Duration) {
     if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).is_err() {
         return;
     }
-    let deadline = Instant::now() + grace;
+    if !wait_pid_exit(pid.as_raw() as u32, grace) {
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(pid, None);
+    }
+}
+
+/// Waits up to `timeout` for a process we started to exit, and reaps it; false if it runs on.
+pub fn wait_pid_exit(pid: u32, timeout: Duration) -> bool {
+    let pid = nix::unistd::Pid::from_raw(pid as i32);
+    let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         match nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
             Ok(nix::sys::wait::WaitStatus::StillAlive) => {
                 std::thread::sleep(Duration::from_millis(20))
             }
-            _ => return,
+            _ => return true,
         }
     }
-    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-    let _ = nix::sys::wait::waitpid(pid, None);
+    false
 }
 
 /// Tears down every live lab and exits: the Ctrl-C / SIGTERM path.

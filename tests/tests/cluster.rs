@@ -4,12 +4,12 @@
 use anyhow::{Context, Result};
 use carp::carp::fsm::State;
 use carp_lab::cluster::{
-    assert_answered_once_by, assert_never_two_answers, backup_opts, carp_cli, pair, wait_all,
-    wait_state,
+    assert_answered_once_by, assert_never_two_answers, backup_opts, carp_cli, carp_cli_refused,
+    pair, wait_all, wait_state,
 };
 use carp_lab::{
     Host, LAN_VIP, Lab, Node, NodeOptions, SERVER_IP, carp_bin, end_process, kill_hard, probe,
-    wait_for,
+    wait_for, wait_pid_exit,
 };
 use std::time::{Duration, Instant};
 
@@ -189,6 +189,41 @@ fn sigterm_hands_over_before_letting_go_and_cleans_up() -> Result<()> {
     );
     assert!(!std::path::Path::new(&format!("/sys/fs/bpf/carp/{}", gw1.name)).exists());
     assert!(!gw1.socket.exists());
+    Ok(())
+}
+
+/// A master with no peer waits out the hand-over grace on SIGTERM. An upgrade or a reload
+/// asked meanwhile is refused, not served (the upgrade would re-execute a daemon that then
+/// runs on as if never told to stop), and the stop goes through.
+#[test]
+fn a_stopping_daemon_refuses_changes_and_still_stops() -> Result<()> {
+    let lab = Lab::up()?;
+    let gw1 = lab.start_carp(&carp_bin()?, Host::Gw1, &NodeOptions::default())?;
+    wait_all(&gw1, State::Master, Duration::from_secs(10))?;
+    let socket = gw1.socket.to_string_lossy();
+    let stopped = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(gw1.pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    for change in ["upgrade", "reload"] {
+        let (_, stderr) = carp_cli_refused(&[change, "--socket", &socket])?;
+        assert!(
+            stderr.contains("carp is stopping"),
+            "{change} {:?} after SIGTERM: {stderr}\ngw1:\n{}",
+            stopped.elapsed(),
+            gw1.log()
+        );
+    }
+    assert!(
+        wait_pid_exit(gw1.pid, Duration::from_secs(3)),
+        "gw1 runs on after SIGTERM:\n{}",
+        gw1.log()
+    );
+    let log = gw1.log();
+    assert!(log.contains("refused: the daemon is stopping"), "{log}");
+    assert!(!log.contains("re-executing in place"), "{log}");
+    assert!(log.contains("stopped: VIPs released"), "{log}");
     Ok(())
 }
 

@@ -271,7 +271,7 @@ impl Daemon {
 }
 
 /// The answer to a push this node cannot take.
-fn refused_push(message: String) -> Answer {
+pub(super) fn refused_push(message: String) -> Answer {
     warn!(%message, "configuration push refused");
     Answer {
         ok: false,

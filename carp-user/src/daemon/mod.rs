@@ -274,6 +274,11 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
                 }
             }
             Some((request, reply)) = control_rx.recv() => {
+                if daemon.refuses_while_stopping(&request) {
+                    warn!(?request, "refused: the daemon is stopping");
+                    let _ = reply.send(Response::error(stop::STOPPING.into()));
+                    continue;
+                }
                 if let Request::ConfigPush { dry_run, force } = request {
                     daemon.config_push_request(dry_run, force, reply);
                     continue;
@@ -310,13 +315,21 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
                 let _ = reply.send(response);
             }
             Some((pushed, flags)) = recv_push(&mut config_pushes) => {
-                let answer = daemon.apply_pushed(&pushed, flags).await;
+                let answer = if daemon.stopping.is_some() {
+                    config_apply::refused_push(stop::STOPPING.into())
+                } else {
+                    daemon.apply_pushed(&pushed, flags).await
+                };
                 daemon.settle().await;
                 if let Some(sync) = &daemon.sync {
                     sync.answer_config(answer);
                 }
             }
             _ = hangup.recv() => {
+                if daemon.stopping.is_some() {
+                    warn!("SIGHUP ignored: the daemon is stopping");
+                    continue;
+                }
                 info!("SIGHUP: reloading the configuration");
                 systemd::notify("RELOADING=1");
                 let (response, exit) = daemon.reload().await;

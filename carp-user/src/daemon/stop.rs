@@ -2,7 +2,7 @@
 //! itself; `carp upgrade` re-executes the binary, which adopts what this run held.
 
 use super::{Daemon, DaemonError, vip_io::INSTALL_BARRIER};
-use crate::{carp::fsm::State, dhcp, error::Chain, inherit, nft};
+use crate::{carp::fsm::State, control::Request, dhcp, error::Chain, inherit, nft};
 use std::{
     os::fd::{BorrowedFd, RawFd},
     time::{Duration, Instant},
@@ -14,6 +14,10 @@ use tracing::{info, warn};
 /// this much later (with state sync, plus [`INSTALL_BARRIER`]: the peer advertises once it
 /// holds the VIPs, which it claims once our flows are in its kernel).
 const HANDOVER_GRACE: Duration = Duration::from_millis(500);
+
+/// The answer to a change asked of a daemon in its hand-over window.
+pub(super) const STOPPING: &str =
+    "carp is stopping (handing its VIPs over to the peer): nothing can be changed now";
 
 impl Daemon {
     /// `carp upgrade`: hands the listening sockets over (the sync one only if
@@ -72,6 +76,21 @@ impl Daemon {
             v.fsm.handle_bow_out(now);
         }
         self.handed_over(now)
+    }
+
+    /// Whether `request` must be refused because the daemon is stopping: a reload, rollback,
+    /// maintenance switch or configuration push would change a node on its way out, and an
+    /// upgrade would re-execute it into a daemon that runs on as if never told to stop.
+    pub(super) fn refuses_while_stopping(&self, request: &Request) -> bool {
+        self.stopping.is_some()
+            && matches!(
+                request,
+                Request::Reload
+                    | Request::Upgrade
+                    | Request::ConfigRollback
+                    | Request::ConfigPush { .. }
+                    | Request::Maintenance { .. }
+            )
     }
 
     /// A planned stop may go on: no master is left, or the grace is over.
