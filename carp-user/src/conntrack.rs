@@ -125,10 +125,14 @@ enum Answered {
 
 /// The kernel's answer to one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Answer {
+pub enum Answer {
+    /// Not answered yet (a request's state while its batch is out; never parsed).
     Pending,
+    /// An ACK, the end of a dump, or a message carp does not read.
     Done,
+    /// A GET's answer: the connection.
     Entry(Entry),
+    /// The request failed with this errno.
     Errno(i32),
 }
 
@@ -593,8 +597,22 @@ fn end_nest(out: &mut [u8], at: usize) {
     out[at..at + 2].copy_from_slice(&len.to_ne_bytes());
 }
 
-/// The (sequence number, answer) pairs in one datagram from the kernel.
-fn parse_answers(mut buf: &[u8]) -> Vec<(u32, Answer)> {
+/// The kernel's answer to a GET for `entry`: a CT_NEW message with both tuples and the
+/// timeout, laid out as the request encoder lays out a create (the tests and the fuzzer
+/// parse it back).
+pub fn entry_message(seq: u32, entry: &Entry) -> Vec<u8> {
+    let mut out = Vec::new();
+    let at = begin_message(&mut out, IPCTNL_MSG_CT_NEW, 0, seq);
+    put_tuple(&mut out, CTA_TUPLE_ORIG, &entry.orig, Direction::Original);
+    put_tuple(&mut out, CTA_TUPLE_REPLY, &entry.reply, Direction::Reply);
+    put_u32(&mut out, CTA_TIMEOUT, entry.timeout_s);
+    end_message(&mut out, at, family(&entry.orig));
+    out
+}
+
+/// The (sequence number, answer) pairs in one datagram from the kernel. What it cannot read
+/// (cut short, or attributes of a newer kernel) ends the datagram or is skipped, never a panic.
+pub fn parse_answers(mut buf: &[u8]) -> Vec<(u32, Answer)> {
     let mut answers = Vec::new();
     while buf.len() >= NLMSG_HDR {
         let len = u32::from_ne_bytes(buf[0..4].try_into().expect("4 bytes")) as usize;
@@ -606,7 +624,8 @@ fn parse_answers(mut buf: &[u8]) -> Vec<(u32, Answer)> {
         let body = &buf[NLMSG_HDR..len];
         let answer = match kind {
             NLMSG_ERROR if body.len() >= 4 => {
-                match -i32::from_ne_bytes(body[0..4].try_into().expect("4 bytes")) {
+                // Wrapping: i32::MIN (no errno, but a datagram can say it) has no negation.
+                match i32::from_ne_bytes(body[0..4].try_into().expect("4 bytes")).wrapping_neg() {
                     0 => Answer::Done,
                     errno => Answer::Errno(errno),
                 }
@@ -738,26 +757,14 @@ mod tests {
     /// with the request encoder (same attribute layout) and parse it back.
     #[test]
     fn entries_round_trip_through_the_attribute_layout() {
-        let orig = key("198.18.1.100", 40000, "198.18.2.100", 80);
-        let reply = key("198.18.2.100", 80, "198.18.2.1", 61000);
-        let mut out = Vec::new();
-        let at = begin_message(&mut out, IPCTNL_MSG_CT_NEW, 0, 7);
-        put_tuple(&mut out, CTA_TUPLE_ORIG, &orig, Direction::Original);
-        put_tuple(&mut out, CTA_TUPLE_REPLY, &reply, Direction::Reply);
-        put_u32(&mut out, CTA_TIMEOUT, 431999);
-        end_message(&mut out, at, libc::AF_INET as u8);
-        let answers = parse_answers(&out);
-        assert_eq!(
-            answers,
-            [(
-                7,
-                Answer::Entry(Entry {
-                    orig,
-                    reply,
-                    timeout_s: 431999
-                })
-            )]
-        );
+        let entry = Entry {
+            orig: key("198.18.1.100", 40000, "198.18.2.100", 80),
+            reply: key("198.18.2.100", 80, "198.18.2.1", 61000),
+            timeout_s: 431999,
+        };
+        let out = entry_message(7, &entry);
+        assert_eq!(out[NLMSG_HDR], libc::AF_INET as u8);
+        assert_eq!(parse_answers(&out), [(7, Answer::Entry(entry))]);
     }
 
     #[test]
@@ -776,6 +783,20 @@ mod tests {
             parse_answers(&out),
             [(5, Answer::Done), (6, Answer::Errno(libc::ENOENT))]
         );
+    }
+
+    /// Found by the fuzzer: negating this error code overflowed (a panic with overflow
+    /// checks on).
+    #[test]
+    fn an_error_code_without_a_negation_is_read_rather_than_overflowing() {
+        let mut out = Vec::new();
+        out.extend_from_slice(&20u32.to_ne_bytes());
+        out.extend_from_slice(&NLMSG_ERROR.to_ne_bytes());
+        out.extend_from_slice(&0u16.to_ne_bytes());
+        out.extend_from_slice(&9u32.to_ne_bytes());
+        out.extend_from_slice(&0u32.to_ne_bytes());
+        out.extend_from_slice(&i32::MIN.to_ne_bytes());
+        assert_eq!(parse_answers(&out), [(9, Answer::Errno(i32::MIN))]);
     }
 
     #[test]

@@ -281,7 +281,13 @@ fn test(root: &Path) -> Result<()> {
 const SOAK_MINUTES: u32 = 2;
 
 /// The cargo-fuzz targets under fuzz/ and how long each runs in `cargo xtask test`.
-const FUZZ_TARGETS: [&str; 4] = ["advert", "config", "config_areas", "sync_frame"];
+const FUZZ_TARGETS: [&str; 5] = [
+    "advert",
+    "config",
+    "config_areas",
+    "sync_frame",
+    "conntrack_answers",
+];
 const FUZZ_SECONDS: u32 = 20;
 
 /// Passed and failed test counts summed over cargo's `test result:` lines, and the end of
