@@ -4,7 +4,7 @@
 //! batch of hundreds costs two system calls. Changes ask no acknowledgement but the batch's
 //! last: the kernel reports failures anyway, in order, so the last one's ACK fences them.
 
-use crate::sync::proto::{FlowKey, FlowRecord};
+use crate::flow::{FlowKey, FlowRecord};
 use carp_common::flow::{
     IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, WSCALE_SEEN, WSCALE_SHIFT, is_icmp,
     tcp_phase,
@@ -726,7 +726,7 @@ fn parse_tuple(buf: &[u8]) -> Option<FlowKey> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sync::proto::TcpPeer;
+    use crate::flow::TcpPeer;
 
     fn key(src: &str, sport: u16, dst: &str, dport: u16) -> FlowKey {
         FlowKey {

@@ -11,6 +11,7 @@ pub mod dataplane;
 pub mod dhcp;
 pub mod error;
 pub mod events;
+pub mod flow;
 pub mod inherit;
 pub mod interfaces;
 pub mod map_batch;

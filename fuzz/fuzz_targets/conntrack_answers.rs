@@ -6,7 +6,7 @@
 
 use carp::{
     conntrack::{self, Answer, Entry},
-    sync::proto::FlowKey,
+    flow::FlowKey,
 };
 use carp_common::flow::{IPPROTO_ICMP, IPPROTO_ICMPV6};
 use libfuzzer_sys::fuzz_target;

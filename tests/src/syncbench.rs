@@ -10,8 +10,9 @@ use crate::{
 use anyhow::{Context, Result};
 use carp::{
     conntrack::{Change, Conntrack},
+    flow::{FlowKey, FlowRecord, TcpPeer},
     sync::{
-        proto::{FlowKey, FlowRecord, Frame, TcpPeer, upsert_frames},
+        proto::{Frame, upsert_frames},
         transport::{self, SharedKey, SyncStream},
     },
 };

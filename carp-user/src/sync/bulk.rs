@@ -205,7 +205,7 @@ impl BulkSync {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sync::proto::{TcpPhase, tests::tcp_record};
+    use crate::{flow::TcpPhase, sync::proto::tests::tcp_record};
 
     fn upsert(n: u16) -> Frame {
         Frame::Upsert {

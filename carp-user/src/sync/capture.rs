@@ -3,11 +3,11 @@
 //! connection are folded into one record. Runs on its own thread: ctnetlink calls block,
 //! and the ring buffer must keep draining whatever the sync link does.
 
-use super::{
-    proto::{FlowKey, FlowRecord},
-    view::{self, Side, ViewOf},
+use super::view::{self, Side, ViewOf};
+use crate::{
+    conntrack::{Conntrack, Direction, Entry, invert},
+    flow::{FlowKey, FlowRecord},
 };
-use crate::conntrack::{Conntrack, Direction, Entry, invert};
 use carp_common::flow::{self as xdp, DELTA_BORN, DELTA_ENDED, FlowDelta, FlowEntry, is_icmp};
 use std::{
     collections::HashMap,

@@ -2,12 +2,15 @@
 //! batches, while the installer fills the kernel's conntrack with the same records.
 
 use super::{
-    install::InstallStats,
-    proto::{FlowKey, FlowRecord},
+    install_stats::InstallStats,
     view,
     worker::{Worker, lock},
 };
-use crate::{dataplane::monotonic_ns, map_batch::update_batch};
+use crate::{
+    dataplane::monotonic_ns,
+    flow::{FlowKey, FlowRecord},
+    map_batch::update_batch,
+};
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use carp_common::flow::{self as xdp, FlowEntry};
 use std::{

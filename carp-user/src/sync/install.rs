@@ -5,11 +5,13 @@
 
 use super::{
     flow_writer::{FlowMap, FlowWriter},
-    lag::LagHistogram,
-    proto::{FlowKey, FlowRecord},
+    install_stats::InstallStats,
     worker::{Worker, lock},
 };
-use crate::conntrack::{Change, Conntrack};
+use crate::{
+    conntrack::{Change, Conntrack},
+    flow::{FlowKey, FlowRecord},
+};
 use std::{
     collections::HashSet,
     sync::{Arc, Mutex, mpsc},
@@ -37,20 +39,6 @@ pub enum Job {
     Liberal(Vec<FlowKey>),
     /// Panics the installer: the test hook that shows a dead installer is noticed.
     Panic,
-}
-
-/// What the installer has done, for `carp status`.
-#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
-pub struct InstallStats {
-    pub conntrack_created: u64,
-    pub conntrack_updated: u64,
-    pub conntrack_deleted: u64,
-    pub conntrack_errors: u64,
-    pub map_errors: u64,
-    pub last_error: Option<String>,
-    /// From a frame's arrival to its flows being in conntrack (the XDP map is written
-    /// alongside, on its own thread).
-    pub install_lag: LagHistogram,
 }
 
 struct Installer {

@@ -2,7 +2,7 @@
 //! window is behind the local copy, in either direction, is stale; the receiver keeps its copy
 //! (and answers with it). UDP and ICMP flows, which have no phases, go by packet counts.
 
-use super::proto::{FlowKey, FlowRecord};
+use crate::flow::{FlowKey, FlowRecord};
 use carp_common::flow::{IPPROTO_TCP, seq_after};
 use std::{
     collections::HashMap,
@@ -209,7 +209,7 @@ impl FlowTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sync::proto::{TcpPhase, tests::tcp_record};
+    use crate::{flow::TcpPhase, sync::proto::tests::tcp_record};
     use proptest::prelude::*;
 
     fn at() -> Instant {

@@ -7,6 +7,7 @@ pub mod capture;
 pub mod config_link;
 pub mod flow_writer;
 pub mod install;
+pub mod install_stats;
 pub mod lag;
 pub mod merge;
 pub mod proto;

@@ -8,10 +8,11 @@ use super::{
     capture::{Capture, Local},
     config_link::{Answer, ConfigLink, ConfigSyncStatus, Explicit, Received},
     flow_writer::FlowMap,
-    install::{self, InstallStats, Job, Workers},
+    install::{self, Job, Workers},
+    install_stats::InstallStats,
     lag::LagHistogram,
     merge::{FlowTable, Origin, Verdict},
-    proto::{FlowKey, FlowRecord, Frame, delete_frames, upsert_frames},
+    proto::{Frame, delete_frames, upsert_frames},
     transport::{self, SharedKey, SyncStream, TransportError},
     unsent::{MAX_UNSENT_DELETES, UnsentDeletes},
     worker::{Worker, WorkerStatus, lock},
@@ -20,6 +21,7 @@ use crate::{
     conntrack::{Conntrack, KernelTcpState},
     dataplane::read_delta,
     error::Chain,
+    flow::{FlowKey, FlowRecord},
 };
 use aya::maps::{MapData, RingBuf};
 use carp_common::flow::IPPROTO_TCP;

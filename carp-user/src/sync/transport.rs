@@ -242,7 +242,7 @@ impl SyncStream {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sync::proto::{TcpPhase, tests::tcp_record};
+    use crate::{flow::TcpPhase, sync::proto::tests::tcp_record};
     use tokio::net::TcpListener;
 
     const SECRET: &[u8] = b"a shared secret for both gateways";

@@ -5,7 +5,8 @@
 //! they stay kept until the peer has shown it read them, so a session or daemon that dies
 //! right after the send loses none.
 
-use super::proto::{FlowKey, Frame, delete_frames};
+use super::proto::{Frame, delete_frames};
+use crate::flow::FlowKey;
 use std::{
     collections::HashSet,
     fs::{self, OpenOptions},

@@ -3,8 +3,8 @@
 //! two flows (one per side of the gateway, each in one direction only), so a record is
 //! folded together from up to two such views.
 
-use super::proto::{FlowKey, FlowRecord, TcpPeer};
 use crate::conntrack::KernelTcpState;
+use crate::flow::{FlowKey, FlowRecord, TcpPeer};
 use carp_common::flow::{
     self as xdp, FlowEntry, IPPROTO_TCP, IPPROTO_UDP, TcpTrack, is_icmp, tcp_phase,
 };
