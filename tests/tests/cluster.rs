@@ -206,6 +206,11 @@ fn a_stopping_daemon_refuses_changes_and_still_stops() -> Result<()> {
         nix::unistd::Pid::from_raw(gw1.pid as i32),
         nix::sys::signal::Signal::SIGTERM,
     )?;
+    // The signal first, so the requests cannot overtake it.
+    wait_for(Duration::from_millis(400), || {
+        gw1.log().contains("SIGTERM: handing over").then_some(())
+    })
+    .with_context(|| format!("gw1 did not take the SIGTERM:\n{}", gw1.log()))?;
     for change in ["upgrade", "reload"] {
         let (_, stderr) = carp_cli_refused(&[change, "--socket", &socket])?;
         assert!(
