@@ -586,10 +586,15 @@ fn format_sync_health(s: &SyncStatus) -> String {
 /// The `carp status` table.
 pub fn format_status(status: &Status) -> String {
     let mut out = format!(
-        "node {}  maintenance {}  demotion {}\n",
+        "node {}  maintenance {}  demotion {}{}\n",
         status.node,
         if status.maintenance { "ON" } else { "off" },
-        status.demotion
+        status.demotion,
+        if status.stopping {
+            "  STOPPING (handing the VIPs over)"
+        } else {
+            ""
+        }
     );
     let header = [
         "INTERFACE",
@@ -696,10 +701,19 @@ mod tests {
             sync: None,
             dhcp: None,
             demotion_by_source: Default::default(),
+            stopping: false,
         };
         let table = format_status(&status);
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines[0], "node gw1  maintenance ON  demotion 240");
+        let stopping = format_status(&Status {
+            stopping: true,
+            ..status.clone()
+        });
+        assert_eq!(
+            stopping.lines().next(),
+            Some("node gw1  maintenance ON  demotion 240  STOPPING (handing the VIPs over)")
+        );
         assert!(lines[1].starts_with("INTERFACE  VHID  VIP"));
         assert_eq!(
             lines[2],

@@ -115,6 +115,9 @@ pub struct Status {
     /// The demotion's parts: links_down, send_errors, maintenance, unsynced.
     #[serde(default)]
     pub demotion_by_source: std::collections::BTreeMap<String, u32>,
+    /// Told to stop and handing its VIPs over: changes are refused until it exits.
+    #[serde(default)]
+    pub stopping: bool,
 }
 
 /// One VIP's row.

@@ -418,6 +418,7 @@ mod tests {
             }),
             dhcp: None,
             demotion_by_source: [("maintenance".to_owned(), 240)].into(),
+            stopping: false,
         };
         let text = render(&status);
         for line in [

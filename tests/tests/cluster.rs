@@ -211,6 +211,8 @@ fn a_stopping_daemon_refuses_changes_and_still_stops() -> Result<()> {
         gw1.log().contains("SIGTERM: handing over").then_some(())
     })
     .with_context(|| format!("gw1 did not take the SIGTERM:\n{}", gw1.log()))?;
+    let shown = carp_cli(&["status", "--socket", &socket])?;
+    assert!(shown.contains("STOPPING"), "{shown}");
     for change in ["upgrade", "reload"] {
         let (_, stderr) = carp_cli_refused(&[change, "--socket", &socket])?;
         assert!(

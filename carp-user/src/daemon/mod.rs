@@ -911,6 +911,7 @@ impl Daemon {
                 .iter()
                 .map(|(source, d)| ((*source).to_owned(), *d))
                 .collect(),
+            stopping: self.stopping.is_some(),
         }
     }
 }
