@@ -767,17 +767,23 @@ mod tests {
         assert_eq!(parse_answers(&out), [(7, Answer::Entry(entry))]);
     }
 
+    /// An NLMSG_ERROR answer to request `seq` with error `code` (0 for an ACK), carrying
+    /// the request's header as the kernel does (zeroed here).
+    fn error_message(out: &mut Vec<u8>, seq: u32, code: i32) {
+        out.extend_from_slice(&36u32.to_ne_bytes());
+        out.extend_from_slice(&NLMSG_ERROR.to_ne_bytes());
+        out.extend_from_slice(&0u16.to_ne_bytes());
+        out.extend_from_slice(&seq.to_ne_bytes());
+        out.extend_from_slice(&0u32.to_ne_bytes());
+        out.extend_from_slice(&code.to_ne_bytes());
+        out.extend_from_slice(&[0u8; 16]);
+    }
+
     #[test]
     fn errors_and_acks_are_matched_by_sequence() {
         let mut out = Vec::new();
         for (seq, errno) in [(5u32, 0i32), (6, -libc::ENOENT)] {
-            out.extend_from_slice(&36u32.to_ne_bytes());
-            out.extend_from_slice(&NLMSG_ERROR.to_ne_bytes());
-            out.extend_from_slice(&0u16.to_ne_bytes());
-            out.extend_from_slice(&seq.to_ne_bytes());
-            out.extend_from_slice(&0u32.to_ne_bytes());
-            out.extend_from_slice(&errno.to_ne_bytes());
-            out.extend_from_slice(&[0u8; 16]);
+            error_message(&mut out, seq, errno);
         }
         assert_eq!(
             parse_answers(&out),
@@ -790,12 +796,7 @@ mod tests {
     #[test]
     fn an_error_code_without_a_negation_is_read_rather_than_overflowing() {
         let mut out = Vec::new();
-        out.extend_from_slice(&20u32.to_ne_bytes());
-        out.extend_from_slice(&NLMSG_ERROR.to_ne_bytes());
-        out.extend_from_slice(&0u16.to_ne_bytes());
-        out.extend_from_slice(&9u32.to_ne_bytes());
-        out.extend_from_slice(&0u32.to_ne_bytes());
-        out.extend_from_slice(&i32::MIN.to_ne_bytes());
+        error_message(&mut out, 9, i32::MIN);
         assert_eq!(parse_answers(&out), [(9, Answer::Errno(i32::MIN))]);
     }
 

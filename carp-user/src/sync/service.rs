@@ -467,7 +467,7 @@ impl SyncHandle {
 
 fn flow_row(r: &FlowRecord, origin: Origin) -> FlowRow {
     let state = match r.key.proto {
-        carp_common::flow::IPPROTO_TCP => KernelTcpState::of(r).name().to_string(),
+        IPPROTO_TCP => KernelTcpState::of(r).name().to_string(),
         _ if r.packets[1] > 0 => "REPLIED".into(),
         _ => "UNREPLIED".into(),
     };
