@@ -4,7 +4,8 @@
 use super::packet::{ADVERT_LEN, CARP_TTL, IPPROTO_CARP, internet_checksum};
 use std::net::Ipv4Addr;
 
-const ETH_LEN: usize = 14;
+/// Bytes of the Ethernet header in front of the IPv4 packet.
+pub const ETH_LEN: usize = 14;
 const IPV4_LEN: usize = 20;
 const ARP_LEN: usize = 28;
 const ETHERTYPE_IPV4: [u8; 2] = [0x08, 0x00];

@@ -10,10 +10,9 @@ mod vip_setup;
 
 use crate::{
     carp::{
+        acceptance::{self, Accepted, AuthWarnings, Refusal},
         demotion::{self, SendHealth, Sources},
-        frame,
-        fsm::{DEMOTION_STEP, PeerAdvert, State, Vhid},
-        packet::{Advert, CARP_TTL, IPPROTO_CARP},
+        fsm::{DEMOTION_STEP, State, Vhid},
     },
     config::{Config, ConfigError},
     control::{self, Counters, Pending, Request, Response, Status, TestHook, VipStatus},
@@ -152,7 +151,7 @@ struct Daemon {
     own_addresses: Vec<Ipv4Addr>,
     maintenance: bool,
     counters: Counters,
-    last_auth_warning: Option<Instant>,
+    auth_warnings: AuthWarnings,
     heartbeat_lifetime: Duration,
     garps_sent: Arc<AtomicU64>,
     sync: Option<SyncHandle>,
@@ -486,7 +485,7 @@ impl Daemon {
             own_addresses,
             maintenance,
             counters: Counters::default(),
-            last_auth_warning: None,
+            auth_warnings: AuthWarnings::default(),
             heartbeat_lifetime,
             garps_sent: Arc::default(),
             sync,
@@ -535,55 +534,46 @@ impl Daemon {
     }
 
     fn on_packet(&mut self, ifindex: u32, packet: &[u8], now: Instant) {
-        let Ok((ip, payload)) = frame::parse_ipv4(packet) else {
-            self.counters.malformed += 1;
-            return;
+        let rules = acceptance::Rules {
+            own_addresses: &self.own_addresses,
+            key: &self.config.carp.key,
+            unicast: self.config.carp.peer.is_some(),
         };
-        if ip.protocol != IPPROTO_CARP || self.own_addresses.contains(&ip.src) {
-            return;
-        }
-        if ip.ttl != CARP_TTL {
-            self.counters.bad_ttl += 1;
-            debug!(src = %ip.src, ttl = ip.ttl, "advert with TTL other than 255 dropped");
-            return;
-        }
-        let advert = match Advert::parse(payload) {
-            Ok(advert) => advert,
-            Err(e) => {
-                self.counters.malformed += 1;
-                debug!(src = %ip.src, error = %e, "bad advert");
-                return;
+        let listeners = self.vhids.iter().map(|v| acceptance::Listener {
+            vhid: v.fsm.vhid(),
+            ifindex: v.ifindex,
+            vip: v.address.addr,
+        });
+        match acceptance::accept(packet, ifindex, rules, listeners) {
+            Ok(Accepted { index, peer }) => {
+                self.counters.adverts_received += 1;
+                self.vhids[index].fsm.handle_advert(peer, now);
             }
-        };
-        let unicast = self.config.carp.peer.is_some();
-        let Some(v) = self
-            .vhids
-            .iter_mut()
-            .find(|v| v.fsm.vhid() == advert.vhid && (v.ifindex == ifindex || unicast))
-        else {
-            self.counters.unknown_vhid += 1;
-            return;
-        };
-        if !advert.verify(&self.config.carp.key, &[v.address.addr]) {
-            self.counters.bad_auth += 1;
-            let quiet = self
-                .last_auth_warning
-                .is_some_and(|t| now.duration_since(t) < Duration::from_secs(10));
-            if !quiet {
-                warn!(vhid = advert.vhid, src = %ip.src, "advert failed authentication (passphrase or VIP list differ): ignored");
-                self.last_auth_warning = Some(now);
-            }
-            return;
+            Err(refusal) => self.count_refusal(&refusal, now),
         }
-        self.counters.adverts_received += 1;
-        v.fsm.handle_advert(
-            PeerAdvert {
-                advbase: advert.advbase,
-                advskew: advert.advskew,
-                source: ip.src,
-            },
-            now,
-        );
+    }
+
+    /// Counts a refused packet under its reason (`carp_adverts_rejected_total`).
+    fn count_refusal(&mut self, refusal: &Refusal, now: Instant) {
+        let c = &mut self.counters;
+        match *refusal {
+            Refusal::NotFromPeer => {}
+            Refusal::Auth { src, vhid } => {
+                c.bad_auth += 1;
+                if self.auth_warnings.due(now) {
+                    warn!(vhid, %src, "advert failed authentication (passphrase or VIP list differ): ignored");
+                }
+            }
+            Refusal::UnknownVhid { .. } => c.unknown_vhid += 1,
+            Refusal::Ttl { .. } => {
+                c.bad_ttl += 1;
+                debug!(error = %Chain(refusal), "dropped");
+            }
+            Refusal::Ipv4 { .. } | Refusal::Advert { .. } => {
+                c.malformed += 1;
+                debug!(error = %Chain(refusal), "dropped");
+            }
+        }
     }
 
     fn poll_links(&mut self, now: Instant) {
