@@ -1,8 +1,9 @@
-//! Anything the raw socket can hand the daemon: IPv4 header, advert decode, HMAC check and
-//! the state machine's reaction must never panic.
+//! Anything the raw socket can hand the daemon: acceptance (IPv4 header, advert decode, HMAC
+//! check) and the state machine's reaction must never panic.
 #![no_main]
 
 use carp::carp::{
+    acceptance::{self, Listener, Refusal, Rules},
     frame::parse_ipv4,
     fsm::{Params, PeerAdvert, Vhid},
     packet::{Advert, AuthKey},
@@ -11,7 +12,21 @@ use libfuzzer_sys::fuzz_target;
 use std::{net::Ipv4Addr, time::Instant};
 
 fuzz_target!(|data: &[u8]| {
+    let key = AuthKey::new(b"fuzz").expect("short key");
+    let vip = Ipv4Addr::new(198, 18, 1, 1);
+    let rules = Rules {
+        own_addresses: &[Ipv4Addr::new(198, 18, 1, 2)],
+        key: &key,
+        unicast: false,
+    };
+    let listener = Listener {
+        vhid: 1,
+        ifindex: 1,
+        vip,
+    };
+    let verdict = acceptance::accept(data, 1, rules, [listener]);
     let Ok((ip, payload)) = parse_ipv4(data) else {
+        assert!(matches!(verdict, Err(Refusal::Ipv4 { .. })), "{verdict:?}");
         return;
     };
     let Ok(advert) = Advert::parse(payload) else {
@@ -25,8 +40,7 @@ fuzz_target!(|data: &[u8]| {
         (&emitted[..6], &emitted[8..]),
         (&payload[..6], &payload[8..36])
     );
-    let key = AuthKey::new(b"fuzz").expect("short key");
-    let _ = advert.verify(&key, &[Ipv4Addr::new(198, 18, 1, 1)]);
+    let _ = advert.verify(&key, &[vip]);
     let now = Instant::now();
     let params = Params {
         advbase: 1,
