@@ -30,7 +30,11 @@ fuzz_target!(|data: &[u8]| {
                 table.merge(*r, now);
                 let entries = view::entries_of(r, u64::MAX);
                 assert!((1..=2).contains(&entries.len()));
-                let _ = (view::ended(r), view::kernel_timeout(r), KernelTcpState::of(r));
+                let _ = (
+                    view::ended(r),
+                    view::kernel_timeout(r),
+                    KernelTcpState::of(r),
+                );
             }
         }
         bulk.handle_frame(&frame, now);
