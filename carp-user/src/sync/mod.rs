@@ -11,6 +11,7 @@ pub mod install_stats;
 pub mod lag;
 pub mod merge;
 pub mod proto;
+pub mod recent_deletes;
 pub mod service;
 pub mod transport;
 pub mod unsent;

@@ -13,6 +13,7 @@ use super::{
     lag::LagHistogram,
     merge::{FlowTable, Origin, Verdict},
     proto::{Frame, delete_frames, upsert_frames},
+    recent_deletes::RecentDeletes,
     transport::{self, SharedKey, SyncStream, TransportError},
     unsent::{MAX_UNSENT_DELETES, UnsentDeletes},
     worker::{Worker, WorkerStatus, lock},
@@ -27,7 +28,7 @@ use aya::maps::{MapData, RingBuf};
 use carp_common::flow::IPPROTO_TCP;
 use serde::{Deserialize, Serialize};
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::HashMap,
     net::SocketAddr,
     os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd},
     path::Path,
@@ -52,9 +53,6 @@ const SEND_BATCH: usize = 8192;
 /// Keepalives go out this often; a session silent for [`DEAD_AFTER`] is dropped.
 const KEEPALIVE: Duration = Duration::from_secs(1);
 const DEAD_AFTER: Duration = Duration::from_secs(4);
-/// Deletes sent this recently are told again after a lost session: longer than it takes to
-/// notice a dead link.
-const RESEND_DELETES_WITHIN: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The `[sync]` section, validated.
@@ -280,7 +278,7 @@ pub fn start(
             outbox: Vec::new(),
             unsent,
             last_persist_error: None,
-            recent_deletes: VecDeque::new(),
+            recent_deletes: RecentDeletes::default(),
             pending_since: None,
         }
         .run(listener, local_rx),
@@ -578,8 +576,8 @@ struct Session {
     unsent: UnsentDeletes,
     /// The last failure to keep them on disk, reported once until it changes.
     last_persist_error: Option<String>,
-    /// Deletes sent within [`RESEND_DELETES_WITHIN`], oldest first.
-    recent_deletes: VecDeque<(Instant, FlowKey)>,
+    /// Deletes the peer may have missed if the session dies now.
+    recent_deletes: RecentDeletes,
     /// When the oldest change waiting in `pending` was read off XDP's ring.
     pending_since: Option<Instant>,
 }
@@ -714,14 +712,10 @@ impl Session {
         self.config_link.disconnected();
         self.unsent.unacknowledged();
         self.outbox.clear();
-        // The peer may have missed the last deletes: told again on reconnect (a delete of a
-        // flow it no longer holds is harmless), unless the flow is alive here again.
-        let recent: Vec<FlowKey> = self.recent_deletes.drain(..).map(|(_, key)| key).collect();
+        // The peer may have missed the last deletes: told again on reconnect, unless the flow
+        // is alive here again.
         let table = lock(&self.shared.table);
-        let resend: Vec<FlowKey> = recent
-            .into_iter()
-            .filter(|key| table.get(key).is_none())
-            .collect();
+        let resend = self.recent_deletes.lost(|key| table.get(key).is_some());
         drop(table);
         for key in resend {
             self.unsent.insert(key);
@@ -914,15 +908,7 @@ impl Session {
         // Sent or not, the deletes are kept a while: bytes in flight when the link dies are
         // lost without an error, and the session notices only DEAD_AFTER later.
         let now = Instant::now();
-        self.recent_deletes
-            .extend(deletes.into_iter().map(|key| (now, key)));
-        while self
-            .recent_deletes
-            .front()
-            .is_some_and(|(at, _)| now.duration_since(*at) > RESEND_DELETES_WITHIN)
-        {
-            self.recent_deletes.pop_front();
-        }
+        self.recent_deletes.sent(deletes, now);
         match result {
             Ok(()) => {
                 let mut status = lock(&self.shared.status);
