@@ -95,6 +95,15 @@ pub struct Held {
 /// for its next refresh.
 pub const ENDED_REFUSES_UPDATES: Duration = Duration::from_secs(5);
 
+/// What a batch of the peer's records leads to ([`FlowTable::merge_batch`]).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Merged {
+    /// Ahead of what this node held: for its flow map and conntrack.
+    pub install: Vec<FlowRecord>,
+    /// This node's copies of flows the peer is behind on: sent back to it.
+    pub answer: Vec<FlowRecord>,
+}
+
 /// The user-space copy of the flows: what the peer is sent in a bulk update, what the merge
 /// rule compares against, and what `carp flows` lists.
 #[derive(Debug, Default)]
@@ -120,6 +129,20 @@ impl FlowTable {
             self.hold(record, Origin::Peer, now);
         }
         verdict
+    }
+
+    /// Merges a batch from the peer: what to install here (new or newer), and our copies of
+    /// the flows it was behind on, to answer with (pfsync's rule).
+    pub fn merge_batch(&mut self, records: &[FlowRecord], now: Instant) -> Merged {
+        let mut merged = Merged::default();
+        for record in records {
+            match self.merge(*record, now) {
+                Verdict::New | Verdict::Newer => merged.install.push(*record),
+                Verdict::Stale => merged.answer.extend(self.get(&record.key).copied()),
+                Verdict::Same => {}
+            }
+        }
+        merged
     }
 
     /// Takes `record` as captured here: local capture is the truth, never judged.
@@ -245,6 +268,28 @@ mod tests {
         let later = t0 + ENDED_REFUSES_UPDATES + Duration::from_secs(1);
         table.expire(later);
         assert_eq!(table.merge(r, later), Verdict::New);
+    }
+
+    #[test]
+    fn a_batch_installs_what_is_ahead_and_answers_what_is_behind_with_ours() {
+        let t0 = at();
+        let mut table = FlowTable::default();
+        let ours_ahead = tcp_record(1, TcpPhase::FinWait, 100);
+        let same = tcp_record(2, TcpPhase::Established, 100);
+        table.hold(ours_ahead, Origin::Local, t0);
+        table.hold(same, Origin::Local, t0);
+        let behind = tcp_record(1, TcpPhase::Established, 100);
+        let unknown = tcp_record(3, TcpPhase::Established, 100);
+        let merged = table.merge_batch(&[behind, same, unknown], t0);
+        assert_eq!(
+            merged,
+            Merged {
+                install: vec![unknown],
+                answer: vec![ours_ahead],
+            }
+        );
+        assert_eq!(table.get(&ours_ahead.key), Some(&ours_ahead), "kept ours");
+        assert_eq!(table.get(&unknown.key), Some(&unknown));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use super::{
     install::{self, Job, Workers},
     install_stats::InstallStats,
     lag::LagHistogram,
-    merge::{FlowTable, Origin, Verdict},
+    merge::{FlowTable, Merged, Origin},
     proto::{Frame, delete_frames, upsert_frames},
     recent_deletes::RecentDeletes,
     transport::{self, SharedKey, SyncStream, TransportError},
@@ -771,23 +771,11 @@ impl Session {
             // the deletes we sent before that request.
             Frame::BulkStart { .. } => self.unsent.acknowledged(),
             Frame::Upsert { records } => {
-                let mut install = Vec::new();
-                let mut newer_here = Vec::new();
-                {
-                    let mut table = lock(&self.shared.table);
-                    for record in &records {
-                        match table.merge(*record, now) {
-                            Verdict::New | Verdict::Newer => install.push(*record),
-                            Verdict::Stale => {
-                                newer_here.extend(table.get(&record.key).copied());
-                            }
-                            Verdict::Same => {}
-                        }
-                    }
-                }
+                let Merged { install, answer } =
+                    lock(&self.shared.table).merge_batch(&records, now);
                 let mut status = lock(&self.shared.status);
                 status.deltas_received += records.len() as u64;
-                status.stale_answered += newer_here.len() as u64;
+                status.stale_answered += answer.len() as u64;
                 drop(status);
                 if !install.is_empty() {
                     let _ = self.jobs.send(Job::Upsert {
@@ -795,7 +783,7 @@ impl Session {
                         received: now,
                     });
                 }
-                self.outbox.extend(upsert_frames(&newer_here));
+                self.outbox.extend(upsert_frames(&answer));
             }
             Frame::Delete { keys } => {
                 let mut table = lock(&self.shared.table);
