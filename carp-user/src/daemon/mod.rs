@@ -567,11 +567,11 @@ impl Daemon {
             Refusal::UnknownVhid { .. } => c.unknown_vhid += 1,
             Refusal::Ttl { .. } => {
                 c.bad_ttl += 1;
-                debug!(error = %Chain(refusal), "dropped");
+                debug!(error = %Chain(refusal), "packet dropped");
             }
             Refusal::Ipv4 { .. } | Refusal::Advert { .. } => {
                 c.malformed += 1;
-                debug!(error = %Chain(refusal), "dropped");
+                debug!(error = %Chain(refusal), "packet dropped");
             }
         }
     }
