@@ -13,7 +13,7 @@ use super::{
     lag::LagHistogram,
     merge::{FlowTable, Merged, Origin},
     proto::{Frame, delete_frames, upsert_frames},
-    recent_deletes::RecentDeletes,
+    recent_deletes::{self, RecentDeletes},
     transport::{self, SharedKey, SyncStream, TransportError},
     unsent::{MAX_UNSENT_DELETES, UnsentDeletes},
     worker::{Worker, WorkerStatus, lock},
@@ -53,6 +53,8 @@ const SEND_BATCH: usize = 8192;
 /// Keepalives go out this often; a session silent for [`DEAD_AFTER`] is dropped.
 const KEEPALIVE: Duration = Duration::from_secs(1);
 const DEAD_AFTER: Duration = Duration::from_secs(4);
+// Deletes sent before a dead link is noticed must still be told again after it.
+const _: () = assert!(recent_deletes::RESEND_WITHIN.as_secs() > DEAD_AFTER.as_secs());
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The `[sync]` section, validated.
